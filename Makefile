@@ -1,0 +1,36 @@
+# The two commands of the README: `make repro` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup repro test lint lock clean-venv
+
+setup: $(STAMP)
+
+# Re-installs only when the pinned set or the project metadata changes.
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+# Stage commands call `python`: put the venv first on PATH.
+repro: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check pipeline stages tests benchmarks
+
+# Re-pin after changing dependencies in pyproject.toml.
+lock: setup
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	( echo "# Pinned, working dependency set (pip freeze of a fresh \`make setup\`). Regenerate: make lock"; \
+	  $(BIN)/python -m pip freeze --exclude-editable ) > requirements.lock
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,166 @@
+"""COCO2014 adapter (the COCO-20i data), through pycocotools.
+
+Expected under ``dataset.root``::
+
+    train2014/*.jpg  val2014/*.jpg
+    annotations/instances_train2014.json  annotations/instances_val2014.json
+
+Label maps are rendered once, at prepare time, as PNGs: categories are mapped to 1..C in
+sorted category-id order; non-crowd instances are painted in annotation order (a later one
+wins where two overlap); crowd regions are painted last as 255 (ignore).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from pipeline.datasets.index import IGNORE, IndexRow, index_row
+from pipeline.errors import PipelineError
+
+# The 80 COCO-2014 classes in sorted category-id order (class id = position + 1).
+COCO_CLASSES: tuple[str, ...] = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
+    "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
+    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
+    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image's info and annotations: everything needed to render its label map."""
+
+    info: dict[str, Any]
+    annotations: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class CocoSplit:
+    """One split's annotations, grouped per image, with the mapping to contiguous ids."""
+
+    root: Path
+    split: str
+    records: list[ImageRecord]  # sorted by image id
+    class_of_category: dict[int, int]  # COCO category id -> 1..C
+    class_names: tuple[str, ...]
+
+    @property
+    def annotation_path(self) -> Path:
+        return self.root / "annotations" / f"instances_{self.split}2014.json"
+
+    @property
+    def image_dir(self) -> Path:
+        return self.root / f"{self.split}2014"
+
+    def shard(self, start: int, stop: int) -> CocoSplit:
+        """The same split restricted to records ``start:stop`` (cheap to send to a worker)."""
+        return replace(self, records=self.records[start:stop])
+
+
+def annotation_mask(ann: dict[str, Any], height: int, width: int) -> np.ndarray:
+    """``(H, W)`` bool mask of one annotation (polygons, RLE or compressed RLE)."""
+    segm = ann["segmentation"]
+    if isinstance(segm, list):  # polygons
+        rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
+    elif isinstance(segm.get("counts"), list):  # uncompressed RLE
+        rle = mask_utils.frPyObjects(segm, height, width)
+    else:
+        counts = segm["counts"]
+        rle = {"size": segm["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
+    return mask_utils.decode(rle).astype(bool)
+
+
+def render_label(record: ImageRecord, class_of_category: dict[int, int], source: Path) -> np.ndarray:
+    """``(H, W)`` uint8 label map: instances in annotation order, crowd regions last as 255."""
+    info = record.info
+    label = np.zeros((info["height"], info["width"]), np.uint8)
+    for crowd in (0, 1):
+        for ann in record.annotations:
+            if int(ann.get("iscrowd", 0)) != crowd:
+                continue
+            try:
+                mask = annotation_mask(ann, info["height"], info["width"])
+            except Exception as exc:  # pycocotools raises bare errors on bad geometry
+                raise PipelineError(
+                    f"{source}: annotation {ann.get('id')} of image {info['id']} has an invalid "
+                    f"segmentation ({exc})"
+                ) from None
+            if mask.shape != label.shape:
+                raise PipelineError(
+                    f"{source}: annotation {ann.get('id')} is {mask.shape[1]}x{mask.shape[0]} "
+                    f"but image {info['id']} is {label.shape[1]}x{label.shape[0]}"
+                )
+            label[mask] = IGNORE if crowd else class_of_category[ann["category_id"]]
+    return label
+
+
+def open_coco(root: Path, split: str, expected_names: tuple[str, ...] | None) -> CocoSplit:
+    """Load one split's instances JSON; check layout and category names.
+
+    Args:
+        expected_names: the class names the categories must carry in sorted-id order
+            (``COCO_CLASSES`` for real COCO), or None to take the JSON's own.
+    """
+    if not root.is_dir():
+        raise PipelineError(f"dataset.root = '{root}': no such directory")
+    path = root / "annotations" / f"instances_{split}2014.json"
+    for required in (path, root / f"{split}2014"):
+        if not required.exists():
+            raise PipelineError(
+                f"dataset.root = '{root}': not a COCO2014 folder (missing "
+                f"{required.relative_to(root)})"
+            )
+    try:
+        data = json.loads(path.read_text())
+        categories = sorted(data["categories"], key=lambda c: c["id"])
+        images, annotations = data["images"], data["annotations"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise PipelineError(f"{path}: not a COCO instances file ({exc!r})") from None
+    names = tuple(c["name"] for c in categories)
+    if expected_names is not None:
+        for name in names:
+            if name not in expected_names:
+                raise PipelineError(f"{path}: unknown class name {name!r} (not a COCO-2014 class)")
+        if names != expected_names:
+            missing = sorted(set(expected_names) - set(names))
+            raise PipelineError(f"{path}: categories differ from COCO-2014 (missing {missing[:3]})")
+    by_image: dict[int, list[dict[str, Any]]] = {img["id"]: [] for img in images}
+    for ann in annotations:
+        if ann["image_id"] not in by_image:
+            raise PipelineError(f"{path}: annotation {ann.get('id')} refers to unknown image "
+                                f"{ann['image_id']}")
+        by_image[ann["image_id"]].append(ann)
+    records = [ImageRecord(img, by_image[img["id"]]) for img in sorted(images, key=lambda i: i["id"])]
+    mapping = {c["id"]: k + 1 for k, c in enumerate(categories)}
+    return CocoSplit(root, split, records, mapping, names)
+
+
+def coco_rows(split: CocoSplit, mask_dir: Path, final_mask_dir: Path, num_classes: int) -> list[IndexRow]:
+    """Render and index the label maps of ``split.records`` (narrow it with :meth:`shard`).
+
+    The PNGs are written under ``mask_dir`` (a staging directory) and recorded in the rows
+    under ``final_mask_dir``, where they will be once the stage commits.
+    """
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for record in split.records:
+        label = render_label(record, split.class_of_category, split.annotation_path)
+        stem = Path(record.info["file_name"]).stem
+        Image.fromarray(label).save(mask_dir / f"{stem}.png")
+        rows.append(index_row(stem, split.split, split.image_dir / record.info["file_name"],
+                              final_mask_dir / f"{stem}.png", "coco", label, num_classes))
+    return rows

@@ -1,0 +1,90 @@
+"""PASCAL VOC2012 + SBD adapter (the PASCAL-5i data).
+
+Expected under ``dataset.root`` (the ``VOC2012`` folder)::
+
+    JPEGImages/{id}.jpg
+    SegmentationClassAug/{id}.png         SBD-augmented masks (0 bg, 1..20, 255 void)
+    ImageSets/Segmentation/val.txt        the 1449 test images
+    ImageSets/SegmentationAug/train_aug.txt   optional; without it the training list is every
+                                          id with both an image and an Aug mask, minus val
+                                          (= the usual 10582-image train_aug list)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.datasets.index import IndexRow, index_row, read_label
+from pipeline.errors import PipelineError
+
+VOC_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+
+VAL_LIST = Path("ImageSets/Segmentation/val.txt")
+TRAIN_AUG_LIST = Path("ImageSets/SegmentationAug/train_aug.txt")
+
+
+@dataclass(frozen=True)
+class VocLayout:
+    root: Path
+
+    def image_path(self, image_id: str) -> Path:
+        return self.root / "JPEGImages" / f"{image_id}.jpg"
+
+    def mask_path(self, image_id: str) -> Path:
+        return self.root / "SegmentationClassAug" / f"{image_id}.png"
+
+    def image_lists(self) -> dict[str, list[str]]:
+        """``{"train": ids, "val": ids}`` in list-file order."""
+        val = _read_list(self.root / VAL_LIST)
+        if (self.root / TRAIN_AUG_LIST).exists():
+            train = _read_list(self.root / TRAIN_AUG_LIST)
+        else:
+            held_out = set(val)
+            train = sorted(
+                p.stem for p in (self.root / "SegmentationClassAug").glob("*.png")
+                if p.stem not in held_out and self.image_path(p.stem).exists()
+            )
+        overlap = set(train) & set(val)
+        if overlap:
+            raise PipelineError(
+                f"{self.root / TRAIN_AUG_LIST}: {len(overlap)} ids also in {VAL_LIST}, "
+                f"e.g. {sorted(overlap)[0]!r}"
+            )
+        return {"train": train, "val": val}
+
+
+def _read_list(path: Path) -> list[str]:
+    try:
+        ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    except OSError as exc:
+        raise PipelineError(f"{path}: unreadable image list ({exc.strerror})") from None
+    if not ids:
+        raise PipelineError(f"{path}: empty image list")
+    return ids
+
+
+def open_voc(root: Path) -> VocLayout:
+    """Check the layout of a VOC2012 folder; one-line error naming what is missing."""
+    if not root.is_dir():
+        raise PipelineError(f"dataset.root = '{root}': no such directory")
+    for required in ("JPEGImages", "SegmentationClassAug", VAL_LIST):
+        if not (root / required).exists():
+            raise PipelineError(
+                f"dataset.root = '{root}': not a VOC2012 folder with SBD masks (missing {required})"
+            )
+    return VocLayout(root)
+
+
+def voc_rows(layout: VocLayout, split: str, ids: list[str], num_classes: int) -> list[IndexRow]:
+    """Index rows of ``ids``: reads each mask, checks it against its image's size."""
+    rows = []
+    for image_id in ids:
+        mask = layout.mask_path(image_id)
+        rows.append(index_row(image_id, split, layout.image_path(image_id), mask, "voc",
+                              read_label(mask), num_classes))
+    return rows

@@ -1,0 +1,99 @@
+"""Few-shot segmentation metrics (DESIGN §4).
+
+* **mIoU**: for each class, sum foreground intersections and unions over *all* episodes of
+  that class, divide, then average over the classes — not the mean of per-episode IoUs.
+* **FB-IoU**: foreground and background IoU, each summed over all episodes regardless of
+  class, then averaged.
+
+Pixels labelled 255 count in neither intersection nor union. Values are percentages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+IGNORE = 255
+
+
+def binary_target(label: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+    """FSS target from label maps: 1 on the episode's class, 255 on ignore, 0 elsewhere.
+
+    Args:
+        label: ``(B, H, W)`` integer label maps; class_ids: ``(B,)``.
+
+    Returns:
+        ``(B, H, W)`` uint8.
+    """
+    label = torch.as_tensor(label)
+    target = (label == torch.as_tensor(class_ids).view(-1, 1, 1)).to(torch.uint8)
+    target[label == IGNORE] = IGNORE
+    return target
+
+
+class FewShotMeter:
+    """Accumulates intersection and union per class and for foreground/background.
+
+    Meters are additive: ``a + b`` is the meter of both episode sets, so evaluation can be
+    split across workers and merged.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.inter = torch.zeros(num_classes + 1, dtype=torch.float64)  # foreground, by class id
+        self.union = torch.zeros(num_classes + 1, dtype=torch.float64)
+        self.episodes = torch.zeros(num_classes + 1, dtype=torch.int64)
+        self.fb_inter = torch.zeros(2, dtype=torch.float64)  # [background, foreground]
+        self.fb_union = torch.zeros(2, dtype=torch.float64)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor, class_ids: torch.Tensor) -> None:
+        """Add a batch of episodes.
+
+        Args:
+            pred: ``(B, H, W)`` foreground prediction (bool or 0/1).
+            target: ``(B, H, W)`` uint8, 0 background, 1 foreground, 255 ignore.
+            class_ids: ``(B,)`` the class of each episode.
+        """
+        pred, target = torch.as_tensor(pred).bool(), torch.as_tensor(target)
+        class_ids = torch.as_tensor(class_ids, dtype=torch.int64).cpu()
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+        valid = target != IGNORE
+        fg_true = (target == 1) & valid
+        fg_pred = pred & valid
+        bg_true, bg_pred = valid & ~fg_true, valid & ~fg_pred
+        dims = tuple(range(1, pred.dim()))
+        fg_i = (fg_pred & fg_true).sum(dims).double().cpu()
+        fg_u = (fg_pred | fg_true).sum(dims).double().cpu()
+        bg_i = (bg_pred & bg_true).sum(dims).double().cpu()
+        bg_u = (bg_pred | bg_true).sum(dims).double().cpu()
+        self.inter.index_add_(0, class_ids, fg_i)
+        self.union.index_add_(0, class_ids, fg_u)
+        self.episodes.index_add_(0, class_ids, torch.ones_like(class_ids))
+        self.fb_inter += torch.stack([bg_i.sum(), fg_i.sum()])
+        self.fb_union += torch.stack([bg_u.sum(), fg_u.sum()])
+
+    def __add__(self, other: FewShotMeter) -> FewShotMeter:
+        if other.num_classes != self.num_classes:
+            raise ValueError("meters over different class counts cannot be merged")
+        total = FewShotMeter(self.num_classes)
+        for name in ("inter", "union", "episodes", "fb_inter", "fb_union"):
+            setattr(total, name, getattr(self, name) + getattr(other, name))
+        return total
+
+    def class_iou(self, classes: Iterable[int] | None = None) -> dict[int, float]:
+        """IoU (%) of each class that has at least one episode (or of ``classes``)."""
+        seen = torch.nonzero(self.episodes).flatten().tolist() if classes is None else classes
+        return {int(c): float(100 * self.inter[c] / self.union[c]) if self.union[c] > 0
+                else float("nan") for c in seen}
+
+    def miou(self, classes: Iterable[int] | None = None) -> float:
+        """Mean class IoU (%) over ``classes`` (default: every class with an episode)."""
+        values = list(self.class_iou(classes).values())
+        return float(np.nanmean(values)) if values else float("nan")
+
+    def fbiou(self) -> float:
+        """Mean of background and foreground IoU (%) over all episodes."""
+        return float(100 * (self.fb_inter / self.fb_union.clamp(min=1)).mean())

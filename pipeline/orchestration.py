@@ -1,0 +1,85 @@
+"""Prefect task-runner factory: threads (default), processes, or a Dask cluster.
+
+DVC decides *whether* a stage runs; Prefect runs its tasks (shards, folds, seeds) with the
+runner chosen by the ``orchestration`` params. ``dask`` connects to ``dask_address`` (the path
+to many machines) or starts a LocalCluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+
+from pipeline.errors import PipelineError
+from pipeline.params import OrchestrationParams
+
+
+def task_runner(cfg: OrchestrationParams) -> TaskRunner:
+    workers = cfg.max_workers or os.cpu_count() or 1
+    if cfg.task_runner == "threads":
+        return ThreadPoolTaskRunner(max_workers=workers)
+    if cfg.task_runner == "processes":
+        return ProcessPoolTaskRunner(max_workers=workers)
+    from prefect_dask import DaskTaskRunner
+
+    if cfg.dask_address:
+        return DaskTaskRunner(address=cfg.dask_address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True},
+    )
+
+
+class _HideExpectedErrors(logging.Filter):
+    """Drops Prefect's own report of a :class:`PipelineError`: the stage prints it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, PipelineError) and "PipelineError" not in record.getMessage()
+
+
+def configure_logging(cfg: OrchestrationParams) -> None:
+    """Set Prefect's log level; keep its handlers from printing expected errors twice."""
+    import prefect.main  # noqa: F401  (sets up Prefect's logging handlers, once)
+
+    logging.getLogger("prefect").setLevel(cfg.log_level)
+    for service in ("EventsWorker", "APILogWorker"):  # flush chatter at interpreter exit
+        logging.getLogger(service).setLevel(max(logging.ERROR, logging.getLevelName(cfg.log_level)))
+    names = [n for n in logging.root.manager.loggerDict if n.startswith("prefect")]
+    for logger in [logging.root] + [logging.getLogger(n) for n in names]:
+        for handler in logger.handlers:
+            if not any(isinstance(f, _HideExpectedErrors) for f in handler.filters):
+                handler.addFilter(_HideExpectedErrors())
+
+
+def run_flow(flow: Any, orchestration: OrchestrationParams, /, **kwargs: Any) -> Any:
+    """Run a Prefect flow with the configured task runner."""
+    configure_logging(orchestration)
+    return flow.with_options(task_runner=task_runner(orchestration))(**kwargs)
+
+
+def gather(futures: Iterable[Any], on_done: Callable[[Any], None] | None = None) -> list[Any]:
+    """Results of Prefect futures in submission order; ``on_done(result)`` as each finishes.
+
+    A failure does not stop the others: every task that succeeds is still reported to
+    ``on_done`` (so its shard counts as finished for a resume), then the first error is raised.
+    """
+    from prefect.futures import as_completed
+
+    futures = list(futures)
+    first_error: BaseException | None = None
+    for future in as_completed(futures):
+        try:
+            result = future.result()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the others finish
+            first_error = first_error or exc
+            continue
+        if on_done:
+            on_done(result)
+    if first_error is not None:
+        raise first_error
+    return [f.result() for f in futures]

@@ -1,0 +1,91 @@
+"""Atomic, resumable artifact directories.
+
+A stage builds its output in a *staging* directory beside the final path
+(``data/.index.partial`` for ``data/index``) and renames it into place only when complete,
+so an interrupted stage never leaves a half artifact that DVC could take for a finished one.
+Work inside is split into shards, each finished by an explicit ``.done`` marker: a re-run
+with the same fingerprint (the params that decide the content) skips finished shards;
+a different fingerprint starts over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+_FINGERPRINT = ".fingerprint"
+
+
+def fingerprint(config: Any) -> str:
+    """A stable hash of a JSON-able description of what the artifact will contain."""
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class Staging:
+    """The staging directory of one artifact.
+
+    Usage::
+
+        staging = Staging(Path("data/index"), fingerprint(cfg))
+        for shard in staging.pending(shards):   # skips shards finished by an earlier run
+            write(staging.path, shard); staging.mark_done(shard)
+        staging.commit()                         # atomic rename into data/index
+    """
+
+    def __init__(self, final: Path, fingerprint: str) -> None:
+        self.final = Path(final)
+        self.path = self.final.with_name(f".{self.final.name}.partial")
+        marker = self.path / _FINGERPRINT
+        if self.path.exists() and (not marker.exists() or marker.read_text() != fingerprint):
+            shutil.rmtree(self.path)  # left by a run with other params: start over
+        self.path.mkdir(parents=True, exist_ok=True)
+        marker.write_text(fingerprint)
+
+    def _marker(self, shard: str) -> Path:
+        return self.path / ".done" / shard
+
+    def is_done(self, shard: str) -> bool:
+        return self._marker(shard).exists()
+
+    def mark_done(self, shard: str) -> None:
+        self._marker(shard).parent.mkdir(exist_ok=True)
+        self._marker(shard).touch()
+
+    def pending(self, shards: Iterable[str]) -> list[str]:
+        return [s for s in shards if not self.is_done(s)]
+
+    def commit(self) -> Path:
+        """Drop the bookkeeping and rename the staging directory onto the final path."""
+        shutil.rmtree(self.path / ".done", ignore_errors=True)
+        (self.path / _FINGERPRINT).unlink()
+        if self.final.exists():
+            trash = self.final.with_name(f".{self.final.name}.old")
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(self.final, trash)
+            os.replace(self.path, self.final)
+            shutil.rmtree(trash)
+        else:
+            os.replace(self.path, self.final)
+        return self.final
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` then rename ``tmp`` onto ``path`` (a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write pretty, key-sorted JSON atomically (stable bytes for DVC)."""
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))

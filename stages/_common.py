@@ -1,0 +1,33 @@
+"""What every stage shares: argument parsing, params loading and one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from pipeline.errors import PipelineError
+from pipeline.params import Params, load_params
+
+
+def stage_main(
+    name: str, run: Callable[[Params, argparse.Namespace], None],
+    paths: dict[str, str], argv: Sequence[str] | None = None,
+) -> int:
+    """Parse ``--params`` and the stage's path options, validate params, run the stage.
+
+    Expected errors (:class:`PipelineError`) print one line and return 1; the stage's
+    outputs are written atomically, so nothing half-written is left behind.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    for option, default in paths.items():
+        parser.add_argument(f"--{option}", default=default, help="(default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        run(params, args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,105 @@
+"""`episodes`: Parquet manifests of test episodes and of fixed training/validation pools.
+
+Writes under ``data/episodes/``::
+
+    test/fold{k}/shot{K}_seed{s}.parquet   test episodes (novel classes), per shot and seed
+    train/fold{k}.parquet                  training pool (base classes, training images)
+    val/fold{k}.parquet                    validation pool (base classes, held-out images)
+    meta.json                              protocol, files, episode counts
+
+Schema and protocols: ``pipeline/episodes.py``. A rebuild gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+from prefect import flow, task
+
+from pipeline import episodes
+from pipeline.errors import PipelineError
+from pipeline.orchestration import gather, run_flow
+from pipeline.params import EpisodesParams, Params
+from pipeline.store import Staging, fingerprint, write_json
+from stages._common import stage_main
+
+
+def read_splits(split_dir: Path) -> tuple[pd.DataFrame, dict]:
+    try:
+        meta = json.loads((split_dir / "meta.json").read_text())
+        return pq.read_table(split_dir / "pairs.parquet").to_pandas(), meta
+    except FileNotFoundError as exc:
+        raise PipelineError(f"{exc.filename}: missing (run the split stage first)") from None
+
+
+def check_fold(pairs: pd.DataFrame, fold: dict, names: list[str], cfg: EpisodesParams) -> None:
+    """Fail before writing anything if some class cannot fill an episode."""
+    k = fold["fold"]
+    for role, classes, shots in (("test", fold["novel"], cfg.shots),
+                                 ("train", fold["base"], [cfg.train_shot]),
+                                 ("val", fold["base"], [cfg.train_shot])):
+        of_role = pairs[(pairs["fold"] == k) & (pairs["role"] == role)]
+        for shot in shots:
+            episodes.check_shots(of_role, classes, shot, names, f"fold {k} {role}")
+
+
+@task
+def fold_manifests(pairs: pd.DataFrame, fold: int, out: Path, cfg: EpisodesParams) -> dict:
+    """Write every manifest of one fold; return the file -> episode count map."""
+    written = {}
+
+    def write(table, relative: str) -> None:
+        path = out / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path, compression="zstd")
+        written[relative] = table.num_rows
+
+    of = {role: pairs[(pairs["fold"] == fold) & (pairs["role"] == role)].reset_index(drop=True)
+          for role in ("train", "val", "test")}
+    for shot in cfg.shots:
+        for seed in cfg.seeds:
+            write(episodes.draw_test_episodes(of["test"], fold, shot, seed, cfg.test_episodes,
+                                              cfg.protocol), f"test/fold{fold}/shot{shot}_seed{seed}.parquet")
+    write(episodes.draw_pool_episodes(of["train"], fold, cfg.train_shot, cfg.train_seed,
+                                      cfg.train_episodes, "train"), f"train/fold{fold}.parquet")
+    write(episodes.draw_pool_episodes(of["val"], fold, cfg.train_shot, cfg.train_seed,
+                                      cfg.val_episodes, "val"), f"val/fold{fold}.parquet")
+    return written
+
+
+@flow(name="episodes")
+def build_episodes(split_dir: Path, out: Path, cfg: EpisodesParams) -> dict:
+    pairs, split_meta = read_splits(split_dir)
+    for fold in split_meta["folds"]:
+        check_fold(pairs, fold, split_meta["class_names"], cfg)
+    staging = Staging(out, fingerprint([cfg.model_dump(), split_meta]))
+    files: dict[str, int] = {}
+    for written in gather([fold_manifests.submit(pairs, f["fold"], staging.path, cfg)
+                           for f in split_meta["folds"]]):
+        files |= written
+    meta = {"protocol": cfg.protocol, "seeds": cfg.seeds, "shots": cfg.shots,
+            "eval_resolution": "original" if cfg.protocol == "pfenet" else "label",
+            "folds": len(split_meta["folds"]), "files": dict(sorted(files.items())),
+            "schema": episodes.__doc__.split("Protocols")[0].strip()}
+    write_json(staging.path / "meta.json", meta)
+    staging.commit()
+    return meta
+
+
+def run(params: Params, args: argparse.Namespace) -> None:
+    meta = run_flow(build_episodes, params.orchestration, split_dir=Path(args.splits),
+                    out=Path(args.out), cfg=params.episodes)
+    print(f"episodes: {len(meta['files'])} manifests, {sum(meta['files'].values())} episodes "
+          f"({meta['protocol']} protocol) in {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("episodes", run, {"splits": "data/splits", "out": "data/episodes"}, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

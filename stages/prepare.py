@@ -1,0 +1,147 @@
+"""`prepare`: generate the synthetic benchmark (when chosen) and index the dataset.
+
+Writes ``data/synthetic/`` (the benchmark in VOC and COCO layouts plus the caption corpus;
+only a note when a real dataset is chosen) and ``data/index/`` (``index.parquet``,
+``meta.json``, and for COCO the rendered label maps). Shards resume after a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import flow, task
+from tqdm import tqdm
+
+from pipeline.datasets import coco, synthetic_writer, voc
+from pipeline.datasets.index import INDEX_SCHEMA, IndexRow, write_index
+from pipeline.datasets.shapes import SHAPE_NAMES
+from pipeline.orchestration import gather, run_flow
+from pipeline.params import DatasetParams, Params, SyntheticParams
+from pipeline.store import Staging, fingerprint, write_json
+from stages._common import stage_main
+
+INDEX_SHARD = 500  # images per index shard
+
+
+def _shards(n: int, size: int) -> list[range]:
+    return [range(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+@task
+def benchmark_shard(root: Path, split: str, indices: range, cfg: SyntheticParams) -> str:
+    if split == "captions":
+        synthetic_writer.write_caption_shard(root, indices, cfg)
+    else:
+        synthetic_writer.write_benchmark_shard(root, split, indices, cfg)
+    return f"{split}-{indices.start:06d}"
+
+
+@flow(name="prepare-synthetic")
+def generate_synthetic(out: Path, cfg: SyntheticParams) -> None:
+    staging = Staging(out, fingerprint(cfg.model_dump()))
+    jobs = {f"{split}-{r.start:06d}": (split, r)
+            for split, n in (("train", cfg.train_images), ("val", cfg.val_images),
+                             ("captions", cfg.caption_images))
+            for r in _shards(n, cfg.shard_size)}
+    pending = staging.pending(jobs)
+    with tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="synthetic shards",
+              file=sys.stderr) as bar:
+        def done(name: str) -> None:
+            staging.mark_done(name)
+            bar.update()
+
+        gather([benchmark_shard.submit(staging.path, *jobs[name], cfg) for name in pending], done)
+    synthetic_writer.finalize(staging.path, cfg)
+    staging.commit()
+
+
+@task
+def index_shard(parts: Path, name: str, make_rows: Callable[[], list[IndexRow]]) -> str:
+    write_index(make_rows(), parts / f"{name}.parquet")
+    return name
+
+
+@flow(name="prepare-index")
+def build_index(dataset: DatasetParams, root: Path, out: Path) -> None:
+    # Open (and so validate) the dataset before anything is written.
+    if dataset.name == "coco":
+        class_names = coco.COCO_CLASSES
+        splits = [coco.open_coco(root, s, expected_names=class_names) for s in coco.SPLITS]
+    else:
+        layout = voc.open_voc(root / synthetic_writer.VOC_DIR if dataset.name == "synthetic" else root)
+        class_names = SHAPE_NAMES if dataset.name == "synthetic" else voc.VOC_CLASSES
+        lists = layout.image_lists()
+
+    staging = Staging(out, fingerprint({"dataset": dataset.model_dump(), "root": str(root),
+                                       "schema": str(INDEX_SCHEMA)}))
+    parts = staging.path / "parts"
+    parts.mkdir(exist_ok=True)
+    jobs: dict[str, Callable[[], list[IndexRow]]] = {}
+    if dataset.name == "coco":
+        for split in splits:
+            masks = Path("masks") / split.split
+            for r in _shards(len(split.records), INDEX_SHARD):
+                jobs[f"{split.split}-{r.start:07d}"] = partial(
+                    coco.coco_rows, split.shard(r.start, r.stop), staging.path / masks,
+                    out / masks, len(class_names))
+    else:
+        for split_name, ids in lists.items():
+            for r in _shards(len(ids), INDEX_SHARD):
+                jobs[f"{split_name}-{r.start:07d}"] = partial(
+                    voc.voc_rows, layout, split_name, ids[r.start:r.stop], len(class_names))
+    pending = staging.pending(jobs)
+    with tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="index shards",
+              file=sys.stderr) as bar:
+        def done(name: str) -> None:
+            staging.mark_done(name)
+            bar.update()
+
+        gather([index_shard.submit(parts, name, jobs[name]) for name in pending], done)
+    order = sorted(jobs, key=lambda name: (name.split("-")[0] != "train", name))
+    table = pa.concat_tables([pq.read_table(parts / f"{name}.parquet") for name in order])
+    pq.write_table(table, staging.path / "index.parquet")
+    for name in order:
+        (parts / f"{name}.parquet").unlink()
+    parts.rmdir()
+    areas = [h * w for h, w in zip(table["height"].to_pylist(), table["width"].to_pylist(), strict=True)]
+    meta = {"dataset": dataset.name, "root": str(root), "class_names": list(class_names),
+            "adapter": "coco" if dataset.name == "coco" else "voc",
+            "images": {s: table["split"].to_pylist().count(s) for s in ("train", "val")},
+            "median_image_area": statistics.median(areas)}
+    write_json(staging.path / "meta.json", meta)
+    staging.commit()
+
+
+def run(params: Params, args: argparse.Namespace) -> None:
+    synthetic_out, index_out = Path(args.synthetic), Path(args.index)
+    if params.dataset.name == "synthetic":
+        run_flow(generate_synthetic, params.orchestration, out=synthetic_out,
+                 cfg=params.prepare.synthetic)
+        root = synthetic_out
+    else:
+        root = params.dataset.resolved_root
+    run_flow(build_index, params.orchestration, dataset=params.dataset, root=root, out=index_out)
+    if params.dataset.name != "synthetic":  # DVC expects the output; say why it is empty
+        staging = Staging(synthetic_out, "note")
+        (staging.path / "README.md").write_text(
+            f"Not generated: dataset.name is {params.dataset.name!r}.\n")
+        staging.commit()
+    meta = json.loads((index_out / "meta.json").read_text())
+    print(f"prepare: {meta['dataset']}: {meta['images']['train']} train + "
+          f"{meta['images']['val']} val images indexed in {index_out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("prepare", run, {"synthetic": "data/synthetic", "index": "data/index"}, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

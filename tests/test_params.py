@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from pipeline.errors import PipelineError
+from pipeline.params import Params, load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_params_are_valid_and_match_the_schema_defaults():
+    shipped = load_params(REPO / "params.yaml")
+    assert shipped == Params()  # params.yaml spells out the defaults, nothing else
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"dataset": {"name": "voc"}},
+         "dataset.name = 'voc': should be 'synthetic', 'pascal' or 'coco'"),
+        ({"dataset": {"name": "pascal"}}, "dataset.root: required for dataset.name = 'pascal'"),
+        ({"dataset": {"root": "/elsewhere"}}, "dataset.root = '/elsewhere'"),
+        ({"episodes": {"shots": [1, 0]}}, "episodes.shots[1] = 0: should be greater than 0"),
+        ({"episodes": {"seeds": [3, 3]}}, "episodes.seeds = [3, 3]: values must be distinct"),
+        ({"split": {"min_pixels": 0}}, "split.min_pixels = 0: should be 'auto' or greater than"),
+        ({"split": {"novel_in_train": "keep"}}, "split.novel_in_train = 'keep': should be 'drop' or 'mask'"),
+        ({"prepare": {"synthetic": {"image_size": 8}}}, "prepare.synthetic.image_size = 8"),
+        ({"episodes": {"shotz": [1]}}, "unknown key 'episodes.shotz'"),
+    ],
+)
+def test_bad_value_is_one_line_naming_key_value_and_allowed(raw, expected):
+    with pytest.raises(PipelineError) as err:
+        parse_params(raw)
+    message = str(err.value)
+    assert expected in message
+    assert "\n" not in message and message.startswith("params.yaml: ")
+
+
+def test_load_params_errors_name_the_file(tmp_path):
+    with pytest.raises(PipelineError, match="missing.yaml: not found"):
+        load_params(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dataset: [unclosed\n")
+    with pytest.raises(PipelineError, match="bad.yaml: not valid YAML"):
+        load_params(bad)
+    listed = tmp_path / "list.yaml"
+    listed.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(PipelineError, match="list.yaml: expected a mapping"):
+        load_params(listed)
+
+
+def test_params_are_frozen():
+    params = Params()
+    with pytest.raises(ValidationError, match="frozen"):
+        params.episodes.shots = [1]  # type: ignore[misc]

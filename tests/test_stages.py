@@ -1,0 +1,165 @@
+"""The stages end to end, as DVC runs them, on a smoke-size benchmark."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline.datasets import synthetic_writer
+from stages import episodes, prepare, split
+from tests.conftest import SMOKE
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+SMOKE_PARAMS = {
+    "prepare": {"synthetic": SMOKE.model_dump()},
+    "episodes": {"test_episodes": 60, "train_episodes": 50, "val_episodes": 20},
+}
+
+
+def write_params(path: Path, overrides: dict | None = None) -> Path:
+    """The shipped params.yaml at smoke size, with ``{section: {key: value}}`` overrides."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in [*SMOKE_PARAMS.items(), *(overrides or {}).items()]:
+        params[section] = {**(params.get(section) or {}), **values}
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, prefect_server) -> Path:
+    """prepare -> split -> episodes through the stages' main(), as DVC calls them."""
+    out = tmp_path_factory.mktemp("run")
+    params = str(write_params(out / "params.yaml"))
+    assert prepare.main(["--params", params, "--synthetic", str(out / "synthetic"),
+                         "--index", str(out / "index")]) == 0
+    assert split.main(["--params", params, "--index", str(out / "index"),
+                       "--out", str(out / "splits")]) == 0
+    assert episodes.main(["--params", params, "--splits", str(out / "splits"),
+                          "--out", str(out / "episodes")]) == 0
+    return out
+
+
+def test_pipeline_outputs(pipeline_run):
+    index = pq.read_table(pipeline_run / "index" / "index.parquet").to_pandas()
+    assert len(index) == SMOKE.train_images + SMOKE.val_images
+    assert (index["split"] == "train").sum() == SMOKE.train_images
+    meta = json.loads((pipeline_run / "splits" / "meta.json").read_text())
+    assert [f["novel"] for f in meta["folds"]] == [list(range(5 * i + 1, 5 * i + 6)) for i in range(4)]
+    assert meta["min_pixels"] == 45  # auto: 2048 * 64^2 / (500 * 375)
+    manifests = json.loads((pipeline_run / "episodes" / "meta.json").read_text())["files"]
+    assert len(manifests) == 4 * (2 + 2)  # per fold: shot 1 and 5 test, train, val
+    test = pq.read_table(pipeline_run / "episodes/test/fold2/shot5_seed0.parquet").to_pandas()
+    pairs = pq.read_table(pipeline_run / "splits/pairs.parquet").to_pandas()
+    fold_test = pairs[(pairs.fold == 2) & (pairs.role == "test")].reset_index(drop=True)
+    assert list(test["query"][: len(fold_test)]) == list(fold_test["image_id"][:60])
+    assert set(test["class_id"]) == set(range(11, 16)) and all(len(s) == 5 for s in test["supports"])
+    train = pq.read_table(pipeline_run / "episodes/train/fold2.parquet").to_pandas()
+    assert not set(train["class_id"]) & set(range(11, 16))  # base classes only
+
+
+def test_rebuild_of_episodes_is_byte_identical(pipeline_run, tmp_path):
+    params = str(write_params(tmp_path / "params.yaml"))
+    assert episodes.main(["--params", params, "--splits", str(pipeline_run / "splits"),
+                          "--out", str(tmp_path / "again")]) == 0
+    assert files_of(tmp_path / "again") == files_of(pipeline_run / "episodes")
+
+
+def test_expected_errors_are_one_line_with_no_artifact(pipeline_run, tmp_path, capsys):
+    cases = [
+        ({"dataset": {"name": "pascal", "root": str(tmp_path / "nowhere")}},
+         prepare, ["--synthetic", str(tmp_path / "s"), "--index", str(tmp_path / "i")],
+         "no such directory"),
+        ({"episodes": {"shots": [1, 50]}},
+         episodes, ["--splits", str(pipeline_run / "splits"), "--out", str(tmp_path / "e")],
+         "episodes.shots: 50-shot needs 51 images of class"),
+        ({"split": {"custom_folds": [["circle", "dog"]]}},
+         split, ["--index", str(pipeline_run / "index"), "--out", str(tmp_path / "sp")],
+         "split.custom_folds: unknown class name 'dog'"),
+        ({"split": {"min_pixels": -1}},
+         split, ["--index", str(pipeline_run / "index"), "--out", str(tmp_path / "sp")],
+         "split.min_pixels = -1"),
+    ]
+    for overrides, stage, paths, expected in cases:
+        params = str(write_params(tmp_path / "params.yaml", overrides))
+        assert stage.main(["--params", params, *paths]) == 1
+        err = capsys.readouterr().err.strip()
+        assert expected in err and err.startswith("error: ") and "\n" not in err, err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_prepare_resumes_after_a_crash(pipeline_run, tmp_path, monkeypatch):
+    params = str(write_params(tmp_path / "params.yaml"))
+    args = ["--params", params, "--synthetic", str(tmp_path / "synthetic"),
+            "--index", str(tmp_path / "index")]
+    real, calls, crashed = synthetic_writer.write_benchmark_shard, [], []
+
+    def crash_once_on_third(root, split_name, indices, cfg):
+        calls.append(f"{split_name}-{indices.start:06d}")
+        if len(calls) == 3 and not crashed:
+            crashed.append(True)
+            raise RuntimeError("simulated crash")
+        real(root, split_name, indices, cfg)
+
+    monkeypatch.setattr(synthetic_writer, "write_benchmark_shard", crash_once_on_third)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        prepare.main(args)
+    assert not (tmp_path / "synthetic").exists()  # nothing half-written in place
+    finished = {p.name for p in (tmp_path / ".synthetic.partial" / ".done").iterdir()}
+    assert finished >= set(calls) - {calls[2]}  # every shard but the failed one was kept
+    calls.clear()
+    assert prepare.main(args) == 0
+    shards = {f"{s}-{start:06d}" for s, n in (("train", SMOKE.train_images), ("val", SMOKE.val_images))
+              for start in range(0, n, SMOKE.shard_size)}
+    assert finished & shards  # something was resumed, not redone
+    assert set(calls) == shards - finished
+    assert files_of(tmp_path / "synthetic") == files_of(pipeline_run / "synthetic")
+
+
+def test_dvc_reruns_only_the_stages_a_param_touches(tmp_path):
+    """`dvc repro` in a copy of the project; then which stages does each param change dirty?"""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for item in ("pipeline", "stages", "dvc.yaml"):
+        src = REPO / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
+    write_params(repo / "params.yaml")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "PYTHONPATH": str(repo)}
+    env.pop("PREFECT_API_URL", None)  # each stage is its own process, as under DVC
+
+    def run(*cmd: str) -> str:
+        done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    run("git", "init", "-q")
+    run(sys.executable, "-m", "dvc", "init", "-q")
+    run(sys.executable, "-m", "dvc", "repro")
+
+    def dirty_after(overrides: dict) -> set[str]:
+        write_params(repo / "params.yaml", overrides)
+        status = json.loads(run(sys.executable, "-m", "dvc", "status", "--json"))
+        return set(status)
+
+    assert dirty_after({}) == set()
+    assert dirty_after({"episodes": {"test_episodes": 61}}) == {"episodes"}
+    assert dirty_after({"split": {"novel_in_train": "mask"}}) == {"split"}
+    assert dirty_after({"orchestration": {"task_runner": "processes"}}) == set()
+    assert dirty_after({"prepare": {"synthetic": {**SMOKE.model_dump(), "seed": 1}}}) == {"prepare"}
+    dirty_after({"episodes": {"shots": [1, 2]}})
+    out = run(sys.executable, "-m", "dvc", "repro", "--dry")
+    assert "Running stage 'episodes'" in out
+    assert "Running stage 'prepare'" not in out and "Running stage 'split'" not in out

@@ -1,0 +1,42 @@
+import pytest
+
+from pipeline.store import Staging, fingerprint, write_atomic, write_json
+
+
+def test_commit_is_atomic_and_replaces_the_old_artifact(tmp_path):
+    final = tmp_path / "artifact"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    staging = Staging(final, "fp")
+    (staging.path / "new.txt").write_text("new")
+    assert (final / "old.txt").exists()  # untouched until commit
+    staging.commit()
+    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+    assert not staging.path.exists() and not list(tmp_path.glob(".*"))
+
+
+def test_finished_shards_survive_a_crash_only_with_the_same_fingerprint(tmp_path):
+    final = tmp_path / "artifact"
+    first = Staging(final, fingerprint({"n": 1}))
+    first.mark_done("a")
+    (first.path / "a.bin").write_text("a")
+    # "crash": no commit. Same params resume; other params start over.
+    assert Staging(final, fingerprint({"n": 1})).pending(["a", "b"]) == ["b"]
+    restarted = Staging(final, fingerprint({"n": 2}))
+    assert restarted.pending(["a", "b"]) == ["a", "b"] and not (restarted.path / "a.bin").exists()
+
+
+def test_fingerprint_is_order_independent_and_write_json_is_stable(tmp_path):
+    assert fingerprint({"a": 1, "b": 2}) == fingerprint({"b": 2, "a": 1})
+    write_json(tmp_path / "x.json", {"b": 1, "a": [1, 2]})
+    assert (tmp_path / "x.json").read_text() == '{\n  "a": [\n    1,\n    2\n  ],\n  "b": 1\n}\n'
+
+
+def test_a_failed_write_leaves_neither_file_nor_temporary(tmp_path):
+    def half_then_crash(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        write_atomic(tmp_path / "y.json", half_then_crash)
+    assert list(tmp_path.iterdir()) == []

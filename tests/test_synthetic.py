@@ -1,0 +1,105 @@
+import io
+from collections import Counter
+from dataclasses import replace
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.datasets import synthetic_writer
+from pipeline.datasets.shapes import SHAPE_NAMES, rasterize
+from pipeline.datasets.synthetic import IGNORE, MIN_VISIBLE, render_scene, scene_rng
+from tests.conftest import SMOKE
+
+SCENES = [render_scene(scene_rng(0, "train", i), 96, 4, 1) for i in range(60)]
+
+
+def test_twenty_distinct_shapes():
+    assert len(SHAPE_NAMES) == 20
+    masks = [rasterize(n, (48, 48), (24, 24), 20, 0.3) for n in SHAPE_NAMES]
+    for i in range(20):
+        assert 80 < masks[i].sum() < 48 * 48
+        for j in range(i):
+            assert (masks[i] != masks[j]).sum() > 40, (SHAPE_NAMES[i], SHAPE_NAMES[j])
+
+
+def test_scenes_are_deterministic_by_seed_and_differ_across_images():
+    again = render_scene(scene_rng(0, "train", 7), 96, 4, 1)
+    assert np.array_equal(again.image, SCENES[7].image)
+    assert np.array_equal(again.label, SCENES[7].label)
+    other_seed = render_scene(scene_rng(1, "train", 7), 96, 4, 1)
+    assert not np.array_equal(other_seed.image, SCENES[7].image)
+    assert not np.array_equal(SCENES[6].image, SCENES[7].image)
+
+
+def test_one_to_four_objects_and_every_class_occurs():
+    counts = Counter(len(s.objects) for s in SCENES)
+    assert set(counts) == {1, 2, 3, 4}
+    many = [render_scene(scene_rng(0, "val", i), 64, 4, 1) for i in range(200)]
+    assert {o.class_id for s in many for o in s.objects} == set(range(1, 21))
+
+
+def test_label_values_match_the_objects_and_band_separates_labels():
+    for scene in SCENES:
+        label = scene.label
+        assert set(np.unique(label)) <= {0, IGNORE} | {o.class_id for o in scene.objects}
+        # VOC-style band: two different labels never touch without 255 in between.
+        for a, b in ((label[:, 1:], label[:, :-1]), (label[1:, :], label[:-1, :])):
+            touching = (a != b) & (a != IGNORE) & (b != IGNORE)
+            assert not touching.any()
+        assert (label == IGNORE).mean() < 0.2  # thin
+
+
+def test_objects_occlude_each_other_but_stay_mostly_visible():
+    occluded = 0
+    for scene in SCENES:
+        for j, obj in enumerate(scene.objects):
+            full = rasterize(obj.name, scene.instances.shape, obj.center, obj.radius, obj.angle)
+            visible = (scene.instances == j + 1).sum()
+            assert visible >= MIN_VISIBLE * full.sum()
+            occluded += visible < full.sum()
+    assert occluded >= 3  # occlusion really happens
+
+
+def test_caption_names_colour_and_shape_of_every_object():
+    scene = next(s for s in SCENES if len(s.objects) == 3)
+    a, b, c = (f"{o.colour} {o.name}" for o in scene.objects)
+    assert scene.caption.startswith("a photo of ")
+    assert f"{a}, " in scene.caption and f"{b} and " in scene.caption and scene.caption.endswith(f"{c}.")
+    orange = replace(scene, objects=(replace(scene.objects[0], colour="orange"),))
+    assert orange.caption == f"a photo of an orange {scene.objects[0].name}."
+
+
+def test_written_benchmark_layouts_and_caption_corpus(benchmark_root):
+    voc = benchmark_root / "VOC2012"
+    val_ids = (voc / "ImageSets/Segmentation/val.txt").read_text().split()
+    train_ids = (voc / "ImageSets/SegmentationAug/train_aug.txt").read_text().split()
+    assert len(val_ids) == SMOKE.val_images and len(train_ids) == SMOKE.train_images
+    mask = np.asarray(Image.open(voc / "SegmentationClassAug" / f"{val_ids[0]}.png"))
+    scene = render_scene(scene_rng(SMOKE.seed, "val", 0), SMOKE.image_size, SMOKE.max_objects,
+                         SMOKE.boundary_width)
+    assert np.array_equal(mask, scene.label)  # masks are lossless
+    jpeg = voc / "JPEGImages" / f"{val_ids[0]}.jpg"
+    assert (benchmark_root / "COCO/val2014" / jpeg.name).read_bytes() == jpeg.read_bytes()
+    corpus = pq.read_table(benchmark_root / "captions").to_pandas()
+    assert len(corpus) == SMOKE.caption_images
+    row = corpus.iloc[0]
+    label = np.asarray(Image.open(io.BytesIO(row["mask"])))
+    assert set(np.unique(label)) - {0, IGNORE} <= set(row["class_ids"])
+    for cid, colour in zip(row["class_ids"], row["colours"], strict=True):
+        assert f"{colour} {SHAPE_NAMES[cid - 1]}" in row["caption"]
+    assert not set(corpus["image_id"]) & set(val_ids)  # a separate corpus
+
+
+def test_written_shard_is_byte_identical_on_rewrite(tmp_path, benchmark_root):
+    synthetic_writer.write_benchmark_shard(tmp_path, "val", range(0, 5), SMOKE)
+    for name in ("JPEGImages/val_000003.jpg", "SegmentationClassAug/val_000003.png"):
+        assert (tmp_path / "VOC2012" / name).read_bytes() == (benchmark_root / "VOC2012" / name).read_bytes()
+
+
+@pytest.mark.parametrize("width", [0, 2])
+def test_boundary_width_param(width):
+    scene = render_scene(scene_rng(0, "train", 3), 96, 4, width)
+    ignored = (scene.label == IGNORE).sum()
+    assert (ignored == 0) if width == 0 else ignored > (SCENES[3].label == IGNORE).sum()
