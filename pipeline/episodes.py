@@ -20,7 +20,7 @@ Protocols for the test manifests:
   cycled until ``n`` episodes; supports drawn at random from the class's other images.
 * ``pfenet`` (PFENet / PI-CLIP): every seed draws its own random query order from the list
   (a seeded permutation, cycled) and its own supports; results are reported as mean ± std
-  over seeds, evaluated at the original label size.
+  over seeds.
 
 The training pool takes uniformly random queries from the ``train`` pairs (base classes).
 Every draw comes from ``numpy.random.default_rng([seed, fold, shot, purpose])``: the same

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+from tqdm import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.params import OrchestrationParams
+from pipeline.store import Staging
 
 
 def task_runner(cfg: OrchestrationParams) -> TaskRunner:
@@ -83,3 +86,18 @@ def gather(futures: Iterable[Any], on_done: Callable[[Any], None] | None = None)
     if first_error is not None:
         raise first_error
     return [f.result() for f in futures]
+
+
+def run_shards(staging: Staging, submit: Callable[[str], Any], shards: Iterable[str], desc: str) -> None:
+    """Submit every unfinished shard, mark each done as it finishes, and show progress.
+
+    ``submit(name)`` submits one shard's Prefect task; the task must return ``name``.
+    """
+    shards = list(shards)
+    pending = staging.pending(shards)
+    with tqdm(total=len(shards), initial=len(shards) - len(pending), desc=desc, file=sys.stderr) as bar:
+        def done(name: str) -> None:
+            staging.mark_done(name)
+            bar.update()
+
+        gather([submit(name) for name in pending], done)

@@ -82,7 +82,6 @@ def build_episodes(split_dir: Path, out: Path, cfg: EpisodesParams) -> dict:
                            for f in split_meta["folds"]]):
         files |= written
     meta = {"protocol": cfg.protocol, "seeds": cfg.seeds, "shots": cfg.shots,
-            "eval_resolution": "original" if cfg.protocol == "pfenet" else "label",
             "folds": len(split_meta["folds"]), "files": dict(sorted(files.items())),
             "schema": episodes.__doc__.split("Protocols")[0].strip()}
     write_json(staging.path / "meta.json", meta)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -18,12 +17,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import flow, task
-from tqdm import tqdm
 
 from pipeline.datasets import coco, synthetic_writer, voc
 from pipeline.datasets.index import INDEX_SCHEMA, IndexRow, write_index
 from pipeline.datasets.shapes import SHAPE_NAMES
-from pipeline.orchestration import gather, run_flow
+from pipeline.orchestration import run_flow, run_shards
 from pipeline.params import DatasetParams, Params, SyntheticParams
 from pipeline.store import Staging, fingerprint, write_json
 from stages._common import stage_main
@@ -51,14 +49,8 @@ def generate_synthetic(out: Path, cfg: SyntheticParams) -> None:
             for split, n in (("train", cfg.train_images), ("val", cfg.val_images),
                              ("captions", cfg.caption_images))
             for r in _shards(n, cfg.shard_size)}
-    pending = staging.pending(jobs)
-    with tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="synthetic shards",
-              file=sys.stderr) as bar:
-        def done(name: str) -> None:
-            staging.mark_done(name)
-            bar.update()
-
-        gather([benchmark_shard.submit(staging.path, *jobs[name], cfg) for name in pending], done)
+    run_shards(staging, lambda name: benchmark_shard.submit(staging.path, *jobs[name], cfg), jobs,
+               "synthetic shards")
     synthetic_writer.finalize(staging.path, cfg)
     staging.commit()
 
@@ -97,14 +89,7 @@ def build_index(dataset: DatasetParams, root: Path, out: Path) -> None:
             for r in _shards(len(ids), INDEX_SHARD):
                 jobs[f"{split_name}-{r.start:07d}"] = partial(
                     voc.voc_rows, layout, split_name, ids[r.start:r.stop], len(class_names))
-    pending = staging.pending(jobs)
-    with tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="index shards",
-              file=sys.stderr) as bar:
-        def done(name: str) -> None:
-            staging.mark_done(name)
-            bar.update()
-
-        gather([index_shard.submit(parts, name, jobs[name]) for name in pending], done)
+    run_shards(staging, lambda name: index_shard.submit(parts, name, jobs[name]), jobs, "index shards")
     order = sorted(jobs, key=lambda name: (name.split("-")[0] != "train", name))
     table = pa.concat_tables([pq.read_table(parts / f"{name}.parquet") for name in order])
     pq.write_table(table, staging.path / "index.parquet")

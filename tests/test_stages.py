@@ -16,6 +16,7 @@ import yaml
 from pipeline.datasets import synthetic_writer
 from stages import episodes, prepare, split
 from tests.conftest import SMOKE
+from tests.test_adapters import make_voc
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -98,6 +99,23 @@ def test_expected_errors_are_one_line_with_no_artifact(pipeline_run, tmp_path, c
         err = capsys.readouterr().err.strip()
         assert expected in err and err.startswith("error: ") and "\n" not in err, err
         assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_error_inside_a_task_is_one_line_on_the_whole_stderr(tmp_path):
+    """As DVC runs it: a subprocess, Prefect's own logging included."""
+    root = make_voc(tmp_path / "VOC2012", ["a", "b"], ["c"])
+    (root / "JPEGImages" / "b.jpg").write_bytes(b"truncated")
+    params = write_params(tmp_path / "params.yaml", {"dataset": {"name": "pascal", "root": str(root)}})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.prepare", "--params", str(params),
+         "--synthetic", str(tmp_path / "out" / "synthetic"), "--index", str(tmp_path / "out" / "index")],
+        cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if "index shards" not in line and line.strip()]
+    assert lines == [f"error: {root / 'JPEGImages' / 'b.jpg'}: unreadable image "
+                     "(cannot identify image file '" + str(root / "JPEGImages" / "b.jpg") + "')"], done.stderr
+    assert not (tmp_path / "out" / "index").exists() and not (tmp_path / "out" / "synthetic").exists()
 
 
 def test_prepare_resumes_after_a_crash(pipeline_run, tmp_path, monkeypatch):
