@@ -1,0 +1,94 @@
+"""MaskCLIP dense class scores (DESIGN §5), for ViT and ModifiedResNet image towers.
+
+* ViT: the last block's attention is replaced by its value path,
+  ``v = x + out_proj(value(LN1(x)))``, ``v = v + MLP(LN2(v))``, then ``ln_post`` and the
+  projection per patch token.
+* ModifiedResNet: layer4 features through the attention pool's value and output projections
+  as 1x1 convolutions (no attention).
+
+Per-pixel features are L2-normalised and scored by cosine with the class text embeddings.
+Any input size works: position embeddings are interpolated to the token grid.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from open_clip.modified_resnet import ModifiedResNet
+from open_clip.transformer import VisionTransformer
+
+
+def interpolate_positions(pos: torch.Tensor, grid: tuple[int, int], prefix: int = 1) -> torch.Tensor:
+    """``(prefix + G*G, D)`` position embeddings -> ``(prefix + h*w, D)`` (bicubic on the grid)."""
+    side = math.isqrt(pos.shape[0] - prefix)
+    if (side, side) == tuple(grid):
+        return pos
+    head, table = pos[:prefix], pos[prefix:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    table = F.interpolate(table.float(), size=grid, mode="bicubic", align_corners=False)
+    return torch.cat([head, table.to(pos.dtype).flatten(2).squeeze(0).T])
+
+
+def vit_tokens(visual: VisionTransformer, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Tokens entering the last block.
+
+    Args:
+        images: ``(B, 3, H, W)`` normalised images.
+
+    Returns:
+        ``(B, 1 + h*w, D)`` tokens (CLS first) and the patch grid ``(h, w)``.
+    """
+    x = visual.conv1(images)  # (B, D, h, w); a custom stem keeps this interface
+    grid = (x.shape[2], x.shape[3])
+    x = x.flatten(2).transpose(1, 2)
+    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1) + interpolate_positions(visual.positional_embedding, grid).to(x.dtype)
+    x = visual.ln_pre(x)
+    for block in visual.transformer.resblocks[:-1]:
+        x = block(x)
+    return x, grid
+
+
+def value_path(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The last block with attention replaced by its value path: ``(B, T, D) -> (B, T, D)``."""
+    attn, width = block.attn, x.shape[-1]
+    v = F.linear(block.ln_1(x), attn.in_proj_weight[2 * width:], attn.in_proj_bias[2 * width:])
+    x = x + block.ls_1(attn.out_proj(v))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def resnet_features(visual: ModifiedResNet, images: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W) -> (B, C, H/32, W/32)`` layer4 features."""
+    return visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(images)))))
+
+
+def dense_features(visual: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``(B, E, h, w)`` unit-norm per-position embeddings in CLIP's joint space."""
+    if isinstance(visual, ModifiedResNet):
+        feats = resnet_features(visual, images)
+        pool = visual.attnpool
+        v = F.conv2d(feats, pool.v_proj.weight[:, :, None, None], pool.v_proj.bias)
+        out = F.conv2d(v, pool.c_proj.weight[:, :, None, None], pool.c_proj.bias)
+    elif isinstance(visual, VisionTransformer):
+        x, (h, w) = vit_tokens(visual, images)
+        x = visual.ln_post(value_path(visual.transformer.resblocks[-1], x)[:, 1:])
+        out = (x @ visual.proj).transpose(1, 2).reshape(x.shape[0], -1, h, w)
+    else:
+        raise TypeError(f"MaskCLIP needs a ViT or ModifiedResNet image tower, got {type(visual).__name__}")
+    return F.normalize(out.float(), dim=1)
+
+
+def maskclip_scores(visual: torch.nn.Module, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """``(B, K, h, w)`` cosine of every position with each of ``text``'s ``(K, E)`` embeddings."""
+    return torch.einsum("behw,ke->bkhw", dense_features(visual, images), text.to(images.device).float())
+
+
+def maskclip_labels(
+    visual: torch.nn.Module, images: torch.Tensor, text: torch.Tensor, size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """``(B, H, W)`` label map: argmax over the classes (index 0 = first class), scores
+    upsampled bilinearly to ``size`` (default: the input size) first."""
+    scores = maskclip_scores(visual, images, text)
+    scores = F.interpolate(scores, size=size or images.shape[-2:], mode="bilinear", align_corners=False)
+    return scores.argmax(1)
