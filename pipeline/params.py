@@ -105,11 +105,39 @@ class EpisodesParams(Section):
         return self
 
 
+class TinyClipParams(Section):
+    """Training of the tiny CLIP on the synthetic caption corpus (pipeline/clip/train_tiny.py)."""
+
+    seed: int = 0
+    batch_size: PositiveInt = 32
+    phase1_steps: PositiveInt = 8000  # supervised image tower
+    phase1_lr: Annotated[float, Field(gt=0)] = 3e-3
+    phase2_steps: PositiveInt = 600  # text tower aligned to the locked image tower (LiT)
+    phase2_lr: Annotated[float, Field(gt=0)] = 1e-3
+    warmup: Annotated[int, Field(ge=0)] = 100
+    checkpoint_every: PositiveInt = 250
+    bf16: bool = True
+
+
 class ClipParams(Section):
     """Which CLIP the priors and pseudo-masks come from (built by the clip_model stage)."""
 
+    # tiny-vit | tiny-resnet: trained here on the synthetic caption corpus;
+    # otherwise an open_clip model name such as ViT-B-16 (with pretrained: openai).
     model: str = "tiny-vit"
+    # an open_clip pretrained tag, or a local checkpoint path; none for the tiny models
     pretrained: str | None = None
+    cache_dir: str | None = None  # where open_clip looks for / downloads weights
+    tiny: TinyClipParams = TinyClipParams()
+    zero_shot_images: PositiveInt = 500
+    dense_eval_images: PositiveInt = 200
+
+    @model_validator(mode="after")
+    def _pretrained_fits_model(self) -> ClipParams:
+        if self.model.startswith("tiny-") and self.pretrained is not None:
+            raise ValueError(f"clip.pretrained = {self.pretrained!r}: the tiny models are trained "
+                             "by the clip_model stage; leave clip.pretrained unset")
+        return self
 
 
 class OrchestrationParams(Section):

@@ -9,7 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.clip import loader
-from pipeline.clip.dense import dense_features, maskclip_labels, maskclip_scores, resnet_features, vit_tokens
+from pipeline.clip.dense import (
+    attention_keys,
+    dense_features,
+    key_smoothing,
+    maskclip_labels,
+    maskclip_scores,
+    prompt_denoising,
+    resnet_features,
+    vit_tokens,
+)
 from pipeline.clip.gradcam import softmax_gradcam
 from pipeline.clip.prompts import MASKCLIP_TEMPLATES, VOCABULARIES, text_embeddings
 from pipeline.errors import PipelineError
@@ -180,3 +189,35 @@ def test_text_embeddings_average_normalised_templates_and_cache(vit, tmp_path):
     assert torch.equal(text_embeddings(vit, tokenizer, ["star", "ring"], templates, tmp_path, "sha"), emb)
     text_embeddings(vit, tokenizer, ["star", "ring"], templates, tmp_path, "other-weights")
     assert len(list(tmp_path.glob("text-*.pt"))) == 2
+
+
+def test_key_smoothing_against_a_plain_loop():
+    torch.manual_seed(0)
+    scores, key_features = torch.randn(2, 3, 2, 3), torch.randn(2, 6, 5)
+    smoothed = key_smoothing(scores, key_features)
+    for b in range(2):
+        k = F.normalize(key_features[b], dim=-1)
+        flat = scores[b].flatten(1)
+        for n in range(6):
+            weights = [max(0.0, float(k[n] @ k[m])) for m in range(6)]
+            expected = sum(w * flat[:, m] for m, w in enumerate(weights)) / sum(weights)
+            assert torch.allclose(smoothed[b].flatten(1)[:, n], expected, atol=1e-5)
+
+
+def test_prompt_denoising_drops_classes_never_confident():
+    scores = torch.zeros(1, 3, 2, 2)
+    scores[0, 0] = 0.3  # confident everywhere
+    scores[0, 1, 0, 0] = 0.31  # confident at one position
+    denoised = prompt_denoising(scores, threshold=0.5)
+    assert torch.isinf(denoised[0, 2]).all() and not torch.isinf(denoised[0, :2]).any()
+    assert not torch.isinf(prompt_denoising(torch.zeros(1, 3, 2, 2), threshold=0.9)[0, 0]).any()
+
+
+@pytest.mark.parametrize("cfg", [VIT, RESNET], ids=["vit", "resnet"])
+def test_options_keep_shapes(cfg):
+    model = tiny(cfg)
+    images, text = torch.randn(2, 3, 64, 64), F.normalize(torch.randn(4, 24), dim=-1)
+    plain = maskclip_scores(model.visual, images, text)
+    smoothed = maskclip_scores(model.visual, images, text, smooth_keys=True, denoise_threshold=0.3)
+    assert smoothed.shape == plain.shape and not torch.equal(smoothed, plain)
+    assert attention_keys(model.visual, images).shape[:2] == (2, plain.shape[-2] * plain.shape[-1])

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from pipeline.datasets import synthetic_writer
-from stages import episodes, prepare, split
+from stages import clip_model, episodes, prepare, split
 from tests.conftest import SMOKE
 from tests.test_adapters import make_voc
 
@@ -22,6 +22,8 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_PARAMS = {
     "prepare": {"synthetic": SMOKE.model_dump()},
+    "clip": {"tiny": {"batch_size": 8, "phase1_steps": 12, "phase2_steps": 4, "warmup": 2, "bf16": False},
+             "zero_shot_images": 40, "dense_eval_images": 20},
     "episodes": {"test_episodes": 60, "train_episodes": 50, "val_episodes": 20},
 }
 
@@ -89,6 +91,12 @@ def test_expected_errors_are_one_line_with_no_artifact(pipeline_run, tmp_path, c
         ({"split": {"custom_folds": [["circle", "dog"]]}},
          split, ["--index", str(pipeline_run / "index"), "--out", str(tmp_path / "sp")],
          "split.custom_folds: unknown class name 'dog'"),
+        ({"clip": {"model": "tiny-vit"}},
+         clip_model, ["--synthetic", str(tmp_path / "nothing"), "--out", str(tmp_path / "m"),
+                      "--metrics", str(tmp_path / "clip.json")],
+         "clip.model = 'tiny-vit' trains on the synthetic caption corpus"),
+        ({"clip": {"model": "tiny-vit", "pretrained": "openai"}},
+         clip_model, ["--out", str(tmp_path / "m")], "the tiny models are trained by the clip_model stage"),
         ({"split": {"min_pixels": -1}},
          split, ["--index", str(pipeline_run / "index"), "--out", str(tmp_path / "sp")],
          "split.min_pixels = -1"),
@@ -176,7 +184,9 @@ def test_dvc_reruns_only_the_stages_a_param_touches(tmp_path):
     assert dirty_after({"episodes": {"test_episodes": 61}}) == {"episodes"}
     assert dirty_after({"split": {"novel_in_train": "mask"}}) == {"split"}
     assert dirty_after({"orchestration": {"task_runner": "processes"}}) == set()
+    assert dirty_after({"clip": {"zero_shot_images": 41}}) == {"clip_model"}
     assert dirty_after({"prepare": {"synthetic": {**SMOKE.model_dump(), "seed": 1}}}) == {"prepare"}
+    assert json.loads((repo / "data/metrics/clip.json").read_text())["model"] == "tiny-vit"
     dirty_after({"episodes": {"shots": [1, 2]}})
     out = run(sys.executable, "-m", "dvc", "repro", "--dry")
     assert "Running stage 'episodes'" in out

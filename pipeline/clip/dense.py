@@ -63,32 +63,90 @@ def resnet_features(visual: ModifiedResNet, images: torch.Tensor) -> torch.Tenso
     return visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(images)))))
 
 
+def resnet_value_path(pool: torch.nn.Module, feats: torch.Tensor) -> torch.Tensor:
+    """The attention pool's value and output projections as 1x1 convs: ``(B, C, h, w) -> (B, E, h, w)``."""
+    v = F.conv2d(feats, pool.v_proj.weight[:, :, None, None], pool.v_proj.bias)
+    return F.conv2d(v, pool.c_proj.weight[:, :, None, None], pool.c_proj.bias)
+
+
 def dense_features(visual: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """``(B, E, h, w)`` unit-norm per-position embeddings in CLIP's joint space."""
+    return F.normalize(dense_embeddings(visual, images).float(), dim=1)
+
+
+def dense_embeddings(visual: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``(B, E, h, w)`` per-position MaskCLIP embeddings, not normalised."""
     if isinstance(visual, ModifiedResNet):
-        feats = resnet_features(visual, images)
-        pool = visual.attnpool
-        v = F.conv2d(feats, pool.v_proj.weight[:, :, None, None], pool.v_proj.bias)
-        out = F.conv2d(v, pool.c_proj.weight[:, :, None, None], pool.c_proj.bias)
+        out = resnet_value_path(visual.attnpool, resnet_features(visual, images))
     elif isinstance(visual, VisionTransformer):
         x, (h, w) = vit_tokens(visual, images)
         x = visual.ln_post(value_path(visual.transformer.resblocks[-1], x)[:, 1:])
         out = (x @ visual.proj).transpose(1, 2).reshape(x.shape[0], -1, h, w)
     else:
         raise TypeError(f"MaskCLIP needs a ViT or ModifiedResNet image tower, got {type(visual).__name__}")
-    return F.normalize(out.float(), dim=1)
+    return out
 
 
-def maskclip_scores(visual: torch.nn.Module, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """``(B, K, h, w)`` cosine of every position with each of ``text``'s ``(K, E)`` embeddings."""
-    return torch.einsum("behw,ke->bkhw", dense_features(visual, images), text.to(images.device).float())
+def attention_keys(visual: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``(B, h*w, D)`` key features of the last attention (ViT: last block; ResNet: attention pool)."""
+    if isinstance(visual, ModifiedResNet):
+        feats = resnet_features(visual, images).flatten(2).transpose(1, 2)
+        return visual.attnpool.k_proj(feats)
+    x, _ = vit_tokens(visual, images)
+    block, width = visual.transformer.resblocks[-1], x.shape[-1]
+    attn = block.attn
+    k = F.linear(block.ln_1(x), attn.in_proj_weight[width: 2 * width], attn.in_proj_bias[width: 2 * width])
+    return k[:, 1:]
+
+
+def key_smoothing(scores: torch.Tensor, key_features: torch.Tensor) -> torch.Tensor:
+    """MaskCLIP key smoothing: each position's scores become the average of all positions'
+    scores weighted by the (non-negative) cosine similarity of their keys.
+
+    Args:
+        scores: ``(B, K, h, w)``; key_features: ``(B, h*w, D)``.
+    """
+    b, k, h, w = scores.shape
+    keys_n = F.normalize(key_features.float(), dim=-1)
+    weights = (keys_n @ keys_n.transpose(1, 2)).clamp(min=0)  # (B, N, N), diagonal 1
+    weights = weights / weights.sum(-1, keepdim=True)
+    return torch.einsum("bnm,bkm->bkn", weights, scores.flatten(2)).view(b, k, h, w)
+
+
+def prompt_denoising(
+    scores: torch.Tensor, threshold: float = 0.5, temperature: float = 100.0
+) -> torch.Tensor:
+    """MaskCLIP prompt denoising: drop the classes whose softmax confidence (over classes, at
+    ``temperature``) stays below ``threshold`` at every position of an image; the most
+    confident class is always kept. Dropped classes get score ``-inf``."""
+    confidence = (temperature * scores).softmax(1).amax((2, 3))  # (B, K)
+    keep = confidence >= threshold
+    keep[torch.arange(len(keep)), confidence.argmax(1)] = True
+    return scores.masked_fill(~keep[:, :, None, None], float("-inf"))
+
+
+def maskclip_scores(
+    visual: torch.nn.Module, images: torch.Tensor, text: torch.Tensor,
+    smooth_keys: bool = False, denoise_threshold: float | None = None,
+) -> torch.Tensor:
+    """``(B, K, h, w)`` cosine of every position with each of ``text``'s ``(K, E)`` embeddings.
+
+    Options (off by default): key smoothing, and prompt denoising at ``denoise_threshold``.
+    """
+    scores = torch.einsum("behw,ke->bkhw", dense_features(visual, images), text.to(images.device).float())
+    if smooth_keys:
+        scores = key_smoothing(scores, attention_keys(visual, images))
+    if denoise_threshold is not None:
+        scores = prompt_denoising(scores, denoise_threshold)
+    return scores
 
 
 def maskclip_labels(
-    visual: torch.nn.Module, images: torch.Tensor, text: torch.Tensor, size: tuple[int, int] | None = None
+    visual: torch.nn.Module, images: torch.Tensor, text: torch.Tensor, size: tuple[int, int] | None = None,
+    smooth_keys: bool = False, denoise_threshold: float | None = None,
 ) -> torch.Tensor:
     """``(B, H, W)`` label map: argmax over the classes (index 0 = first class), scores
     upsampled bilinearly to ``size`` (default: the input size) first."""
-    scores = maskclip_scores(visual, images, text)
+    scores = maskclip_scores(visual, images, text, smooth_keys, denoise_threshold)
     scores = F.interpolate(scores, size=size or images.shape[-2:], mode="bilinear", align_corners=False)
     return scores.argmax(1)

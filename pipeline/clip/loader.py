@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,21 +64,25 @@ def load_pretrained(name: str, pretrained: str | None, cache_dir: str | None = N
     if model_cfg is None:
         raise PipelineError(f"clip.model = {name!r}: not an open_clip model (see open_clip.list_models())")
     quick_gelu = _uses_quick_gelu(name, pretrained)
-    if pretrained and open_clip.get_pretrained_cfg(name, pretrained) == {} and not Path(pretrained).is_file():
+    unknown_tag = pretrained and open_clip.get_pretrained_cfg(name, pretrained) == {}
+    if unknown_tag and not Path(pretrained).is_file():
         raise PipelineError(f"clip.pretrained = {pretrained!r}: neither a pretrained tag of {name} "
                             f"({', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'}) "
                             "nor a checkpoint file")
+    logging.disable(logging.ERROR)  # open_clip logs the failure itself; we say it in one line
     try:
         model = open_clip.create_model(name, pretrained=pretrained, cache_dir=cache_dir,
                                        force_quick_gelu=quick_gelu and not name.endswith("-quickgelu"))
     except Exception as exc:  # open_clip wraps download errors in RuntimeError
         raise PipelineError(_missing_weights(name, pretrained, cache_dir, exc)) from None
+    finally:
+        logging.disable(logging.NOTSET)
     model.eval()
     visual = model.visual
+    size = visual.image_size[0] if isinstance(visual.image_size, tuple) else visual.image_size
     return ClipBundle(model, {**model_cfg, "quick_gelu": quick_gelu},
                       tuple(visual.image_mean or open_clip.OPENAI_DATASET_MEAN),
-                      tuple(visual.image_std or open_clip.OPENAI_DATASET_STD),
-                      int(visual.image_size[0] if isinstance(visual.image_size, tuple) else visual.image_size))
+                      tuple(visual.image_std or open_clip.OPENAI_DATASET_STD), int(size))
 
 
 def _missing_weights(name: str, pretrained: str | None, cache_dir: str | None, exc: Exception) -> str:
@@ -89,10 +94,15 @@ def _missing_weights(name: str, pretrained: str | None, cache_dir: str | None, e
 
 def build_model(model_cfg: dict[str, Any], lfss: dict[str, Any] | None = None) -> open_clip.CLIP:
     """An untrained CLIP from an open_clip model config, with the project's recorded changes."""
+    import pipeline.clip.tiny  # noqa: F401  (registers the tiny towers' changes)
+
     cfg = dict(model_cfg)
     quick_gelu = cfg.pop("quick_gelu", False)
     model = open_clip.CLIP(**cfg, quick_gelu=quick_gelu)
     for change, options in (lfss or {}).items():
+        if change not in _CHANGES:
+            raise PipelineError(f"unknown tower change {change!r} in the CLIP config "
+                                f"(known: {', '.join(_CHANGES)})")
         _CHANGES[change](model, **options)
     return model
 

@@ -15,7 +15,7 @@ from scipy import ndimage
 from pipeline.datasets.shapes import SHAPE_NAMES, rasterize
 
 IGNORE = 255
-SPLITS = ("train", "val", "captions")
+SPLITS = ("train", "val", "captions", "heldout")  # heldout: CLIP zero-shot evaluation
 
 #: Named colours (the words the captions use) and their RGB centres.
 COLOURS: dict[str, tuple[int, int, int]] = {

@@ -1,0 +1,68 @@
+"""How well a CLIP aligns the synthetic shape names with images and pixels.
+
+* zero-shot top-1 with "a photo of a {shape}." on held-out single-object images (a seed
+  stream no benchmark or corpus image uses);
+* MaskCLIP dense labels on benchmark val images: mean IoU over the 20 shapes on the
+  ground-truth foreground pixels (the label map has no background class), with the same
+  measure for uniformly random labels as its chance level.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.clip.dense import maskclip_labels
+from pipeline.clip.loader import ClipBundle
+from pipeline.clip.prompts import text_embeddings
+from pipeline.clip.train_tiny import image_embeddings, normalize
+from pipeline.datasets.shapes import SHAPE_NAMES
+from pipeline.datasets.synthetic import IGNORE, render_scene, scene_rng
+
+ZERO_SHOT_TEMPLATE = "a photo of a {}."
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 ``(B, 3, H, W)`` -> uint8 at ``size`` (bilinear, antialiased)."""
+    if images.shape[-1] == size:
+        return images
+    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+@torch.no_grad()
+def zero_shot_accuracy(bundle: ClipBundle, n: int = 500, seed: int = 0, size: int = 128) -> float:
+    scenes = [render_scene(scene_rng(seed, "heldout", i), size, 1, 1) for i in range(n)]
+    images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2)
+    truth = torch.tensor([s.objects[0].class_id for s in scenes])
+    text = text_embeddings(bundle.model, bundle.tokenizer(), SHAPE_NAMES, [ZERO_SHOT_TEMPLATE])
+    pred = (image_embeddings(bundle, _resize(images, bundle.image_size)) @ text.T).argmax(1) + 1
+    return float((pred == truth).float().mean())
+
+
+def foreground_miou(pred: np.ndarray, label: np.ndarray, num_classes: int = 20) -> float:
+    """Mean IoU over classes 1..C on pixels whose label is a class (not 0, not 255)."""
+    keep = (label > 0) & (label != IGNORE)
+    p, t = pred[keep].astype(np.int64), label[keep].astype(np.int64)
+    confusion = np.bincount(t * (num_classes + 1) + p, minlength=(num_classes + 1) ** 2)
+    confusion = confusion.reshape(num_classes + 1, num_classes + 1)[1:, 1:]
+    inter = np.diag(confusion)
+    union = confusion.sum(0) + confusion.sum(1) - inter
+    present = confusion.sum(1) > 0
+    return float(np.mean(inter[present] / np.maximum(union[present], 1)))
+
+
+@torch.no_grad()
+def dense_miou(
+    bundle: ClipBundle, images: torch.Tensor, labels: np.ndarray, seed: int = 0
+) -> dict[str, float]:
+    """MaskCLIP mIoU on ``(B, 3, H, W)`` uint8 images against ``(B, H, W)`` labels, and chance."""
+    text = text_embeddings(bundle.model, bundle.tokenizer(), SHAPE_NAMES)
+    preds = []
+    for i in range(0, len(images), 64):
+        batch = normalize(_resize(images[i: i + 64], bundle.image_size), bundle)
+        preds.append(maskclip_labels(bundle.model.visual, batch, text, size=labels.shape[-2:]) + 1)
+    pred = torch.cat(preds).numpy()
+    chance = np.random.default_rng(seed).integers(1, 21, size=labels.shape)
+    return {"miou": foreground_miou(pred, labels), "chance": foreground_miou(chance, labels)}

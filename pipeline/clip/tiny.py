@@ -1,0 +1,53 @@
+"""The tiny CLIP of the synthetic benchmark: a real ``open_clip.CLIP`` with a conv stem.
+
+The ViT's patchify ``conv1`` is replaced by three 3x3 stride-2 convolutions with BatchNorm
+and GELU — the same ``(B, width, H/8, W/8)`` output, so attention maps and the MaskCLIP value
+path work unchanged — which learns shape far faster from scratch than a linear patchify.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.clip.loader import ClipBundle, build_model, register_change
+
+TINY_VIT: dict[str, Any] = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 96, "layers": 4, "head_width": 32,
+                   "pool_type": "avg"},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+TINY_RESNET: dict[str, Any] = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 32},
+    "text_cfg": TINY_VIT["text_cfg"],
+}
+TINY_MODELS = {"tiny-vit": TINY_VIT, "tiny-resnet": TINY_RESNET}
+SYNTHETIC_MEAN, SYNTHETIC_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def conv_stem(width: int, channels: tuple[int, int] = (32, 64)) -> nn.Sequential:
+    """``(B, 3, H, W) -> (B, width, H/8, W/8)``."""
+    layers: list[nn.Module] = []
+    for c_in, c_out in zip((3, *channels), (*channels, width), strict=True):
+        conv = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False)
+        layers += [conv, nn.BatchNorm2d(c_out), nn.GELU()]
+    return nn.Sequential(*layers)
+
+
+@register_change("conv_stem")
+def _use_conv_stem(model: nn.Module) -> None:
+    model.visual.conv1 = conv_stem(model.visual.transformer.width)
+
+
+def build_tiny(name: str, seed: int) -> ClipBundle:
+    """An untrained tiny CLIP (``tiny-vit`` with the conv stem, or ``tiny-resnet``)."""
+    torch.manual_seed(seed)
+    cfg = TINY_MODELS[name]
+    changes = {"conv_stem": {}} if name == "tiny-vit" else None
+    model = build_model(cfg, changes)
+    return ClipBundle(model, cfg, SYNTHETIC_MEAN, SYNTHETIC_STD, cfg["vision_cfg"]["image_size"],
+                      lfss=changes)

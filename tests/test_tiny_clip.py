@@ -1,0 +1,93 @@
+"""The tiny CLIP: its conv stem, its training (loss falls, resume is exact) and its round trip."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.clip import train_tiny
+from pipeline.clip.loader import load_local_dir, save_local_dir
+from pipeline.clip.tiny import build_tiny
+from pipeline.datasets.synthetic import IGNORE
+from pipeline.params import TinyClipParams
+
+FAST = TinyClipParams(batch_size=6, phase1_steps=24, phase2_steps=6, warmup=2, checkpoint_every=8,
+                      bf16=False)
+
+
+@pytest.fixture(scope="module")
+def corpus(benchmark_root):
+    return train_tiny.load_corpus(benchmark_root / "captions", 64, 8)
+
+
+def test_conv_stem_keeps_the_patchify_interface():
+    vit = build_tiny("tiny-vit", 0).model.visual
+    assert vit.conv1(torch.zeros(2, 3, 64, 64)).shape == (2, vit.transformer.width, 8, 8)
+    assert vit(torch.zeros(2, 3, 64, 64)).shape == (2, 64)
+
+
+def test_patch_majority_against_a_plain_loop():
+    rng = np.random.default_rng(0)
+    label = rng.choice([0, 3, 7, IGNORE], size=(16, 16), p=[0.4, 0.25, 0.15, 0.2]).astype(np.uint8)
+    expected = np.zeros((4, 4), np.int64)
+    for i in range(4):
+        for j in range(4):
+            values, counts = np.unique(label[4 * i: 4 * i + 4, 4 * j: 4 * j + 4], return_counts=True)
+            order = sorted(zip(-counts, [v if v != IGNORE else 21 for v in values], strict=True))
+            best = order[0][1]
+            expected[i, j] = IGNORE if best == 21 else best
+    assert np.array_equal(train_tiny.patch_majority(label, 4), expected)
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-resnet"])
+def test_smoke_training_lowers_the_loss_and_round_trips(name, corpus, benchmark_root, tmp_path):
+    bundle = build_tiny(name, 0)
+    if name == "tiny-resnet":  # one label per layer4 position: 32-px patches
+        corpus = train_tiny.load_corpus(benchmark_root / "captions", 64, 32)
+    losses = train_tiny.train_phase1(bundle, corpus, FAST, tmp_path / "ckpt")
+    assert np.mean(losses[-6:]) < np.mean(losses[:6])
+    text_losses = train_tiny.train_phase2(bundle, corpus, FAST)
+    assert np.isfinite(text_losses).all()
+    save_local_dir(bundle, tmp_path / "clip")
+    loaded = load_local_dir(tmp_path / "clip")
+    images = train_tiny.normalize(corpus.images[:3], bundle)
+    with torch.no_grad():
+        assert torch.equal(loaded.model.encode_image(images), bundle.model.encode_image(images))
+
+
+def test_resume_continues_exactly_where_it_stopped(corpus, tmp_path, monkeypatch):
+    whole = build_tiny("tiny-vit", 0)
+    train_tiny.train_phase1(whole, corpus, FAST, tmp_path / "whole.ckpt")
+
+    real = train_tiny._checkpoint
+
+    def crash_after_second_save(path, **state):
+        real(path, **state)
+        if state["step"] == 16:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_tiny, "_checkpoint", crash_after_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        train_tiny.train_phase1(build_tiny("tiny-vit", 0), corpus, FAST, tmp_path / "cut.ckpt")
+    monkeypatch.setattr(train_tiny, "_checkpoint", real)
+    resumed = build_tiny("tiny-vit", 0)
+    losses = train_tiny.train_phase1(resumed, corpus, FAST, tmp_path / "cut.ckpt")
+    assert len(losses) == FAST.phase1_steps
+    for (name, a), b in zip(whole.model.visual.state_dict().items(),
+                            resumed.model.visual.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+
+
+def test_a_fresh_interpreter_loads_the_tiny_vit_folder(tmp_path):
+    """Later stages import only the loader: it must know the conv stem by itself."""
+    save_local_dir(build_tiny("tiny-vit", 0), tmp_path / "clip")
+    code = ("import sys; from pathlib import Path; from pipeline.clip.loader import load_local_dir; "
+            "b = load_local_dir(Path(sys.argv[1])); print(type(b.model.visual.conv1).__name__)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "clip")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert done.stdout.strip() == "Sequential"
