@@ -91,3 +91,16 @@ def test_a_fresh_interpreter_loads_the_tiny_vit_folder(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-500:]
     assert done.stdout.strip() == "Sequential"
+
+
+def test_dihedral_moves_images_and_patch_labels_together():
+    images = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).view(2, 3, 16, 16)
+    labels = torch.randint(0, 21, (2, 4, 4))
+    out_images, out_labels = train_tiny.dihedral(images, labels, np.random.default_rng(3))
+    for i in range(2):
+        variants = [torch.rot90(im, k, dims=(-2, -1))
+                    for im in (images[i], images[i].flip(-1)) for k in range(4)]
+        assert any(torch.equal(out_images[i], v) for v in variants)
+        k = next(j for j, v in enumerate(variants) if torch.equal(out_images[i], v))
+        lab = labels[i].flip(-1) if k >= 4 else labels[i]
+        assert torch.equal(out_labels[i], torch.rot90(lab, k % 4, dims=(-2, -1)))

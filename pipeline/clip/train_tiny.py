@@ -103,6 +103,20 @@ class Phase1Heads(nn.Module):
         self.patches = nn.Linear(dim, NUM_SHAPES + 1)
 
 
+def dihedral(
+    images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random flip and quarter turn per sample, the same for ``(B, 3, H, W)`` images and their
+    ``(B, h, w)`` patch labels (the shape classes do not change under rotation)."""
+    flips, turns = rng.random(len(images)) < 0.5, rng.integers(0, 4, len(images))
+    images, labels = images.clone(), labels.clone()
+    for i in range(len(images)):
+        image, label = (images[i].flip(-1), labels[i].flip(-1)) if flips[i] else (images[i], labels[i])
+        images[i] = torch.rot90(image, int(turns[i]), dims=(-2, -1))
+        labels[i] = torch.rot90(label, int(turns[i]), dims=(-2, -1))
+    return images, labels
+
+
 def _schedule(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -137,11 +151,8 @@ def train_phase1(bundle: ClipBundle, corpus: Corpus, cfg: TinyClipParams, ckpt: 
     for step in bar:
         epoch, offset = divmod(step * cfg.batch_size, n)
         idx = torch.from_numpy(_epoch_order(cfg.seed, epoch, n)[offset: offset + cfg.batch_size])
-        flip = torch.from_numpy(np.random.default_rng([cfg.seed, 2, step]).random(len(idx)) < 0.5)
-        images = normalize(corpus.images[idx], bundle)
-        labels = corpus.patch_labels[idx]
-        images[flip] = images[flip].flip(-1)
-        labels[flip] = labels[flip].flip(-1)
+        images, labels = dihedral(normalize(corpus.images[idx], bundle), corpus.patch_labels[idx],
+                                  np.random.default_rng([cfg.seed, 2, step]))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             pooled, tokens = image_outputs(visual, images)
             loss = F.binary_cross_entropy_with_logits(heads.shapes(pooled).float(), corpus.multi_hot[idx])
