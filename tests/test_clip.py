@@ -220,4 +220,6 @@ def test_options_keep_shapes(cfg):
     plain = maskclip_scores(model.visual, images, text)
     smoothed = maskclip_scores(model.visual, images, text, smooth_keys=True, denoise_threshold=0.3)
     assert smoothed.shape == plain.shape and not torch.equal(smoothed, plain)
+    composed = prompt_denoising(key_smoothing(plain, attention_keys(model.visual, images)), 0.3)
+    assert torch.allclose(smoothed, composed, atol=1e-5)
     assert attention_keys(model.visual, images).shape[:2] == (2, plain.shape[-2] * plain.shape[-1])

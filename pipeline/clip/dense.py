@@ -69,34 +69,48 @@ def resnet_value_path(pool: torch.nn.Module, feats: torch.Tensor) -> torch.Tenso
     return F.conv2d(v, pool.c_proj.weight[:, :, None, None], pool.c_proj.bias)
 
 
+def trunk(visual: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """What the MaskCLIP head reads, and the position grid ``(h, w)``: ViT tokens entering the
+    last block ``(B, 1 + h*w, D)`` or ResNet layer4 features ``(B, C, h, w)``."""
+    if isinstance(visual, ModifiedResNet):
+        feats = resnet_features(visual, images)
+        return feats, (feats.shape[-2], feats.shape[-1])
+    if isinstance(visual, VisionTransformer):
+        return vit_tokens(visual, images)
+    raise TypeError(f"MaskCLIP needs a ViT or ModifiedResNet image tower, got {type(visual).__name__}")
+
+
+def dense_from_trunk(visual: torch.nn.Module, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``(B, E, h, w)`` per-position MaskCLIP embeddings (not normalised) from :func:`trunk`."""
+    if isinstance(visual, ModifiedResNet):
+        return resnet_value_path(visual.attnpool, x)
+    x = visual.ln_post(value_path(visual.transformer.resblocks[-1], x)[:, 1:])
+    return (x @ visual.proj).transpose(1, 2).reshape(x.shape[0], -1, *grid)
+
+
+def keys_from_trunk(visual: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``(B, h*w, D)`` key features of the last attention (ViT: last block; ResNet: attention pool)."""
+    if isinstance(visual, ModifiedResNet):
+        return visual.attnpool.k_proj(x.flatten(2).transpose(1, 2))
+    block, width = visual.transformer.resblocks[-1], x.shape[-1]
+    attn = block.attn
+    k = F.linear(block.ln_1(x), attn.in_proj_weight[width: 2 * width], attn.in_proj_bias[width: 2 * width])
+    return k[:, 1:]
+
+
+def dense_embeddings(visual: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``(B, E, h, w)`` per-position MaskCLIP embeddings, not normalised."""
+    return dense_from_trunk(visual, *trunk(visual, images))
+
+
 def dense_features(visual: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """``(B, E, h, w)`` unit-norm per-position embeddings in CLIP's joint space."""
     return F.normalize(dense_embeddings(visual, images).float(), dim=1)
 
 
-def dense_embeddings(visual: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """``(B, E, h, w)`` per-position MaskCLIP embeddings, not normalised."""
-    if isinstance(visual, ModifiedResNet):
-        out = resnet_value_path(visual.attnpool, resnet_features(visual, images))
-    elif isinstance(visual, VisionTransformer):
-        x, (h, w) = vit_tokens(visual, images)
-        x = visual.ln_post(value_path(visual.transformer.resblocks[-1], x)[:, 1:])
-        out = (x @ visual.proj).transpose(1, 2).reshape(x.shape[0], -1, h, w)
-    else:
-        raise TypeError(f"MaskCLIP needs a ViT or ModifiedResNet image tower, got {type(visual).__name__}")
-    return out
-
-
 def attention_keys(visual: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """``(B, h*w, D)`` key features of the last attention (ViT: last block; ResNet: attention pool)."""
-    if isinstance(visual, ModifiedResNet):
-        feats = resnet_features(visual, images).flatten(2).transpose(1, 2)
-        return visual.attnpool.k_proj(feats)
-    x, _ = vit_tokens(visual, images)
-    block, width = visual.transformer.resblocks[-1], x.shape[-1]
-    attn = block.attn
-    k = F.linear(block.ln_1(x), attn.in_proj_weight[width: 2 * width], attn.in_proj_bias[width: 2 * width])
-    return k[:, 1:]
+    """``(B, h*w, D)`` key features of the last attention."""
+    return keys_from_trunk(visual, trunk(visual, images)[0])
 
 
 def key_smoothing(scores: torch.Tensor, key_features: torch.Tensor) -> torch.Tensor:
@@ -133,9 +147,11 @@ def maskclip_scores(
 
     Options (off by default): key smoothing, and prompt denoising at ``denoise_threshold``.
     """
-    scores = torch.einsum("behw,ke->bkhw", dense_features(visual, images), text.to(images.device).float())
+    x, grid = trunk(visual, images)  # once, for both the embeddings and the keys
+    feats = F.normalize(dense_from_trunk(visual, x, grid).float(), dim=1)
+    scores = torch.einsum("behw,ke->bkhw", feats, text.to(images.device).float())
     if smooth_keys:
-        scores = key_smoothing(scores, attention_keys(visual, images))
+        scores = key_smoothing(scores, keys_from_trunk(visual, x))
     if denoise_threshold is not None:
         scores = prompt_denoising(scores, denoise_threshold)
     return scores

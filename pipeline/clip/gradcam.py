@@ -61,17 +61,14 @@ def softmax_gradcam(
         ``(P, h, w)`` maps in [0, 1] on the token / feature grid.
     """
     with torch.no_grad():
-        if isinstance(visual, ModifiedResNet):
-            trunk = resnet_features(visual, images)
-        else:
-            trunk, grid = vit_tokens(visual, images)
+        resnet = isinstance(visual, ModifiedResNet)
+        trunk, grid = (resnet_features(visual, images), None) if resnet else vit_tokens(visual, images)
     with torch.enable_grad():
-        if isinstance(visual, ModifiedResNet):
+        if resnet:  # A = layer4 features of each pair's image
             acts = trunk[image_index].detach().requires_grad_()
             embedding = attention_pool(visual.attnpool, acts)
-        else:
-            block = visual.transformer.resblocks[-1]
-            x = trunk[image_index]
+        else:  # A = LN1 output of the last block; the block runs per pair from there
+            block, x = visual.transformer.resblocks[-1], trunk[image_index]
             acts = block.ln_1(x).detach().requires_grad_()
             y = x + block.ls_1(block.attn(acts, acts, acts, need_weights=False)[0])
             y = y + block.ls_2(block.mlp(block.ln_2(y)))
@@ -79,7 +76,7 @@ def softmax_gradcam(
         logits = logit_scale * torch.einsum("pe,pke->pk", F.normalize(embedding, dim=-1), prompts)
         score = logits.softmax(-1).gather(1, target.view(-1, 1)).sum()
         (grads,) = torch.autograd.grad(score, acts)
-    if isinstance(visual, ModifiedResNet):
+    if resnet:
         h, w = acts.shape[-2:]
         return _cam(acts.flatten(2).transpose(1, 2), grads.flatten(2).transpose(1, 2)).view(-1, h, w)
     return _cam(acts[:, 1:], grads[:, 1:]).view(-1, *grid)
