@@ -49,15 +49,17 @@ def build_clip(cfg: ClipParams, synthetic: Path, out: Path, metrics_path: Path) 
         grid = bundle.image_size // (8 if cfg.model == "tiny-vit" else 32)
         corpus = train_tiny.load_corpus(corpus_dir, bundle.image_size, bundle.image_size // grid)
         start = time.perf_counter()
-        phase1 = train_tiny.train_phase1(bundle, corpus, cfg.tiny, staging.path / "phase1.ckpt")
+        phase1, heads = train_tiny.train_phase1(bundle, corpus, cfg.tiny, staging.path / "phase1.ckpt")
         phase2 = train_tiny.train_phase2(bundle, corpus, cfg.tiny)
         seconds = time.perf_counter() - start
         (staging.path / "phase1.ckpt").unlink()
         images, labels = _val_images(synthetic, cfg.dense_eval_images)
         dense = evaluate_tiny.dense_miou(bundle, images, labels)
+        heldout = evaluate_tiny.heldout_images(cfg.zero_shot_images)
         metrics = {
-            "zero_shot_top1": evaluate_tiny.zero_shot_accuracy(bundle, cfg.zero_shot_images),
+            "zero_shot_top1": evaluate_tiny.zero_shot_accuracy(bundle, *heldout),
             "zero_shot_chance": 1 / 20,
+            "image_head_top1": evaluate_tiny.head_accuracy(bundle, heads, *heldout),
             "dense_maskclip_miou": dense["miou"], "dense_chance_miou": dense["chance"],
             "train_seconds": round(seconds, 1),
             "loss": {"phase1_first": float(np.mean(phase1[:50])),

@@ -12,7 +12,7 @@ import torch
 from pipeline.clip import train_tiny
 from pipeline.clip.loader import load_local_dir, save_local_dir
 from pipeline.clip.tiny import build_tiny
-from pipeline.datasets.synthetic import IGNORE
+from pipeline.datasets.synthetic import IGNORE, caption
 from pipeline.params import TinyClipParams
 
 FAST = TinyClipParams(batch_size=6, phase1_steps=24, phase2_steps=6, warmup=2, checkpoint_every=8,
@@ -48,7 +48,7 @@ def test_smoke_training_lowers_the_loss_and_round_trips(name, corpus, benchmark_
     bundle = build_tiny(name, 0)
     if name == "tiny-resnet":  # one label per layer4 position: 32-px patches
         corpus = train_tiny.load_corpus(benchmark_root / "captions", 64, 32)
-    losses = train_tiny.train_phase1(bundle, corpus, FAST, tmp_path / "ckpt")
+    losses, _ = train_tiny.train_phase1(bundle, corpus, FAST, tmp_path / "ckpt")
     assert np.mean(losses[-6:]) < np.mean(losses[:6])
     text_losses = train_tiny.train_phase2(bundle, corpus, FAST)
     assert np.isfinite(text_losses).all()
@@ -75,7 +75,7 @@ def test_resume_continues_exactly_where_it_stopped(corpus, tmp_path, monkeypatch
         train_tiny.train_phase1(build_tiny("tiny-vit", 0), corpus, FAST, tmp_path / "cut.ckpt")
     monkeypatch.setattr(train_tiny, "_checkpoint", real)
     resumed = build_tiny("tiny-vit", 0)
-    losses = train_tiny.train_phase1(resumed, corpus, FAST, tmp_path / "cut.ckpt")
+    losses, _ = train_tiny.train_phase1(resumed, corpus, FAST, tmp_path / "cut.ckpt")
     assert len(losses) == FAST.phase1_steps
     for (name, a), b in zip(whole.model.visual.state_dict().items(),
                             resumed.model.visual.state_dict().values(), strict=True):
@@ -104,3 +104,12 @@ def test_dihedral_moves_images_and_patch_labels_together():
         k = next(j for j, v in enumerate(variants) if torch.equal(out_images[i], v))
         lab = labels[i].flip(-1) if k >= 4 else labels[i]
         assert torch.equal(out_labels[i], torch.rot90(lab, k % 4, dims=(-2, -1)))
+
+
+def test_corpus_captions_rebuild_from_names_and_colours(corpus):
+    """Phase 2 rebuilds captions (with or without colours) from the corpus' objects."""
+    for i, text in enumerate(corpus.captions):
+        assert caption(corpus.names[i], corpus.colours[i]) == text
+        bare = caption(corpus.names[i])
+        assert all(c not in bare for c in corpus.colours[i]) and bare.startswith("a photo of a")
+    assert caption(["arrow", "star"]) == "a photo of an arrow and a star."

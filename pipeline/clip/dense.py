@@ -30,6 +30,17 @@ def interpolate_positions(pos: torch.Tensor, grid: tuple[int, int], prefix: int 
     return torch.cat([head, table.to(pos.dtype).flatten(2).squeeze(0).T])
 
 
+def vit_embed(visual: VisionTransformer, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``(B, 3, H, W)`` normalised images -> ``(B, 1 + h*w, D)`` tokens entering the first block
+    (CLS first) and the patch grid ``(h, w)``."""
+    x = visual.conv1(images)  # (B, D, h, w); a custom stem keeps this interface
+    grid = (x.shape[2], x.shape[3])
+    x = x.flatten(2).transpose(1, 2)
+    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1) + interpolate_positions(visual.positional_embedding, grid).to(x.dtype)
+    return visual.ln_pre(x), grid
+
+
 def vit_tokens(visual: VisionTransformer, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     """Tokens entering the last block.
 
@@ -39,12 +50,7 @@ def vit_tokens(visual: VisionTransformer, images: torch.Tensor) -> tuple[torch.T
     Returns:
         ``(B, 1 + h*w, D)`` tokens (CLS first) and the patch grid ``(h, w)``.
     """
-    x = visual.conv1(images)  # (B, D, h, w); a custom stem keeps this interface
-    grid = (x.shape[2], x.shape[3])
-    x = x.flatten(2).transpose(1, 2)
-    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-    x = torch.cat([cls, x], dim=1) + interpolate_positions(visual.positional_embedding, grid).to(x.dtype)
-    x = visual.ln_pre(x)
+    x, grid = vit_embed(visual, images)
     for block in visual.transformer.resblocks[:-1]:
         x = block(x)
     return x, grid
@@ -139,6 +145,14 @@ def prompt_denoising(
     return scores.masked_fill(~keep[:, :, None, None], float("-inf"))
 
 
+def scores_from_trunk(
+    visual: torch.nn.Module, x: torch.Tensor, grid: tuple[int, int], text: torch.Tensor
+) -> torch.Tensor:
+    """``(B, K, h, w)`` cosine of every position's MaskCLIP embedding with ``(K, E)`` ``text``."""
+    feats = F.normalize(dense_from_trunk(visual, x, grid).float(), dim=1)
+    return torch.einsum("behw,ke->bkhw", feats, text.to(feats.device).float())
+
+
 def maskclip_scores(
     visual: torch.nn.Module, images: torch.Tensor, text: torch.Tensor,
     smooth_keys: bool = False, denoise_threshold: float | None = None,
@@ -148,8 +162,7 @@ def maskclip_scores(
     Options (off by default): key smoothing, and prompt denoising at ``denoise_threshold``.
     """
     x, grid = trunk(visual, images)  # once, for both the embeddings and the keys
-    feats = F.normalize(dense_from_trunk(visual, x, grid).float(), dim=1)
-    scores = torch.einsum("behw,ke->bkhw", feats, text.to(images.device).float())
+    scores = scores_from_trunk(visual, x, grid, text)
     if smooth_keys:
         scores = key_smoothing(scores, keys_from_trunk(visual, x))
     if denoise_threshold is not None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pipeline.clip.dense import maskclip_labels
 from pipeline.clip.loader import ClipBundle
 from pipeline.clip.prompts import text_embeddings
-from pipeline.clip.train_tiny import image_embeddings, normalize
+from pipeline.clip.train_tiny import Phase1Heads, image_embeddings, image_outputs, normalize
 from pipeline.datasets.shapes import SHAPE_NAMES
 from pipeline.datasets.synthetic import IGNORE, render_scene, scene_rng
 
@@ -31,14 +31,27 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
-@torch.no_grad()
-def zero_shot_accuracy(bundle: ClipBundle, n: int = 500, seed: int = 0, size: int = 128) -> float:
+def heldout_images(n: int = 500, seed: int = 0, size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(n, 3, size, size)`` uint8 single-object images and their ``(n,)`` class ids (1..20)."""
     scenes = [render_scene(scene_rng(seed, "heldout", i), size, 1, 1) for i in range(n)]
     images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2)
-    truth = torch.tensor([s.objects[0].class_id for s in scenes])
+    return images, torch.tensor([s.objects[0].class_id for s in scenes])
+
+
+@torch.no_grad()
+def zero_shot_accuracy(bundle: ClipBundle, images: torch.Tensor, truth: torch.Tensor) -> float:
+    """Top-1 of "a photo of a {shape}." over the 20 shapes on uint8 ``images``."""
     text = text_embeddings(bundle.model, bundle.tokenizer(), SHAPE_NAMES, [ZERO_SHOT_TEMPLATE])
     pred = (image_embeddings(bundle, _resize(images, bundle.image_size)) @ text.T).argmax(1) + 1
     return float((pred == truth).float().mean())
+
+
+@torch.no_grad()
+def head_accuracy(bundle: ClipBundle, heads: Phase1Heads, images: torch.Tensor, truth: torch.Tensor) -> float:
+    """Top-1 of phase 1's shape head (no text involved): what the image tower alone knows."""
+    visual = bundle.model.visual
+    pooled = image_outputs(visual, normalize(_resize(images, bundle.image_size), bundle))[0]
+    return float(((heads.shapes(pooled).argmax(1) + 1) == truth).float().mean())
 
 
 def foreground_miou(pred: np.ndarray, label: np.ndarray, num_classes: int = 20) -> float:

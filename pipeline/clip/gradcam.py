@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.modified_resnet import AttentionPool2d, ModifiedResNet
 
-from pipeline.clip.dense import interpolate_positions, resnet_features, vit_tokens
+from pipeline.clip.dense import interpolate_positions, trunk
 
 
 def attention_pool(pool: AttentionPool2d, feats: torch.Tensor) -> torch.Tensor:
@@ -47,6 +47,7 @@ def _cam(activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
 def softmax_gradcam(
     visual: torch.nn.Module, images: torch.Tensor, image_index: torch.Tensor,
     prompts: torch.Tensor, target: torch.Tensor, logit_scale: float,
+    prompt_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GradCAM maps of P (image, prompt set) pairs.
 
@@ -56,27 +57,40 @@ def softmax_gradcam(
         prompts: ``(P, K, E)`` unit-norm prompt embeddings of each pair's set.
         target: ``(P,)`` index into K of the class whose probability is explained.
         logit_scale: ``model.logit_scale.exp()`` (100 for OpenAI CLIP).
+        prompt_mask: ``(P, K)`` bool, False for padding prompts (sets of unequal size).
 
     Returns:
         ``(P, h, w)`` maps in [0, 1] on the token / feature grid.
     """
     with torch.no_grad():
-        resnet = isinstance(visual, ModifiedResNet)
-        trunk, grid = (resnet_features(visual, images), None) if resnet else vit_tokens(visual, images)
+        x, grid = trunk(visual, images)
+    return gradcam_from_trunk(visual, x, grid, image_index, prompts, target, logit_scale, prompt_mask)
+
+
+def gradcam_from_trunk(
+    visual: torch.nn.Module, x: torch.Tensor, grid: tuple[int, int], image_index: torch.Tensor,
+    prompts: torch.Tensor, target: torch.Tensor, logit_scale: float,
+    prompt_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`softmax_gradcam` from the trunk's output ``x`` (see :func:`pipeline.clip.dense.trunk`)."""
+    resnet = isinstance(visual, ModifiedResNet)
     with torch.enable_grad():
         if resnet:  # A = layer4 features of each pair's image
-            acts = trunk[image_index].detach().requires_grad_()
+            acts = x[image_index].detach().requires_grad_()
             embedding = attention_pool(visual.attnpool, acts)
         else:  # A = LN1 output of the last block; the block runs per pair from there
-            block, x = visual.transformer.resblocks[-1], trunk[image_index]
+            block, x = visual.transformer.resblocks[-1], x[image_index].detach()
             acts = block.ln_1(x).detach().requires_grad_()
             y = x + block.ls_1(block.attn(acts, acts, acts, need_weights=False)[0])
             y = y + block.ls_2(block.mlp(block.ln_2(y)))
             embedding = (visual.ln_post(y[:, 1:]) @ visual.proj).mean(1)
-        logits = logit_scale * torch.einsum("pe,pke->pk", F.normalize(embedding, dim=-1), prompts)
-        score = logits.softmax(-1).gather(1, target.view(-1, 1)).sum()
+        logits = logit_scale * torch.einsum("pe,pke->pk", F.normalize(embedding, dim=-1),
+                                            prompts.to(embedding.dtype))
+        if prompt_mask is not None:
+            logits = logits.masked_fill(~prompt_mask, float("-inf"))
+        score = logits.float().softmax(-1).gather(1, target.view(-1, 1)).sum()
         (grads,) = torch.autograd.grad(score, acts)
+    acts, grads = acts.detach().float(), grads.float()
     if resnet:
-        h, w = acts.shape[-2:]
-        return _cam(acts.flatten(2).transpose(1, 2), grads.flatten(2).transpose(1, 2)).view(-1, h, w)
+        return _cam(acts.flatten(2).transpose(1, 2), grads.flatten(2).transpose(1, 2)).view(-1, *grid)
     return _cam(acts[:, 1:], grads[:, 1:]).view(-1, *grid)

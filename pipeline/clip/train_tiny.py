@@ -3,7 +3,9 @@
 Phase 1 trains the image tower supervised: multi-label BCE over the 20 shapes on the pooled
 embedding plus a per-patch cross-entropy (background + 20 shapes) from the corpus masks.
 Phase 2 locks it and aligns the text tower to it (LiT): contrastive loss between captions and
-the frozen image embeddings. Deterministic by seed; a checkpoint every ``checkpoint_every``
+the frozen image embeddings; half of the captions lose their colour words ("a photo of a star
+and a ring."), so that prompts which name only the shape, like the zero-shot and MaskCLIP
+templates, land near the images too. Deterministic by seed; a checkpoint every ``checkpoint_every``
 steps lets an interrupted run resume where it stopped.
 """
 
@@ -26,7 +28,8 @@ from tqdm import tqdm
 from pipeline.clip.dense import resnet_features, resnet_value_path, vit_tokens
 from pipeline.clip.gradcam import attention_pool
 from pipeline.clip.loader import ClipBundle
-from pipeline.datasets.synthetic import IGNORE
+from pipeline.datasets.shapes import SHAPE_NAMES
+from pipeline.datasets.synthetic import IGNORE, caption
 from pipeline.params import TinyClipParams
 
 NUM_SHAPES = 20
@@ -41,12 +44,15 @@ class Corpus:
         patch_labels: ``(N, S/p, S/p)`` int64, 0 background, 1..20, 255 mostly-ignore patches.
         multi_hot: ``(N, 20)`` float, shapes present.
         captions: N strings.
+        names, colours: per image, the objects' shape names and colour words in caption order.
     """
 
     images: torch.Tensor
     patch_labels: torch.Tensor
     multi_hot: torch.Tensor
     captions: list[str]
+    names: list[list[str]]
+    colours: list[list[str]]
 
 
 def patch_majority(label: np.ndarray, patch: int) -> np.ndarray:
@@ -69,8 +75,10 @@ def load_corpus(folder: Path, size: int, patch: int) -> Corpus:
         images.append(np.asarray(image).transpose(2, 0, 1))
         labels.append(patch_majority(np.asarray(mask), patch))
         multi_hot[i, np.asarray(row.class_ids, np.int64) - 1] = 1
+    names = [[SHAPE_NAMES[c - 1] for c in ids] for ids in table["class_ids"]]
     return Corpus(torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels)),
-                  torch.from_numpy(multi_hot), list(table["caption"]))
+                  torch.from_numpy(multi_hot), list(table["caption"]), names,
+                  [list(c) for c in table["colours"]])
 
 
 def normalize(images: torch.Tensor, bundle: ClipBundle) -> torch.Tensor:
@@ -129,8 +137,10 @@ def _checkpoint(path: Path, **state) -> None:
     tmp.replace(path)
 
 
-def train_phase1(bundle: ClipBundle, corpus: Corpus, cfg: TinyClipParams, ckpt: Path) -> list[float]:
-    """Supervised image tower; returns the loss per step (resumes from ``ckpt``)."""
+def train_phase1(
+    bundle: ClipBundle, corpus: Corpus, cfg: TinyClipParams, ckpt: Path
+) -> tuple[list[float], Phase1Heads]:
+    """Supervised image tower; returns the loss per step and the heads (resumes from ``ckpt``)."""
     visual = bundle.model.visual
     heads = Phase1Heads(bundle.model_cfg["embed_dim"])
     params = list(visual.parameters()) + list(heads.parameters())
@@ -168,7 +178,7 @@ def train_phase1(bundle: ClipBundle, corpus: Corpus, cfg: TinyClipParams, ckpt: 
             _checkpoint(ckpt, visual=visual.state_dict(), heads=heads.state_dict(), opt=opt.state_dict(),
                         sched=sched.state_dict(), step=step + 1, losses=losses)
     visual.eval()
-    return losses
+    return losses, heads.eval()
 
 
 def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -202,8 +212,11 @@ def train_phase2(bundle: ClipBundle, corpus: Corpus, cfg: TinyClipParams) -> lis
     batch = min(4 * cfg.batch_size, n)  # contrastive batches: more negatives than phase 1
     bar = tqdm(range(cfg.phase2_steps), desc="tiny CLIP phase 2")
     for step in bar:
-        idx = np.random.default_rng([cfg.seed, 3, step]).choice(n, batch, replace=False)
-        tokens = tokenizer([corpus.captions[i] for i in idx])
+        rng = np.random.default_rng([cfg.seed, 3, step])
+        idx = rng.choice(n, batch, replace=False)
+        plain = rng.random(batch) < 0.5
+        tokens = tokenizer([caption(corpus.names[i], None if bare else corpus.colours[i])
+                            for i, bare in zip(idx, plain, strict=True)])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             text = F.normalize(model.encode_text(tokens).float(), dim=-1)
         logits = model.logit_scale.exp() * text @ targets[idx].T

@@ -78,9 +78,16 @@ class Scene:
     @property
     def caption(self) -> str:
         """E.g. ``"a photo of a red star and an orange ring."``"""
-        phrases = [f"{_article(o.colour)} {o.colour} {o.name}" for o in self.objects]
-        body = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-        return f"a photo of {body}."
+        return caption([o.name for o in self.objects], [o.colour for o in self.objects])
+
+
+def caption(names: list[str], colours: list[str] | None = None) -> str:
+    """``"a photo of a red star and an orange ring."``; without colours ``"a photo of a star and
+    a ring."``"""
+    words = [f"{c} {n}" for c, n in zip(colours, names, strict=True)] if colours else names
+    phrases = [f"{_article(w)} {w}" for w in words]
+    body = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return f"a photo of {body}."
 
 
 def _article(word: str) -> str:
