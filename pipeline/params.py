@@ -57,7 +57,7 @@ class SyntheticParams(Section):
     image_size: Annotated[int, Field(ge=32, le=1024)] = 128
     train_images: PositiveInt = 2400
     val_images: PositiveInt = 600
-    caption_images: Annotated[int, Field(ge=0)] = 12000
+    caption_images: Annotated[int, Field(ge=0)] = 36000
     max_objects: Annotated[int, Field(ge=1, le=8)] = 4
     boundary_width: Annotated[int, Field(ge=0, le=4)] = 1
     shard_size: PositiveInt = 200
@@ -140,6 +140,32 @@ class ClipParams(Section):
         return self
 
 
+class PriorsParams(Section):
+    """PI-CLIP priors extracted once per unique image (DESIGN §5 "Priors")."""
+
+    # VTP prompt set of an (image, class) pair: target (its class only), image_labels (every
+    # class present in the image: the PI-CLIP code, which leaks labels) or all (every class)
+    prompt_set: Literal["target", "image_labels", "all"] = "target"
+    foreground_template: str = "a photo of a {}."
+    background_template: str = "a photo without {}."
+    pir_blocks: PositiveInt = 8  # attention of the last blocks averaged for PIR
+    pir_threshold: Annotated[float, Field(ge=0, le=1)] = 0.4  # boxes of VTP >= threshold * max
+    vvp_shots: Literal["each", "mean"] = "each"  # K-shot VVP: one map per shot, or their mean
+    image_size: PositiveInt | None = None  # CLIP input side; None: the CLIP's own
+    label_size: PositiveInt = 128  # side of the stored MaskCLIP label maps
+    shard_size: PositiveInt = 256  # images per shard (the unit of work, resume and Zarr shard)
+    batch_size: PositiveInt = 64
+    autocast: bool = False  # bf16 on CPU, fp16 on CUDA
+
+    @model_validator(mode="after")
+    def _templates_take_a_name(self) -> PriorsParams:
+        for key in ("foreground_template", "background_template"):
+            if getattr(self, key).count("{}") != 1:
+                raise ValueError(f"priors.{key} = {getattr(self, key)!r}: needs exactly one {{}} "
+                                 "for the class name")
+        return self
+
+
 class OrchestrationParams(Section):
     """How stages run their Prefect tasks. Changes *how*, never *what*: not a DVC param."""
 
@@ -155,6 +181,7 @@ class Params(Section):
     split: SplitParams = SplitParams()
     episodes: EpisodesParams = EpisodesParams()
     clip: ClipParams = ClipParams()
+    priors: PriorsParams = PriorsParams()
     orchestration: OrchestrationParams = OrchestrationParams()
 
 

@@ -9,12 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from pipeline.clip.loader import save_local_dir
+from pipeline.clip.tiny import build_tiny
 from pipeline.datasets import synthetic_writer
-from stages import clip_model, episodes, prepare, split
+from pipeline.params import load_params
+from pipeline.priors.store import PriorStore
+from stages import clip_model, episodes, prepare, priors, split
 from tests.conftest import SMOKE
 from tests.test_adapters import make_voc
 
@@ -25,6 +30,7 @@ SMOKE_PARAMS = {
     "clip": {"tiny": {"batch_size": 8, "phase1_steps": 12, "phase2_steps": 4, "warmup": 2, "bf16": False},
              "zero_shot_images": 40, "dense_eval_images": 20},
     "episodes": {"test_episodes": 60, "train_episodes": 50, "val_episodes": 20},
+    "priors": {"shard_size": 64, "label_size": 64},
 }
 
 
@@ -191,3 +197,95 @@ def test_dvc_reruns_only_the_stages_a_param_touches(tmp_path):
     out = run(sys.executable, "-m", "dvc", "repro", "--dry")
     assert "Running stage 'episodes'" in out
     assert "Running stage 'prepare'" not in out and "Running stage 'split'" not in out
+
+
+@pytest.fixture(scope="module")
+def priors_run(pipeline_run) -> Path:
+    """The priors stage with an untrained tiny CLIP (shapes and plumbing, not quality)."""
+    save_local_dir(build_tiny("tiny-vit", 0), pipeline_run / "clip")
+    assert priors.main(priors_args(pipeline_run, pipeline_run / "priors.zarr")) == 0
+    return pipeline_run / "priors.zarr"
+
+
+def priors_args(run: Path, out: Path, overrides: dict | None = None) -> list[str]:
+    params = write_params(out.parent / f"{out.name}.params.yaml", overrides)
+    return ["--params", str(params), "--index", str(run / "index"), "--episodes", str(run / "episodes"),
+            "--clip", str(run / "clip"), "--out", str(out), "--preview", str(out.parent / f"{out.name}.png")]
+
+
+def zarr_arrays(path: Path) -> dict[str, np.ndarray]:
+    import zarr
+
+    return {name: a[:] for name, a in zarr.open_group(path, mode="r").members(max_depth=None)
+            if isinstance(a, zarr.Array)}
+
+
+def test_priors_cover_every_episode_and_round_trip(priors_run, pipeline_run):
+    from stages.priors import extractor, plan_pairs, read_manifests
+
+    store = PriorStore(priors_run)
+    manifests = read_manifests(pipeline_run / "episodes")
+    wanted = plan_pairs(manifests)
+    assert store.attrs["image_ids"] == sorted(wanted)
+    got = store.pairs.groupby("image_id")["class_id"].apply(sorted).to_dict()
+    assert got == wanted
+    assert store.attrs["clip_sha256"] == (pipeline_run / "clip/sha256.txt").read_text().strip()
+    h, w = store.attrs["grid"]
+    assert (h, w) == (8, 8) and store.attrs["preprocess"]["size"] == 64
+    for name, table in manifests.items():
+        vvp = store.root[f"episodes/{name}/vvp"]
+        assert vvp.shape == (len(table), int(table["shot"].max()), 2, h, w)
+    last = manifests["test/fold1/shot5_seed0"].iloc[-1]
+    maps = store.vvp("test/fold1/shot5_seed0", int(last["episode"]))
+    assert maps.shape == (5, 2, 8, 8) and maps.max() == 1 and maps.min() == 0
+    # what the store holds equals a direct extraction of the same images (float16 round trip)
+    index = pq.read_table(pipeline_run / "index/index.parquet").to_pandas().set_index("image_id")
+    ids = store.attrs["image_ids"][:3]
+    cfg = load_params(priors_run.parent / "priors.zarr.params.yaml").priors
+    ex = extractor(str(pipeline_run / "clip"), cfg, tuple(store.attrs["class_names"]))
+    direct = ex.priors(ex.load_images([index.at[i, "image_path"] for i in ids]), [wanted[i] for i in ids],
+                       [list(index.at[i, "class_ids"]) for i in ids])
+    flat = [(i, c) for i in ids for c in wanted[i]]
+    for p, (image, c) in enumerate(flat):
+        assert np.allclose(store.vtp(image, c), direct.vtp[p].numpy(), atol=2e-3)
+        assert np.allclose(store.vtp(image, c, refined=True), direct.pir[p].numpy(), atol=2e-3)
+    assert np.array_equal(store.maskclip_labels(ids[0]), direct.maskclip_labels[0].numpy())
+    assert (priors_run.parent / "priors.zarr.png").stat().st_size > 10_000
+
+
+def test_priors_resume_after_a_crash_computes_only_missing_shards(priors_run, pipeline_run, tmp_path,
+                                                                  monkeypatch):
+    real, calls = priors.extract_image_shard, []
+
+    def crash_on_second(root, rows, *args):
+        calls.append(rows.start)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        real(root, rows, *args)
+
+    monkeypatch.setattr(priors, "extract_image_shard", crash_on_second)
+    out = tmp_path / "priors.zarr"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        priors.main(priors_args(pipeline_run, out, {"orchestration": {"max_workers": 1}}))
+    assert not out.exists()  # nothing half-written in place
+    finished = {p.name for p in (tmp_path / ".priors.zarr.partial" / ".done").iterdir()}
+    crashed = f"images-{calls[1]:07d}"
+    assert crashed not in finished and f"images-{calls[0]:07d}" in finished
+    calls.clear()
+    assert priors.main(priors_args(pipeline_run, out)) == 0
+    assert [f"images-{c:07d}" for c in calls] == [crashed]  # only what was missing
+    expected, got = zarr_arrays(priors_run), zarr_arrays(out)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert np.array_equal(expected[name], got[name]), name
+
+
+def test_priors_run_on_a_dask_local_cluster(priors_run, pipeline_run, tmp_path):
+    out = tmp_path / "priors.zarr"
+    args = priors_args(pipeline_run, out, {"orchestration": {"task_runner": "dask", "max_workers": 2},
+                                           "priors": {"shard_size": 128, "label_size": 64}})
+    assert priors.main(args) == 0
+    expected, got = zarr_arrays(priors_run), zarr_arrays(out)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert np.allclose(expected[name].astype(np.float32), got[name].astype(np.float32), atol=2e-3), name

@@ -1,0 +1,124 @@
+"""The layout of ``data/priors.zarr`` (Zarr 3, sharded, compressed) and its reader.
+
+::
+
+    attrs: clip_sha256, preprocess, params, grid, class_names, image_ids, manifests, ...
+    images/maskclip_scores   (I, C, h, w)     float16  cosine with each class's text
+    images/maskclip_labels   (I, L, L)        uint8    MaskCLIP label map, class ids 1..C
+    images/tokens_0, _1      (I, N, D)        float16  VVP token features (earlier block first)
+    pairs/class_id           (I, S)           int16    class of each pair slot, 0 = empty
+    pairs/vtp, pairs/pir     (I, S, h, w)     float16  raw and PIR-refined VTP
+    episodes/<manifest>/vvp  (E, K', 2, h, w) float16  per episode: per shot (K' = K) or mean (1)
+
+Image row i is ``image_ids[i]``; an (image, class) pair lives at ``(row, slot)``; episode e of
+manifest ``test/fold0/shot1_seed0`` is row e of its ``vvp``. Every per-image array shares one
+shard grid (``shard_size`` images) and every episode array another, so each writer task owns
+whole Zarr shards: parallel writers never share one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from pipeline.errors import PipelineError
+
+EPISODE_SHARD = 1000  # episodes per shard of an episode array
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes that fix every array's shape."""
+
+    num_images: int
+    slots: int  # most pairs any image has
+    num_classes: int
+    grid: tuple[int, int]
+    token_dims: tuple[int, int]
+    label_size: int
+    shard_size: int
+    episodes: dict[str, tuple[int, int]]  # manifest -> (episodes, maps per episode)
+
+
+def create(path: Path, layout: Layout, attrs: dict[str, Any]) -> zarr.Group:
+    """Create the empty arrays (or open them, when a resumed run already did)."""
+    root = zarr.open_group(path, mode="a")
+    if "layout_done" in root.attrs:
+        return root
+    n, s, (h, w), shard = layout.num_images, layout.slots, layout.grid, layout.shard_size
+    tokens = h * w
+
+    def array(name: str, shape: tuple[int, ...], dtype: str, rows: int) -> None:
+        root.create_array(name, shape=shape, dtype=dtype, chunks=(1, *shape[1:]),
+                          shards=(rows, *shape[1:]), fill_value=0, overwrite=True)
+
+    array("images/maskclip_scores", (n, layout.num_classes, h, w), "float16", shard)
+    array("images/maskclip_labels", (n, layout.label_size, layout.label_size), "uint8", shard)
+    for j, dim in enumerate(layout.token_dims):
+        array(f"images/tokens_{j}", (n, tokens, dim), "float16", shard)
+    array("pairs/class_id", (n, s), "int16", shard)
+    array("pairs/vtp", (n, s, h, w), "float16", shard)
+    array("pairs/pir", (n, s, h, w), "float16", shard)
+    for manifest, (count, maps) in layout.episodes.items():
+        array(f"episodes/{manifest}/vvp", (count, maps, 2, h, w), "float16", EPISODE_SHARD)
+    root.attrs.update({**attrs, "grid": list(layout.grid), "slots": s, "shard_size": shard,
+                       "episode_shard": EPISODE_SHARD, "manifests": sorted(layout.episodes),
+                       "layout_done": True})
+    return root
+
+
+class PriorStore:
+    """Read access to ``data/priors.zarr`` by image id, (image, class) pair and episode."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self.root = zarr.open_group(Path(path), mode="r")
+        except FileNotFoundError:
+            raise PipelineError(f"{path}: missing (run the priors stage)") from None
+        self.attrs = dict(self.root.attrs)
+        self.rows = {image: i for i, image in enumerate(self.attrs["image_ids"])}
+
+    @cached_property
+    def pairs(self) -> pd.DataFrame:
+        """One row per (image, class) pair: ``image_id, class_id, row, slot``."""
+        classes = self.root["pairs/class_id"][:]
+        rows, slots = np.nonzero(classes)
+        ids = np.asarray(self.attrs["image_ids"], dtype=object)
+        return pd.DataFrame({"image_id": ids[rows], "class_id": classes[rows, slots],
+                             "row": rows, "slot": slots})
+
+    def _pair(self, image_id: str, class_id: int) -> tuple[int, int]:
+        row = self.row(image_id)
+        slots = np.flatnonzero(self.root["pairs/class_id"][row] == class_id)
+        if not len(slots):
+            raise PipelineError(f"priors: no VTP for class {class_id} of image {image_id!r} "
+                                "(not a class any episode asks of it)")
+        return row, int(slots[0])
+
+    def row(self, image_id: str) -> int:
+        try:
+            return self.rows[image_id]
+        except KeyError:
+            raise PipelineError(f"priors: image {image_id!r} is in no episode manifest") from None
+
+    def vtp(self, image_id: str, class_id: int, refined: bool = False) -> np.ndarray:
+        """``(h, w)`` float32 VTP (``refined``: after PIR)."""
+        row, slot = self._pair(image_id, class_id)
+        return self.root["pairs/pir" if refined else "pairs/vtp"][row, slot].astype(np.float32)
+
+    def maskclip_labels(self, image_id: str) -> np.ndarray:
+        return self.root["images/maskclip_labels"][self.row(image_id)]
+
+    def tokens(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+        row = self.row(image_id)
+        return self.root["images/tokens_0"][row], self.root["images/tokens_1"][row]
+
+    def vvp(self, manifest: str, episode: int) -> np.ndarray:
+        """``(K', 2, h, w)`` float32 VVP of one episode."""
+        return self.root[f"episodes/{manifest}/vvp"][episode].astype(np.float32)

@@ -1,0 +1,167 @@
+"""`priors`: PI-CLIP priors of every image the episodes use, computed once per image.
+
+Reads ``data/index``, ``data/episodes`` and ``data/models/clip``; writes ``data/priors.zarr``
+(layout: ``pipeline/priors/store.py``) and ``data/priors_preview.png``. Work is split into
+image shards (one forward per image, one GradCAM per (image, class) pair) and then episode
+shards (VVP from the cached token features and the ground-truth support masks); a re-run after
+a crash computes only the shards that were not finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+import zarr
+from PIL import Image
+from prefect import flow, task
+
+from pipeline.clip.loader import load_local_dir
+from pipeline.clip.prompts import VOCABULARIES, text_embeddings
+from pipeline.errors import PipelineError
+from pipeline.orchestration import run_flow, run_shards
+from pipeline.params import Params, PriorsParams
+from pipeline.priors import preview, store
+from pipeline.priors.forward import image_features
+from pipeline.priors.shards import Extractor, extract_image_shard, vvp_episode_shard
+from pipeline.priors.vtp import prompt_bank
+from pipeline.store import Staging, fingerprint, write_atomic
+from stages._common import stage_main
+from stages.split import read_index_dir
+
+
+def read_manifests(episodes_dir: Path) -> dict[str, pd.DataFrame]:
+    """``{"test/fold0/shot1_seed0": episodes, ...}`` for every manifest under ``episodes_dir``."""
+    files = sorted(episodes_dir.rglob("*.parquet"))
+    if not files:
+        raise PipelineError(f"{episodes_dir}: no episode manifests (run the episodes stage first)")
+    return {f.relative_to(episodes_dir).with_suffix("").as_posix(): pq.read_table(f).to_pandas()
+            for f in files}
+
+
+def plan_pairs(manifests: dict[str, pd.DataFrame]) -> dict[str, list[int]]:
+    """Image id -> sorted class ids some episode asks of it (as query or support); sorted ids."""
+    pairs: dict[str, set[int]] = {}
+    for table in manifests.values():
+        for row in table.itertuples():
+            for image in (row.query, *row.supports):
+                pairs.setdefault(image, set()).add(int(row.class_id))
+    return {image: sorted(pairs[image]) for image in sorted(pairs)}
+
+
+@cache
+def extractor(clip_dir: str, cfg: PriorsParams, names: tuple[str, ...]) -> Extractor:
+    """The CLIP and its prompt embeddings, loaded once per process."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bundle = load_local_dir(Path(clip_dir), device)
+    tokenizer = bundle.tokenizer()
+    return Extractor(
+        bundle,
+        prompt_bank(bundle.model, tokenizer, names, cfg.foreground_template, cfg.background_template),
+        text_embeddings(bundle.model, tokenizer, names), cfg.image_size or bundle.image_size,
+        cfg.prompt_set, cfg.pir_blocks, cfg.pir_threshold, cfg.label_size, cfg.batch_size, cfg.autocast)
+
+
+@task
+def image_shard(zarr_path: Path, name: str, rows: range, paths: list[str], pair_classes: list[list[int]],
+                labels: list[list[int]], clip_dir: str, cfg: PriorsParams, names: tuple[str, ...],
+                threads: int) -> str:
+    torch.set_num_threads(threads)
+    ex = extractor(clip_dir, cfg, names)
+    extract_image_shard(zarr.open_group(zarr_path, mode="r+"), rows, paths, pair_classes, labels, ex)
+    return name
+
+
+@task
+def episode_shard(zarr_path: Path, name: str, manifest: str, episodes: pd.DataFrame,
+                  mask_paths: dict[str, str], mean_over_shots: bool) -> str:
+    def support_mask(image_id: str, class_id: int) -> np.ndarray:
+        return np.asarray(Image.open(mask_paths[image_id])) == class_id
+
+    root = zarr.open_group(zarr_path, mode="r+")
+    vvp_episode_shard(root, manifest, episodes, support_mask, mean_over_shots)
+    return name
+
+
+@flow(name="priors")
+def build_priors(cfg: PriorsParams, dataset: str, index_dir: Path, episodes_dir: Path, clip_dir: Path,
+                 out: Path, preview_path: Path, workers: int) -> dict:
+    index, meta = read_index_dir(index_dir)
+    index = index.set_index("image_id")
+    manifests = read_manifests(episodes_dir)
+    pairs = plan_pairs(manifests)
+    names = VOCABULARIES[dataset]
+    if len(names) != len(meta["class_names"]):
+        raise PipelineError(f"{index_dir / 'meta.json'}: {len(meta['class_names'])} classes, but the "
+                            f"{dataset!r} vocabulary has {len(names)}")
+    ex = extractor(str(clip_dir), cfg, tuple(names))
+    probe = image_features(ex.bundle.model.visual, torch.zeros(1, 3, ex.image_size, ex.image_size,
+                                                               device=ex.device), cfg.pir_blocks)
+    image_ids = list(pairs)
+    layout = store.Layout(
+        num_images=len(image_ids), slots=max(len(c) for c in pairs.values()), num_classes=len(names),
+        grid=probe.grid, token_dims=tuple(t.shape[-1] for t in probe.tokens), label_size=cfg.label_size,
+        shard_size=cfg.shard_size,
+        episodes={m: (len(t), 1 if cfg.vvp_shots == "mean" else int(t["shot"].max()))
+                  for m, t in manifests.items()})
+    attrs = {"clip_sha256": ex.bundle.sha256,
+             "preprocess": {**ex.bundle.preprocess_cfg, "size": ex.image_size},
+             "params": cfg.model_dump(), "dataset": dataset, "class_names": list(meta["class_names"]),
+             "image_ids": image_ids}
+    staging = Staging(out, fingerprint([attrs, layout.episodes, (episodes_dir / "meta.json").read_text()]))
+    zarr_path = staging.path
+    store.create(zarr_path, layout, attrs)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    shards = {f"images-{start:07d}": range(start, min(start + cfg.shard_size, len(image_ids)))
+              for start in range(0, len(image_ids), cfg.shard_size)}
+
+    def submit_images(name: str):
+        rows = shards[name]
+        ids = image_ids[rows.start: rows.stop]
+        return image_shard.submit(zarr_path, name, rows, [index.at[i, "image_path"] for i in ids],
+                                  [pairs[i] for i in ids], [list(index.at[i, "class_ids"]) for i in ids],
+                                  str(clip_dir), cfg, tuple(names), threads)
+
+    run_shards(staging, submit_images, shards, "priors: image shards")
+    mask_paths = index["mask_path"].to_dict()
+    jobs = {f"vvp-{m.replace('/', '-')}-{s:06d}": (m, t.iloc[s: s + store.EPISODE_SHARD])
+            for m, t in manifests.items() for s in range(0, len(t), store.EPISODE_SHARD)}
+
+    def submit_episodes(name: str):
+        manifest, episodes = jobs[name]
+        needed = {i for i in episodes["supports"].explode()}
+        return episode_shard.submit(zarr_path, name, manifest, episodes, {i: mask_paths[i] for i in needed},
+                                    cfg.vvp_shots == "mean")
+
+    run_shards(staging, submit_episodes, jobs, "priors: VVP episode shards")
+    staging.commit()
+    priors = store.PriorStore(out)
+    examples = preview.pick_examples(manifests)
+    write_atomic(preview_path, lambda tmp: preview.render(priors, examples, index, tmp))
+    return {"images": len(image_ids), "pairs": int(sum(map(len, pairs.values()))),
+            "episodes": int(sum(map(len, manifests.values()))), "grid": list(layout.grid)}
+
+
+def run(params: Params, args: argparse.Namespace) -> None:
+    workers = params.orchestration.max_workers or os.cpu_count() or 1
+    summary = run_flow(build_priors, params.orchestration, cfg=params.priors, dataset=params.dataset.name,
+                       index_dir=Path(args.index), episodes_dir=Path(args.episodes), clip_dir=Path(args.clip),
+                       out=Path(args.out), preview_path=Path(args.preview), workers=workers)
+    print(f"priors: {json.dumps(summary)} in {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("priors", run, {"index": "data/index", "episodes": "data/episodes",
+                                      "clip": "data/models/clip", "out": "data/priors.zarr",
+                                      "preview": "data/priors_preview.png"}, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
