@@ -12,9 +12,9 @@ from pipeline.params import Params, load_params
 
 def stage_main(
     name: str, run: Callable[[Params, argparse.Namespace], None],
-    paths: dict[str, str], argv: Sequence[str] | None = None,
+    paths: dict[str, str], argv: Sequence[str] | None = None, flags: dict[str, str] | None = None,
 ) -> int:
-    """Parse ``--params`` and the stage's path options, validate params, run the stage.
+    """Parse ``--params``, the stage's path options and its on/off ``flags``, validate params, run.
 
     Expected errors (:class:`PipelineError`) print one line and return 1; the stage's
     outputs are written atomically, so nothing half-written is left behind.
@@ -23,6 +23,8 @@ def stage_main(
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     for option, default in paths.items():
         parser.add_argument(f"--{option}", default=default, help="(default: %(default)s)")
+    for flag, text in (flags or {}).items():
+        parser.add_argument(f"--{flag.replace('_', '-')}", action="store_true", help=text)
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)

@@ -1,8 +1,11 @@
 """`clip_model`: the CLIP every later stage uses, as an open_clip local-dir folder.
 
-* ``tiny-vit`` / ``tiny-resnet``: trained here on the synthetic caption corpus (two phases,
-  checkpointed: a crashed run resumes), then evaluated: zero-shot top-1 on held-out
-  single-object images and MaskCLIP dense mIoU on benchmark val images, with chance levels.
+* ``tiny-vit`` / ``tiny-resnet``: installed from the shipped fixture (``fixtures/<model>``, see
+  ``pipeline/clip/fixture.py``) when it was made with the same params and caption corpus, else
+  trained here on the synthetic caption corpus (two phases, checkpointed: a crashed run
+  resumes); then evaluated: zero-shot top-1 on held-out single-object images and MaskCLIP dense
+  mIoU on benchmark val images, with chance levels. ``--retrain --write-fixture`` (``make
+  tiny-clip``) retrains from scratch and rewrites the fixture.
 * any open_clip model: loaded with its pretrained tag or checkpoint, verified, saved.
 
 Writes ``data/models/clip/`` (config, weights, sha256) and ``data/metrics/clip.json``.
@@ -11,16 +14,18 @@ Writes ``data/models/clip/`` (config, weights, sha256) and ``data/metrics/clip.j
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from prefect import flow
 
-from pipeline.clip import evaluate_tiny, tiny, train_tiny
-from pipeline.clip.loader import load_pretrained, save_local_dir
+from pipeline.clip import evaluate_tiny, fixture, tiny, train_tiny
+from pipeline.clip.loader import ClipBundle, load_pretrained, save_local_dir
 from pipeline.datasets.synthetic_writer import CAPTIONS_DIR, VOC_DIR
 from pipeline.errors import PipelineError
 from pipeline.orchestration import run_flow
@@ -37,39 +42,67 @@ def _val_images(synthetic: Path, n: int) -> tuple[torch.Tensor, np.ndarray]:
     return torch.from_numpy(images).permute(0, 3, 1, 2), labels
 
 
+def train(cfg: ClipParams, corpus_dir: Path, staging: Staging) -> tuple[ClipBundle, dict, Any]:
+    """Train the tiny CLIP on the caption corpus: the model, its training figures, its phase-1 heads."""
+    bundle = tiny.build_tiny(cfg.model, cfg.tiny.seed)
+    grid = bundle.image_size // (8 if cfg.model == "tiny-vit" else 32)
+    corpus = train_tiny.load_corpus(corpus_dir, bundle.image_size, bundle.image_size // grid)
+    start = time.perf_counter()
+    phase1, heads = train_tiny.train_phase1(bundle, corpus, cfg.tiny, staging.path / "phase1.ckpt")
+    phase2 = train_tiny.train_phase2(bundle, corpus, cfg.tiny)
+    seconds = time.perf_counter() - start
+    (staging.path / "phase1.ckpt").unlink()
+    return bundle, {
+        "train_seconds": round(seconds, 1),
+        "loss": {"phase1_first": float(np.mean(phase1[:50])), "phase1_last": float(np.mean(phase1[-50:])),
+                 "phase2_first": float(np.mean(phase2[:20])), "phase2_last": float(np.mean(phase2[-20:]))},
+    }, heads
+
+
+def evaluate(bundle: ClipBundle, cfg: ClipParams, synthetic: Path, heads: Any = None) -> dict:
+    heldout = evaluate_tiny.heldout_images(cfg.zero_shot_images)
+    images, labels = _val_images(synthetic, cfg.dense_eval_images)
+    dense = evaluate_tiny.dense_miou(bundle, images, labels)
+    metrics = {"zero_shot_top1": evaluate_tiny.zero_shot_accuracy(bundle, *heldout),
+               "zero_shot_chance": 1 / 20,
+               "dense_maskclip_miou": dense["miou"], "dense_chance_miou": dense["chance"]}
+    if heads is not None:
+        metrics["image_head_top1"] = evaluate_tiny.head_accuracy(bundle, heads, *heldout)
+    return metrics
+
+
 @flow(name="clip-model")
-def build_clip(cfg: ClipParams, synthetic: Path, out: Path, metrics_path: Path) -> dict:
+def build_clip(cfg: ClipParams, synthetic: Path, out: Path, metrics_path: Path, fixtures: Path,
+               retrain: bool = False, write_fixture: bool = False) -> dict:
     corpus_dir = synthetic / CAPTIONS_DIR
     if cfg.model in tiny.TINY_MODELS and not corpus_dir.is_dir():
         raise PipelineError(f"clip.model = {cfg.model!r} trains on the synthetic caption corpus "
                             f"({corpus_dir} is missing: set dataset.name: synthetic)")
     staging = Staging(out, fingerprint(cfg.model_dump()))
+    metrics: dict[str, Any] = {}
     if cfg.model in tiny.TINY_MODELS:
-        bundle = tiny.build_tiny(cfg.model, cfg.tiny.seed)
-        grid = bundle.image_size // (8 if cfg.model == "tiny-vit" else 32)
-        corpus = train_tiny.load_corpus(corpus_dir, bundle.image_size, bundle.image_size // grid)
-        start = time.perf_counter()
-        phase1, heads = train_tiny.train_phase1(bundle, corpus, cfg.tiny, staging.path / "phase1.ckpt")
-        phase2 = train_tiny.train_phase2(bundle, corpus, cfg.tiny)
-        seconds = time.perf_counter() - start
-        (staging.path / "phase1.ckpt").unlink()
-        images, labels = _val_images(synthetic, cfg.dense_eval_images)
-        dense = evaluate_tiny.dense_miou(bundle, images, labels)
-        heldout = evaluate_tiny.heldout_images(cfg.zero_shot_images)
-        metrics = {
-            "zero_shot_top1": evaluate_tiny.zero_shot_accuracy(bundle, *heldout),
-            "zero_shot_chance": 1 / 20,
-            "image_head_top1": evaluate_tiny.head_accuracy(bundle, heads, *heldout),
-            "dense_maskclip_miou": dense["miou"], "dense_chance_miou": dense["chance"],
-            "train_seconds": round(seconds, 1),
-            "loss": {"phase1_first": float(np.mean(phase1[:50])),
-                     "phase1_last": float(np.mean(phase1[-50:])),
-                     "phase2_first": float(np.mean(phase2[:20])),
-                     "phase2_last": float(np.mean(phase2[-20:]))},
-        }
+        generator = json.loads((synthetic / "meta.json").read_text())["generator"]
+        clip_key = {"model": cfg.model, "tiny": cfg.tiny.model_dump()}
+        installed = None if retrain else fixture.install(fixtures / cfg.model, clip_key, generator)
+        if installed is not None:
+            bundle, provenance = installed
+            metrics |= evaluate(bundle, cfg, synthetic)
+            metrics["source"] = {"fixture": str(fixtures / cfg.model), **provenance}
+        else:
+            bundle, training, heads = train(cfg, corpus_dir, staging)
+            if write_fixture:
+                fixture.round_to_fp16(bundle)
+            metrics |= evaluate(bundle, cfg, synthetic, heads) | training
+            metrics["source"] = "trained"
+            if write_fixture:
+                fixture.check_reproduces(fixtures / cfg.model, clip_key, generator, metrics["zero_shot_top1"])
+                command = "make tiny-clip  # python -m stages.clip_model --retrain --write-fixture"
+                metrics["source"] = {"fixture": str(fixtures / cfg.model), **fixture.write(
+                    bundle, fixtures / cfg.model, {"command": command, "clip": clip_key,
+                                                   "corpus": fixture.corpus_params(generator),
+                                                   "metrics": dict(metrics)})}
     else:
         bundle = load_pretrained(cfg.model, cfg.pretrained, cfg.cache_dir)
-        metrics = {}
     sha = save_local_dir(bundle, staging.path)
     metrics |= {"model": cfg.model, "pretrained": cfg.pretrained, "sha256": sha,
                 "preprocess": bundle.preprocess_cfg}
@@ -80,15 +113,20 @@ def build_clip(cfg: ClipParams, synthetic: Path, out: Path, metrics_path: Path) 
 
 def run(params: Params, args: argparse.Namespace) -> None:
     metrics = run_flow(build_clip, params.orchestration, cfg=params.clip, synthetic=Path(args.synthetic),
-                       out=Path(args.out), metrics_path=Path(args.metrics))
+                       out=Path(args.out), metrics_path=Path(args.metrics), fixtures=Path(args.fixtures),
+                       retrain=args.retrain, write_fixture=args.write_fixture)
     shown = {k: v for k, v in metrics.items() if k in ("zero_shot_top1", "dense_maskclip_miou",
                                                         "dense_chance_miou", "sha256")}
-    print(f"clip_model: {metrics['model']}: {shown}")
+    source = metrics.get("source")
+    print(f"clip_model: {metrics['model']} ({'fixture' if isinstance(source, dict) else source}): {shown}")
 
 
 def main(argv: list[str] | None = None) -> int:
     return stage_main("clip_model", run, {"synthetic": "data/synthetic", "out": "data/models/clip",
-                                          "metrics": "data/metrics/clip.json"}, argv)
+                                          "metrics": "data/metrics/clip.json", "fixtures": "fixtures"},
+                      argv, flags={"retrain": "train the tiny CLIP even if a matching fixture is shipped",
+                                   "write_fixture": "round the trained tiny CLIP to fp16 and write it, "
+                                                    "with its provenance, to FIXTURES/MODEL"})
 
 
 if __name__ == "__main__":

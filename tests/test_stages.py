@@ -164,7 +164,7 @@ def test_dvc_reruns_only_the_stages_a_param_touches(tmp_path):
     """`dvc repro` in a copy of the project; then which stages does each param change dirty?"""
     repo = tmp_path / "repo"
     repo.mkdir()
-    for item in ("pipeline", "stages", "dvc.yaml"):
+    for item in ("pipeline", "stages", "fixtures", "dvc.yaml"):
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
     write_params(repo / "params.yaml")

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.clip import train_tiny
+from pipeline.clip import fixture, loader, train_tiny
 from pipeline.clip.loader import load_local_dir, save_local_dir
 from pipeline.clip.tiny import build_tiny
 from pipeline.datasets.synthetic import IGNORE, caption
+from pipeline.errors import PipelineError
 from pipeline.params import TinyClipParams
+from tests.conftest import SMOKE
 
 FAST = TinyClipParams(batch_size=6, phase1_steps=24, phase2_steps=6, warmup=2, checkpoint_every=8,
                       bf16=False)
@@ -113,3 +115,27 @@ def test_corpus_captions_rebuild_from_names_and_colours(corpus):
         bare = caption(corpus.names[i])
         assert all(c not in bare for c in corpus.colours[i]) and bare.startswith("a photo of a")
     assert caption(["arrow", "star"]) == "a photo of an arrow and a star."
+
+
+def test_fixture_round_trip_installs_only_for_its_params_and_corpus(tmp_path):
+    bundle = build_tiny("tiny-vit", 0)
+    bundle.model.eval()
+    fixture.round_to_fp16(bundle)
+    clip, generator = {"model": "tiny-vit", "tiny": FAST.model_dump()}, SMOKE.model_dump()
+    provenance = fixture.write(bundle, tmp_path / "tiny-vit", {"clip": clip, "corpus": fixture.corpus_params(
+        generator), "metrics": {"zero_shot_top1": 0.9}})
+    assert provenance["weights_sha256"] == (tmp_path / "tiny-vit/sha256.txt").read_text().strip()
+    assert (tmp_path / "tiny-vit" / loader.WEIGHTS_FILE).stat().st_size < 0.55 * 4 * sum(
+        p.numel() for p in bundle.model.parameters())  # fp16 on disk
+    installed, shipped = fixture.install(tmp_path / "tiny-vit", clip, generator)
+    assert shipped["metrics"] == {"zero_shot_top1": 0.9}
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(installed.model.encode_image(images), bundle.model.encode_image(images))
+    assert fixture.install(tmp_path / "tiny-vit", clip, {**generator, "caption_images": 13}) is None
+    assert fixture.install(tmp_path / "tiny-vit", {**clip, "tiny": {**clip["tiny"], "seed": 1}},
+                           generator) is None
+    assert fixture.install(tmp_path / "elsewhere", clip, generator) is None
+    fixture.check_reproduces(tmp_path / "tiny-vit", clip, generator, 0.885)
+    with pytest.raises(PipelineError, match="not within 0.02 of the shipped 0.900"):
+        fixture.check_reproduces(tmp_path / "tiny-vit", clip, generator, 0.87)
