@@ -66,10 +66,11 @@ def stage_path(index, table, ex, manifest: str) -> zarr.Group:
     for start in range(0, len(ids), 256):
         rows = range(start, min(start + 256, len(ids)))
         part = ids[rows.start: rows.stop]
-        extract_image_shard(root, rows, [index.at[i, "image_path"] for i in part], [pairs[i] for i in part],
-                            [list(index.at[i, "class_ids"]) for i in part], ex)
+        extract_image_shard(root, rows, [index.at[i, "image_path"] for i in part],
+                            [pairs[i] for i in part], [list(index.at[i, "class_ids"]) for i in part], ex)
     for start in range(0, len(table), store.EPISODE_SHARD):
-        vvp_episode_shard(root, manifest, table.iloc[start: start + store.EPISODE_SHARD], mask_of(index), False)
+        episodes = table.iloc[start: start + store.EPISODE_SHARD]
+        vvp_episode_shard(root, manifest, episodes, mask_of(index), False)
     return root
 
 
@@ -83,13 +84,16 @@ def naive_path(index, table, ex) -> list[dict[str, np.ndarray]]:
                         [list(index.at[i, "class_ids"]) for i in ids])
         masks = torch.stack([mask_to_grid(torch.from_numpy(support_mask(s, c).astype(np.float32)),
                                           got.vtp.shape[-2:]).flatten() for s in row.supports])[None]
-        maps = [vvp(t[:1].float(), t[1:][None].float(), masks, tuple(got.vtp.shape[-2:]))[0] for t in got.tokens]
+        grid = tuple(got.vtp.shape[-2:])
+        maps = [vvp(t[:1].float(), t[1:][None].float(), masks, grid)[0] for t in got.tokens]
         out.append({"vtp": got.vtp[0].numpy(), "pir": got.pir[0].numpy(),
                     "vvp": torch.stack(maps, 1).numpy()})
     return out
 
 
-def check_equal(root: zarr.Group, naive: list[dict[str, np.ndarray]], table: pd.DataFrame, manifest: str) -> float:
+def check_equal(
+    root: zarr.Group, naive: list[dict[str, np.ndarray]], table: pd.DataFrame, manifest: str
+) -> float:
     """Largest absolute difference between the two paths (float16 storage included)."""
     ids = {image: i for i, image in enumerate(root.attrs["image_ids"])}
     classes = root["pairs/class_id"][:]
@@ -136,7 +140,8 @@ def per_image_ratio(index, table, ex) -> tuple[float, float, float]:
 def peak_memory(manifest: str, episodes: int) -> int:
     """Peak RSS (KiB) of the stage's path in a fresh process."""
     code = (f"import benchmarks.priors as b, resource; i, t, ex = b.load({manifest!r}, {episodes}); "
-            f"b.stage_path(i, t, ex, {manifest!r}); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            f"b.stage_path(i, t, ex, {manifest!r}); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(done.stdout.split()[-1])
 
