@@ -60,7 +60,7 @@ def stage_path(index, table, ex, manifest: str) -> zarr.Group:
     probe = ex.priors(ex.load_images([index.at[ids[0], "image_path"]]), [pairs[ids[0]]], [[]])
     h, w = probe.vtp.shape[-2:]
     layout = store.Layout(len(ids), max(map(len, pairs.values())), len(ex.class_text), (h, w),
-                          tuple(t.shape[-1] for t in probe.tokens), ex.label_size, 256,
+                          tuple(t.shape[-1] for t in probe.tokens), 256,
                           {manifest: (len(table), int(table["shot"].max()))})
     root = store.create(zarr.storage.MemoryStore(), layout, {"image_ids": ids})
     for start in range(0, len(ids), 256):

@@ -152,7 +152,6 @@ class PriorsParams(Section):
     pir_threshold: Annotated[float, Field(ge=0, le=1)] = 0.4  # boxes of VTP >= threshold * max
     vvp_shots: Literal["each", "mean"] = "each"  # K-shot VVP: one map per shot, or their mean
     image_size: PositiveInt | None = None  # CLIP input side; None: the CLIP's own
-    label_size: PositiveInt = 128  # side of the stored MaskCLIP label maps
     shard_size: PositiveInt = 256  # images per shard (the unit of work, resume and Zarr shard)
     batch_size: PositiveInt = 64
     autocast: bool = False  # bf16 on CPU, fp16 on CUDA

@@ -66,7 +66,7 @@ def extractor(clip_dir: str, cfg: PriorsParams, names: tuple[str, ...]) -> Extra
         bundle,
         prompt_bank(bundle.model, tokenizer, names, cfg.foreground_template, cfg.background_template),
         text_embeddings(bundle.model, tokenizer, names), cfg.image_size or bundle.image_size,
-        cfg.prompt_set, cfg.pir_blocks, cfg.pir_threshold, cfg.label_size, cfg.batch_size, cfg.autocast)
+        cfg.prompt_set, cfg.pir_blocks, cfg.pir_threshold, cfg.batch_size, cfg.autocast)
 
 
 @task
@@ -107,7 +107,7 @@ def build_priors(cfg: PriorsParams, dataset: str, index_dir: Path, episodes_dir:
     image_ids = list(pairs)
     layout = store.Layout(
         num_images=len(image_ids), slots=max(len(c) for c in pairs.values()), num_classes=len(names),
-        grid=probe.grid, token_dims=tuple(t.shape[-1] for t in probe.tokens), label_size=cfg.label_size,
+        grid=probe.grid, token_dims=tuple(t.shape[-1] for t in probe.tokens),
         shard_size=cfg.shard_size,
         episodes={m: (len(t), 1 if cfg.vvp_shots == "mean" else int(t["shot"].max()))
                   for m, t in manifests.items()})

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.clip.dense import vit_embed, vit_tokens
+from pipeline.clip.gradcam import softmax_gradcam
 from pipeline.priors.extract import extract_priors
 from pipeline.priors.forward import block_with_attention, image_features
 from pipeline.priors.pir import box_mask, high_order_affinity, minmax, refine
@@ -56,6 +57,19 @@ def test_vtp_equals_a_plain_per_pair_reference(mode, bank):
         prompts = torch.cat([bank.foreground[rows], bank.background[rows]])
         expected = plain_vtp(model, images[i], prompts, members.index(c))
         assert torch.allclose(got[p], expected, atol=1e-4), (mode, p)
+
+
+def test_resnet_vtp_equals_per_pair_gradcam_and_pir_uses_feature_affinity(bank):
+    model = tiny(RESNET)
+    images = torch.randn(2, 3, 96, 64)
+    pair_image, pair_class = torch.tensor([0, 1, 1]), [2, 1, 3]
+    got = extract_priors(model, images, pair_image, pair_class, [[2], [1, 3]], bank, bank.foreground)
+    prompts, target, mask = prompt_sets(bank, pair_class, [[2], [1, 3], [1, 3]], "target")
+    expected = softmax_gradcam(model.visual, images, pair_image, prompts, target,
+                               model.logit_scale.exp().item(), mask)
+    assert got.vtp.shape == (3, 3, 2) and torch.allclose(got.vtp, expected, atol=1e-5)
+    assert got.maskclip_labels.shape == (2, 3, 2) and 1 <= got.maskclip_labels.min()
+    assert torch.equal(got.maskclip_labels.long(), got.maskclip_scores.argmax(1) + 1)
 
 
 def test_prompt_sets_pad_unequal_sets(bank):

@@ -30,7 +30,7 @@ SMOKE_PARAMS = {
     "clip": {"tiny": {"batch_size": 8, "phase1_steps": 12, "phase2_steps": 4, "warmup": 2, "bf16": False},
              "zero_shot_images": 40, "dense_eval_images": 20},
     "episodes": {"test_episodes": 60, "train_episodes": 50, "val_episodes": 20},
-    "priors": {"shard_size": 64, "label_size": 64},
+    "priors": {"shard_size": 64},
 }
 
 
@@ -250,6 +250,8 @@ def test_priors_cover_every_episode_and_round_trip(priors_run, pipeline_run):
         assert np.allclose(store.vtp(image, c), direct.vtp[p].numpy(), atol=2e-3)
         assert np.allclose(store.vtp(image, c, refined=True), direct.pir[p].numpy(), atol=2e-3)
     assert np.array_equal(store.maskclip_labels(ids[0]), direct.maskclip_labels[0].numpy())
+    pixels = store.maskclip_labels(ids[0], size=(64, 48))
+    assert pixels.shape == (64, 48) and set(np.unique(pixels)) <= set(range(1, 21))
     assert (priors_run.parent / "priors.zarr.png").stat().st_size > 10_000
 
 
@@ -283,7 +285,7 @@ def test_priors_resume_after_a_crash_computes_only_missing_shards(priors_run, pi
 def test_priors_run_on_a_dask_local_cluster(priors_run, pipeline_run, tmp_path):
     out = tmp_path / "priors.zarr"
     args = priors_args(pipeline_run, out, {"orchestration": {"task_runner": "dask", "max_workers": 2},
-                                           "priors": {"shard_size": 128, "label_size": 64}})
+                                           "priors": {"shard_size": 128}})
     assert priors.main(args) == 0
     expected, got = zarr_arrays(priors_run), zarr_arrays(out)
     assert expected.keys() == got.keys()

@@ -170,6 +170,14 @@ def maskclip_scores(
     return scores
 
 
+def labels_from_scores(scores: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """``(B, K, h, w)`` scores -> ``(B, H, W)`` argmax over the classes (index 0 = first class),
+    the scores upsampled bilinearly to ``size`` first (default: no upsampling)."""
+    if size is not None and tuple(size) != tuple(scores.shape[-2:]):
+        scores = F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False)
+    return scores.argmax(1)
+
+
 def maskclip_labels(
     visual: torch.nn.Module, images: torch.Tensor, text: torch.Tensor, size: tuple[int, int] | None = None,
     smooth_keys: bool = False, denoise_threshold: float | None = None,
@@ -177,5 +185,4 @@ def maskclip_labels(
     """``(B, H, W)`` label map: argmax over the classes (index 0 = first class), scores
     upsampled bilinearly to ``size`` (default: the input size) first."""
     scores = maskclip_scores(visual, images, text, smooth_keys, denoise_threshold)
-    scores = F.interpolate(scores, size=size or images.shape[-2:], mode="bilinear", align_corners=False)
-    return scores.argmax(1)
+    return labels_from_scores(scores, size or images.shape[-2:])

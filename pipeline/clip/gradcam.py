@@ -72,25 +72,59 @@ def gradcam_from_trunk(
     prompts: torch.Tensor, target: torch.Tensor, logit_scale: float,
     prompt_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`softmax_gradcam` from the trunk's output ``x`` (see :func:`pipeline.clip.dense.trunk`)."""
-    resnet = isinstance(visual, ModifiedResNet)
+    """:func:`softmax_gradcam` from the trunk's output ``x`` (see :func:`pipeline.clip.dense.trunk`):
+    the head (last block or attention pool) runs again for every pair."""
     with torch.enable_grad():
-        if resnet:  # A = layer4 features of each pair's image
-            acts = x[image_index].detach().requires_grad_()
-            embedding = attention_pool(visual.attnpool, acts)
-        else:  # A = LN1 output of the last block; the block runs per pair from there
-            block, x = visual.transformer.resblocks[-1], x[image_index].detach()
-            acts = block.ln_1(x).detach().requires_grad_()
-            y = x + block.ls_1(block.attn(acts, acts, acts, need_weights=False)[0])
-            y = y + block.ls_2(block.mlp(block.ln_2(y)))
-            embedding = (visual.ln_post(y[:, 1:]) @ visual.proj).mean(1)
-        logits = logit_scale * torch.einsum("pe,pke->pk", F.normalize(embedding, dim=-1),
-                                            prompts.to(embedding.dtype))
-        if prompt_mask is not None:
-            logits = logits.masked_fill(~prompt_mask, float("-inf"))
-        score = logits.float().softmax(-1).gather(1, target.view(-1, 1)).sum()
-        (grads,) = torch.autograd.grad(score, acts)
-    acts, grads = acts.detach().float(), grads.float()
-    if resnet:
+        acts, embedding = head_with_grad(visual, x[image_index].detach())
+        rows = torch.arange(len(image_index), device=x.device)
+        return gradcam_from_head(acts, embedding, rows, grid, prompts, target, logit_scale, prompt_mask)
+
+
+def vit_head(
+    visual: torch.nn.Module, x: torch.Tensor, need_weights: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The last ViT block from its LN1 output ``A`` (a new leaf that requires grad).
+
+    ``(B, T, D)`` tokens entering the block -> ``A``, the block's output ``(B, T, D)`` and, with
+    ``need_weights``, its head-averaged attention ``(B, T, T)``. Call under ``torch.enable_grad()``.
+    """
+    block = visual.transformer.resblocks[-1]
+    acts = block.ln_1(x).detach().requires_grad_()
+    out, weights = block.attn(acts, acts, acts, need_weights=need_weights, average_attn_weights=True)
+    y = x + block.ls_1(out)
+    return acts, y + block.ls_2(block.mlp(block.ln_2(y))), weights
+
+
+def vit_embedding(visual: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """``(B, 1 + N, D)`` last-block output -> ``(B, E)``: mean of the projected patch tokens."""
+    return (visual.ln_post(y[:, 1:]) @ visual.proj).mean(1)
+
+
+def head_with_grad(visual: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GradCAM activations ``A`` (a leaf that requires grad) and the image embedding computed
+    from them: ViT: ``A`` = LN1 output of the last block ``(B, 1 + N, D)``; ResNet: ``A`` =
+    layer4 ``(B, C, h, w)``, embedding = attention pool. Call under ``torch.enable_grad()``."""
+    if isinstance(visual, ModifiedResNet):
+        acts = x.detach().requires_grad_()
+        return acts, attention_pool(visual.attnpool, acts)
+    acts, y, _ = vit_head(visual, x)
+    return acts, vit_embedding(visual, y)
+
+
+def gradcam_from_head(
+    acts: torch.Tensor, embedding: torch.Tensor, rows: torch.Tensor, grid: tuple[int, int],
+    prompts: torch.Tensor, target: torch.Tensor, logit_scale: float, prompt_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """GradCAM of P pairs, pair p explaining ``embedding[rows[p]]`` by ``acts[rows[p]]``, from one
+    backward. ``rows`` must be distinct (rows of ``acts`` do not interact, so each row's gradient
+    is its own pair's)."""
+    logits = logit_scale * torch.einsum("pe,pke->pk", F.normalize(embedding[rows], dim=-1),
+                                        prompts.to(embedding.dtype))
+    if prompt_mask is not None:
+        logits = logits.masked_fill(~prompt_mask, float("-inf"))
+    score = logits.float().softmax(-1).gather(1, target.view(-1, 1)).sum()
+    (grads,) = torch.autograd.grad(score, acts)
+    acts, grads = acts.detach()[rows].float(), grads[rows].float()
+    if acts.dim() == 4:  # ResNet (P, C, h, w)
         return _cam(acts.flatten(2).transpose(1, 2), grads.flatten(2).transpose(1, 2)).view(-1, *grid)
     return _cam(acts[:, 1:], grads[:, 1:]).view(-1, *grid)

@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
-from pipeline.clip.dense import scores_from_trunk
-from pipeline.clip.gradcam import gradcam_from_trunk
+from pipeline.clip.dense import labels_from_scores, scores_from_trunk
+from pipeline.clip.gradcam import gradcam_from_head, gradcam_from_trunk
 from pipeline.priors.forward import image_features
 from pipeline.priors.pir import high_order_affinity, refine
 from pipeline.priors.vtp import PromptBank, PromptSet, prompt_sets
@@ -27,8 +27,8 @@ class ImagePriors:
     Attributes:
         vtp, pir: ``(P, h, w)`` raw and refined VTP, in [0, 1].
         maskclip_scores: ``(B, C, h, w)`` cosine with each class's MaskCLIP text embedding.
-        maskclip_labels: ``(B, L, L)`` uint8 class ids 1..C, argmax of the scores upsampled
-            bilinearly to ``label_size``.
+        maskclip_labels: ``(B, h, w)`` uint8 class ids 1..C, the argmax of the scores (at any
+            pixel size: :func:`pipeline.clip.dense.labels_from_scores` of the scores).
         tokens: two ``(B, N, D_j)`` VVP feature maps.
     """
 
@@ -44,7 +44,6 @@ def extract_priors(
     model, images: torch.Tensor, pair_image: torch.Tensor, pair_class: Sequence[int],
     image_labels: Sequence[Sequence[int]], bank: PromptBank, class_text: torch.Tensor, *,
     prompt_set: PromptSet = "target", pir_blocks: int = 8, pir_threshold: float = 0.4,
-    label_size: int = 128,
 ) -> ImagePriors:
     """Priors of ``(B, 3, S, S)`` normalised images.
 
@@ -56,11 +55,21 @@ def extract_priors(
     visual = model.visual
     feats = image_features(visual, images, pir_blocks)
     scores = scores_from_trunk(visual, feats.trunk, feats.grid, class_text)
-    up = F.interpolate(scores, size=(label_size, label_size), mode="bilinear", align_corners=False)
-    labels = (up.argmax(1) + 1).to(torch.uint8)
     prompts, target, mask = prompt_sets(bank, pair_class, [image_labels[i] for i in pair_image.tolist()],
                                         prompt_set)
-    vtp = gradcam_from_trunk(visual, feats.trunk, feats.grid, pair_image, prompts.to(images.device),
-                             target.to(images.device), model.logit_scale.exp().item(), mask.to(images.device))
+    prompts, target, mask = prompts.to(images.device), target.to(images.device), mask.to(images.device)
+    scale = model.logit_scale.exp().item()
+    # each image's first pair: one backward through the forward above; further pairs of an
+    # image re-run only the head (last block / attention pool), batched
+    first = torch.zeros(len(pair_image), dtype=torch.bool)
+    first[np.unique(pair_image.cpu().numpy(), return_index=True)[1]] = True
+    first = first.to(images.device)
+    vtp = torch.empty(len(pair_image), *feats.grid, device=images.device)
+    with torch.enable_grad():
+        vtp[first] = gradcam_from_head(feats.acts, feats.embedding, pair_image[first], feats.grid,
+                                       prompts[first], target[first], scale, mask[first])
+    if (~first).any():
+        vtp[~first] = gradcam_from_trunk(visual, feats.trunk, feats.grid, pair_image[~first], prompts[~first],
+                                         target[~first], scale, mask[~first])
     pir = refine(high_order_affinity(feats.affinity)[pair_image], vtp, pir_threshold)
-    return ImagePriors(vtp, pir, scores, labels, feats.tokens)
+    return ImagePriors(vtp, pir, scores, labels_from_scores(scores).to(torch.uint8) + 1, feats.tokens)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
 
 from pipeline.clip.dense import vit_embed
+from pipeline.clip.gradcam import head_with_grad, vit_embedding, vit_head
 
 
 @dataclass
@@ -29,12 +30,17 @@ class ImageFeatures:
         grid: ``(h, w)``.
         affinity: ``(B, N, N)`` non-negative, the base matrix of PIR.
         tokens: two ``(B, N, D_j)`` feature maps for VVP, earlier block first.
+        acts, embedding: GradCAM's activations (a leaf) and the ``(B, E)`` image embedding still
+            attached to them, so one backward gives a GradCAM per image
+            (:func:`pipeline.clip.gradcam.gradcam_from_head`) without running the head again.
     """
 
     trunk: torch.Tensor
     grid: tuple[int, int]
     affinity: torch.Tensor
     tokens: tuple[torch.Tensor, torch.Tensor]
+    acts: torch.Tensor
+    embedding: torch.Tensor
 
 
 def block_with_attention(block: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +65,10 @@ def image_features(visual: torch.nn.Module, images: torch.Tensor, attention_bloc
         flat = l4.flatten(2).transpose(1, 2)
         unit = F.normalize(flat.float(), dim=-1)
         pooled = F.adaptive_avg_pool2d(l3, grid).flatten(2).transpose(1, 2)
-        return ImageFeatures(l4, grid, (unit @ unit.transpose(1, 2)).clamp(min=0), (pooled, flat))
+        with torch.enable_grad():
+            acts, embedding = head_with_grad(visual, l4)
+        return ImageFeatures(l4, grid, (unit @ unit.transpose(1, 2)).clamp(min=0), (pooled, flat),
+                             acts, embedding)
     x, grid = vit_embed(visual, images)
     blocks = visual.transformer.resblocks
     first = len(blocks) - min(attention_blocks, len(blocks))
@@ -70,6 +79,8 @@ def image_features(visual: torch.nn.Module, images: torch.Tensor, attention_bloc
             attention += weights.float()
         else:
             x = block(x)
-    out, weights = block_with_attention(blocks[-1], x)
-    attention = (attention + weights.float()) / (len(blocks) - first)
-    return ImageFeatures(x, grid, attention[:, 1:, 1:], (x[:, 1:], out[:, 1:]))
+    with torch.enable_grad():
+        acts, out, weights = vit_head(visual, x, need_weights=True)
+        embedding = vit_embedding(visual, out)
+    attention = (attention + weights.detach().float()) / (len(blocks) - first)
+    return ImageFeatures(x, grid, attention[:, 1:, 1:], (x[:, 1:], out.detach()[:, 1:]), acts, embedding)

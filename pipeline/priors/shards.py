@@ -35,7 +35,6 @@ class Extractor:
     prompt_set: str = "target"
     pir_blocks: int = 8
     pir_threshold: float = 0.4
-    label_size: int = 128
     batch_size: int = 64
     autocast: bool = False
 
@@ -67,7 +66,7 @@ class Extractor:
             return extract_priors(
                 self.bundle.model, images, pair_image.to(self.device), flat, image_labels, self.bank,
                 self.class_text, prompt_set=self.prompt_set, pir_blocks=self.pir_blocks,
-                pir_threshold=self.pir_threshold, label_size=self.label_size)
+                pir_threshold=self.pir_threshold)
 
 
 def extract_image_shard(

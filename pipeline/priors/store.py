@@ -4,7 +4,7 @@
 
     attrs: clip_sha256, preprocess, params, grid, class_names, image_ids, manifests, ...
     images/maskclip_scores   (I, C, h, w)     float16  cosine with each class's text
-    images/maskclip_labels   (I, L, L)        uint8    MaskCLIP label map, class ids 1..C
+    images/maskclip_labels   (I, h, w)        uint8    MaskCLIP label map, class ids 1..C
     images/tokens_0, _1      (I, N, D)        float16  VVP token features (earlier block first)
     pairs/class_id           (I, S)           int16    class of each pair slot, 0 = empty
     pairs/vtp, pairs/pir     (I, S, h, w)     float16  raw and PIR-refined VTP
@@ -25,8 +25,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 import zarr
 
+from pipeline.clip.dense import labels_from_scores
 from pipeline.errors import PipelineError
 
 EPISODE_SHARD = 1000  # episodes per shard of an episode array
@@ -41,7 +43,6 @@ class Layout:
     num_classes: int
     grid: tuple[int, int]
     token_dims: tuple[int, int]
-    label_size: int
     shard_size: int
     episodes: dict[str, tuple[int, int]]  # manifest -> (episodes, maps per episode)
 
@@ -59,7 +60,7 @@ def create(path: Path, layout: Layout, attrs: dict[str, Any]) -> zarr.Group:
                           shards=(rows, *shape[1:]), fill_value=0, overwrite=True)
 
     array("images/maskclip_scores", (n, layout.num_classes, h, w), "float16", shard)
-    array("images/maskclip_labels", (n, layout.label_size, layout.label_size), "uint8", shard)
+    array("images/maskclip_labels", (n, h, w), "uint8", shard)
     for j, dim in enumerate(layout.token_dims):
         array(f"images/tokens_{j}", (n, tokens, dim), "float16", shard)
     array("pairs/class_id", (n, s), "int16", shard)
@@ -112,8 +113,13 @@ class PriorStore:
         row, slot = self._pair(image_id, class_id)
         return self.root["pairs/pir" if refined else "pairs/vtp"][row, slot].astype(np.float32)
 
-    def maskclip_labels(self, image_id: str) -> np.ndarray:
-        return self.root["images/maskclip_labels"][self.row(image_id)]
+    def maskclip_labels(self, image_id: str, size: tuple[int, int] | None = None) -> np.ndarray:
+        """MaskCLIP label map (class ids 1..C): on the token grid, or at ``size`` ``(H, W)`` as the
+        argmax of the scores upsampled bilinearly (MaskCLIP's pixel label map)."""
+        if size is None:
+            return self.root["images/maskclip_labels"][self.row(image_id)]
+        scores = torch.from_numpy(self.root["images/maskclip_scores"][self.row(image_id)].astype(np.float32))
+        return (labels_from_scores(scores[None], size)[0] + 1).numpy().astype(np.uint8)
 
     def tokens(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
         row = self.row(image_id)
