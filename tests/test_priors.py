@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from pipeline.clip.dense import vit_embed, vit_tokens
 from pipeline.clip.gradcam import softmax_gradcam
@@ -64,7 +65,7 @@ def test_resnet_vtp_equals_per_pair_gradcam_and_pir_uses_feature_affinity(bank):
     images = torch.randn(2, 3, 96, 64)
     pair_image, pair_class = torch.tensor([0, 1, 1]), [2, 1, 3]
     got = extract_priors(model, images, pair_image, pair_class, [[2], [1, 3]], bank, bank.foreground)
-    prompts, target, mask = prompt_sets(bank, pair_class, [[2], [1, 3], [1, 3]], "target")
+    prompts, target, mask = prompt_sets(bank, torch.tensor(pair_class), None, "target")
     expected = softmax_gradcam(model.visual, images, pair_image, prompts, target,
                                model.logit_scale.exp().item(), mask)
     assert got.vtp.shape == (3, 3, 2) and torch.allclose(got.vtp, expected, atol=1e-5)
@@ -72,12 +73,15 @@ def test_resnet_vtp_equals_per_pair_gradcam_and_pir_uses_feature_affinity(bank):
     assert torch.equal(got.maskclip_labels.long(), got.maskclip_scores.argmax(1) + 1)
 
 
-def test_prompt_sets_pad_unequal_sets(bank):
-    prompts, target, mask = prompt_sets(bank, [2, 1], [[2], [1, 3, 4]], "image_labels")
-    assert prompts.shape == (2, 6, 24) and mask.sum(1).tolist() == [2, 6]
-    assert target.tolist() == [0, 0]
-    assert torch.equal(prompts[0, 1], bank.background[1]) and not prompts[0, 2:].any()
-    assert torch.equal(prompts[1, 3:], bank.background[[0, 2, 3]])
+def test_prompt_sets_are_the_bank_with_a_membership_mask(bank):
+    labels = torch.tensor([[False, True, False, False], [True, False, True, True]])
+    classes = torch.tensor([2, 1])
+    prompts, target, mask = prompt_sets(bank, classes, labels, "image_labels")
+    assert prompts.shape == (2, 8, 24) and torch.equal(prompts[1, 4:], bank.background)
+    assert target.tolist() == [1, 0] and torch.equal(prompts[0, 1], bank.foreground[1])
+    assert mask.tolist() == [[False, True, False, False] * 2, [True, False, True, True] * 2]
+    assert prompt_sets(bank, classes, None, "target")[2].sum(1).tolist() == [2, 2]
+    assert prompt_sets(bank, classes, None, "all")[2].all()
 
 
 def test_block_with_attention_matches_the_block_and_a_manual_softmax():
@@ -142,6 +146,19 @@ def test_box_mask_is_the_union_of_region_boxes():
     expected[0:3, 0:3] = True
     expected[5, 5] = True
     assert torch.equal(box_mask(maps, 0.4)[0], expected)
+
+
+def test_box_mask_equals_scipy_on_random_maps():
+    """Label propagation + prefix sums against scipy's connected components and find_objects."""
+    torch.manual_seed(0)
+    maps = torch.rand(40, 7, 9) ** 3
+    maps[0] = 0.5  # one region covering everything
+    expected = np.zeros(maps.shape, bool)
+    for p, m in enumerate(maps.numpy()):
+        regions, _ = ndimage.label(m >= 0.4 * m.max())
+        for box in ndimage.find_objects(regions):
+            expected[p][box] = True
+    assert np.array_equal(box_mask(maps, 0.4).numpy(), expected)
 
 
 def test_vvp_equals_a_brute_force_cosine_max():

@@ -55,9 +55,11 @@ def extract_priors(
     visual = model.visual
     feats = image_features(visual, images, pir_blocks)
     scores = scores_from_trunk(visual, feats.trunk, feats.grid, class_text)
-    prompts, target, mask = prompt_sets(bank, pair_class, [image_labels[i] for i in pair_image.tolist()],
-                                        prompt_set)
-    prompts, target, mask = prompts.to(images.device), target.to(images.device), mask.to(images.device)
+    present = torch.zeros(len(images), len(class_text), dtype=torch.bool)
+    for i, classes in enumerate(image_labels):
+        present[i, torch.as_tensor(list(classes), dtype=torch.long) - 1] = True
+    classes = torch.as_tensor(list(pair_class), device=images.device)
+    prompts, target, mask = prompt_sets(bank, classes, present.to(images.device)[pair_image], prompt_set)
     scale = model.logit_scale.exp().item()
     # each image's first pair: one backward through the forward above; further pairs of an
     # image re-run only the head (last block / attention pool), batched

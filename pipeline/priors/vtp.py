@@ -8,7 +8,7 @@ softmax:
 * ``image_labels``: every class present in the image (the PI-CLIP code; leaks ground truth);
 * ``all``: every class of the dataset.
 
-The set holds the foreground prompts of its classes, then their background prompts; the
+The softmax runs over the foreground and background prompts of the set's classes; the
 explained score is the foreground probability of the pair's class.
 """
 
@@ -39,36 +39,26 @@ def prompt_bank(model, tokenizer, names: Sequence[str], foreground: str, backgro
 
 
 def prompt_sets(
-    bank: PromptBank, classes: Sequence[int], image_labels: Sequence[Sequence[int]], mode: PromptSet
+    bank: PromptBank, classes: torch.Tensor, labels: torch.Tensor | None, mode: PromptSet
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The prompt set of each of P pairs.
+    """The prompt set of each of P pairs, as the whole bank and a membership mask.
 
     Args:
-        classes: the pair's class id (1..C) for each pair.
-        image_labels: the class ids present in each pair's image (read by ``image_labels``).
+        classes: ``(P,)`` the pair's class id (1..C).
+        labels: ``(P, C)`` bool, the classes present in each pair's image (for ``image_labels``).
 
     Returns:
-        prompts ``(P, K, E)`` (padded with zeros), target ``(P,)`` index of the pair's
-        foreground prompt, mask ``(P, K)`` False on padding.
+        prompts ``(P, 2C, E)`` (one shared, expanded ``[foreground; background]`` bank), target
+        ``(P,)`` the index of the pair's foreground prompt, mask ``(P, 2C)`` True on members.
     """
-    num = bank.foreground.shape[0]
-    sets = []
-    for c, labels in zip(classes, image_labels, strict=True):
-        if mode == "target":
-            members = [c]
-        elif mode == "image_labels":
-            members = sorted({c, *labels})
-        else:
-            members = list(range(1, num + 1))
-        sets.append(members)
-    width = 2 * max(len(m) for m in sets)
-    prompts = torch.zeros(len(sets), width, bank.foreground.shape[1])
-    mask = torch.zeros(len(sets), width, dtype=torch.bool)
-    target = torch.zeros(len(sets), dtype=torch.long)
-    for p, members in enumerate(sets):
-        rows = torch.tensor(members) - 1
-        n = len(members)
-        prompts[p, :n], prompts[p, n: 2 * n] = bank.foreground[rows], bank.background[rows]
-        mask[p, : 2 * n] = True
-        target[p] = members.index(classes[p])
-    return prompts, target, mask
+    num, device = bank.foreground.shape[0], classes.device
+    target = classes.long() - 1
+    if mode == "all":
+        members = torch.ones(len(classes), num, dtype=torch.bool, device=device)
+    else:
+        members = torch.zeros(len(classes), num, dtype=torch.bool, device=device)
+        if mode == "image_labels":
+            members |= labels.to(device)
+        members[torch.arange(len(classes), device=device), target] = True
+    prompts = torch.cat([bank.foreground, bank.background]).to(device)
+    return prompts.expand(len(classes), -1, -1), target, torch.cat([members, members], dim=1)
