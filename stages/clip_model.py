@@ -45,8 +45,8 @@ def _val_images(synthetic: Path, n: int) -> tuple[torch.Tensor, np.ndarray]:
 def train(cfg: ClipParams, corpus_dir: Path, staging: Staging) -> tuple[ClipBundle, dict, Any]:
     """Train the tiny CLIP on the caption corpus: the model, its training figures, its phase-1 heads."""
     bundle = tiny.build_tiny(cfg.model, cfg.tiny.seed)
-    grid = bundle.image_size // (8 if cfg.model == "tiny-vit" else 32)
-    corpus = train_tiny.load_corpus(corpus_dir, bundle.image_size, bundle.image_size // grid)
+    patch = bundle.model_cfg["vision_cfg"].get("patch_size", 32)  # ResNet: layer4 stride
+    corpus = train_tiny.load_corpus(corpus_dir, bundle.image_size, patch)
     start = time.perf_counter()
     phase1, heads = train_tiny.train_phase1(bundle, corpus, cfg.tiny, staging.path / "phase1.ckpt")
     phase2 = train_tiny.train_phase2(bundle, corpus, cfg.tiny)

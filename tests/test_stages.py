@@ -231,7 +231,7 @@ def test_priors_cover_every_episode_and_round_trip(priors_run, pipeline_run):
     assert got == wanted
     assert store.attrs["clip_sha256"] == (pipeline_run / "clip/sha256.txt").read_text().strip()
     h, w = store.attrs["grid"]
-    assert (h, w) == (8, 8) and store.attrs["preprocess"]["size"] == 64
+    assert (h, w) == (8, 8) and store.attrs["preprocess"]["size"] == 128
     for name, table in manifests.items():
         vvp = store.root[f"episodes/{name}/vvp"]
         assert vvp.shape == (len(table), int(table["shot"].max()), 2, h, w)

@@ -23,13 +23,13 @@ FAST = TinyClipParams(batch_size=6, phase1_steps=24, phase2_steps=6, warmup=2, c
 
 @pytest.fixture(scope="module")
 def corpus(benchmark_root):
-    return train_tiny.load_corpus(benchmark_root / "captions", 64, 8)
+    return train_tiny.load_corpus(benchmark_root / "captions", 128, 16)
 
 
 def test_conv_stem_keeps_the_patchify_interface():
     vit = build_tiny("tiny-vit", 0).model.visual
-    assert vit.conv1(torch.zeros(2, 3, 64, 64)).shape == (2, vit.transformer.width, 8, 8)
-    assert vit(torch.zeros(2, 3, 64, 64)).shape == (2, 64)
+    assert vit.conv1(torch.zeros(2, 3, 128, 128)).shape == (2, vit.transformer.width, 8, 8)
+    assert vit(torch.zeros(2, 3, 128, 128)).shape == (2, 64)
 
 
 def test_patch_majority_against_a_plain_loop():
@@ -129,7 +129,7 @@ def test_fixture_round_trip_installs_only_for_its_params_and_corpus(tmp_path):
         p.numel() for p in bundle.model.parameters())  # fp16 on disk
     installed, shipped = fixture.install(tmp_path / "tiny-vit", clip, generator)
     assert shipped["metrics"] == {"zero_shot_top1": 0.9}
-    images = torch.randn(2, 3, 64, 64)
+    images = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
         assert torch.equal(installed.model.encode_image(images), bundle.model.encode_image(images))
     assert fixture.install(tmp_path / "tiny-vit", clip, {**generator, "caption_images": 13}) is None

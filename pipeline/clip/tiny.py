@@ -1,8 +1,11 @@
 """The tiny CLIP of the synthetic benchmark: a real ``open_clip.CLIP`` with a conv stem.
 
-The ViT's patchify ``conv1`` is replaced by three 3x3 stride-2 convolutions with BatchNorm
-and GELU — the same ``(B, width, H/8, W/8)`` output, so attention maps and the MaskCLIP value
-path work unchanged — which learns shape far faster from scratch than a linear patchify.
+The ViT's patchify ``conv1`` is replaced by 3x3 stride-2 convolutions with BatchNorm and GELU
+— the same ``(B, width, H/p, W/p)`` output as a patch-p patchify, so attention maps and the
+MaskCLIP value path work unchanged — which learns shape far faster from scratch than a linear
+patchify. tiny-vit reads the benchmark's own 128 px through four of them (patch 16, an 8x8
+token grid): at 64 px with patch 8 (same grid, same cost) objects of radius 6-9 px were
+classified 74 % right against 95 % for large ones.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pipeline.clip.loader import ClipBundle, build_model, register_change
 
 TINY_VIT: dict[str, Any] = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 96, "layers": 4, "head_width": 32,
+    "vision_cfg": {"image_size": 128, "patch_size": 16, "width": 96, "layers": 4, "head_width": 32,
                    "pool_type": "avg"},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
@@ -29,8 +32,11 @@ TINY_MODELS = {"tiny-vit": TINY_VIT, "tiny-resnet": TINY_RESNET}
 SYNTHETIC_MEAN, SYNTHETIC_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
-def conv_stem(width: int, channels: tuple[int, int] = (32, 64)) -> nn.Sequential:
-    """``(B, 3, H, W) -> (B, width, H/8, W/8)``."""
+STEM_CHANNELS = (24, 48, 96)  # tiny-vit: 4 stride-2 convolutions, 128 px -> 8x8
+
+
+def conv_stem(width: int, channels: tuple[int, ...] = (32, 64)) -> nn.Sequential:
+    """``(B, 3, H, W) -> (B, width, H/2^k, W/2^k)`` with ``k = len(channels) + 1`` convolutions."""
     layers: list[nn.Module] = []
     for c_in, c_out in zip((3, *channels), (*channels, width), strict=True):
         conv = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False)
@@ -39,15 +45,15 @@ def conv_stem(width: int, channels: tuple[int, int] = (32, 64)) -> nn.Sequential
 
 
 @register_change("conv_stem")
-def _use_conv_stem(model: nn.Module) -> None:
-    model.visual.conv1 = conv_stem(model.visual.transformer.width)
+def _use_conv_stem(model: nn.Module, channels: tuple[int, ...] = (32, 64)) -> None:
+    model.visual.conv1 = conv_stem(model.visual.transformer.width, tuple(channels))
 
 
 def build_tiny(name: str, seed: int) -> ClipBundle:
     """An untrained tiny CLIP (``tiny-vit`` with the conv stem, or ``tiny-resnet``)."""
     torch.manual_seed(seed)
     cfg = TINY_MODELS[name]
-    changes = {"conv_stem": {}} if name == "tiny-vit" else None
+    changes = {"conv_stem": {"channels": list(STEM_CHANNELS)}} if name == "tiny-vit" else None
     model = build_model(cfg, changes)
     return ClipBundle(model, cfg, SYNTHETIC_MEAN, SYNTHETIC_STD, cfg["vision_cfg"]["image_size"],
                       lfss=changes)
