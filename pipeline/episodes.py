@@ -29,11 +29,13 @@ inputs give byte-identical files.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
 
@@ -119,3 +121,12 @@ def draw_pool_episodes(
     """A fixed pool of ``n`` episodes with uniformly random queries (training / validation)."""
     rng = _rng(seed, fold, shot, purpose)
     return sample_episodes(pairs, rng.integers(0, len(pairs), n), fold, shot, seed, rng)
+
+
+def read_manifests(episodes_dir: Path) -> dict[str, pd.DataFrame]:
+    """``{"test/fold0/shot1_seed0": episodes, ...}`` for every manifest under ``episodes_dir``."""
+    files = sorted(Path(episodes_dir).rglob("*.parquet"))
+    if not files:
+        raise PipelineError(f"{episodes_dir}: no episode manifests (run the episodes stage first)")
+    return {f.relative_to(episodes_dir).with_suffix("").as_posix(): pq.read_table(f).to_pandas()
+            for f in files}

@@ -165,6 +165,22 @@ class PriorsParams(Section):
         return self
 
 
+class BackboneParams(Section):
+    """The frozen feature extractor of the mask refiner and the model (DESIGN §5 "Model")."""
+
+    name: Literal["clip", "resnet50", "vgg16"] = "clip"  # clip: the CLIP image trunk
+    weights: str | None = None  # resnet50 / vgg16: a local torchvision checkpoint (default: ImageNet)
+    image_size: PositiveInt = 128  # input side; pseudo-masks and predictions at this size (LFSS: 400)
+
+
+class PseudoMaskParams(Section):
+    """Language-guided pseudo-masks (LFSS VLMD, Eqs. 2-5)."""
+
+    alpha: Annotated[float, Field(ge=0, le=1)] = 0.5  # weight of the support prototype (Eq. 3)
+    vtp_threshold: Annotated[float, Field(ge=0, le=1)] | None = None  # also require VTP >= this
+    batch_size: PositiveInt = 64  # episodes refined together
+
+
 class OrchestrationParams(Section):
     """How stages run their Prefect tasks. Changes *how*, never *what*: not a DVC param."""
 
@@ -181,6 +197,8 @@ class Params(Section):
     episodes: EpisodesParams = EpisodesParams()
     clip: ClipParams = ClipParams()
     priors: PriorsParams = PriorsParams()
+    backbone: BackboneParams = BackboneParams()
+    pseudo_masks: PseudoMaskParams = PseudoMaskParams()
     orchestration: OrchestrationParams = OrchestrationParams()
 
 

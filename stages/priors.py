@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
 import zarr
 from PIL import Image
@@ -25,6 +24,7 @@ from prefect import flow, task
 
 from pipeline.clip.loader import load_local_dir
 from pipeline.clip.prompts import VOCABULARIES, text_embeddings
+from pipeline.episodes import read_manifests
 from pipeline.errors import PipelineError
 from pipeline.orchestration import run_flow, run_shards
 from pipeline.params import Params, PriorsParams
@@ -35,15 +35,6 @@ from pipeline.priors.vtp import prompt_bank
 from pipeline.store import Staging, fingerprint, write_atomic
 from stages._common import stage_main
 from stages.split import read_index_dir
-
-
-def read_manifests(episodes_dir: Path) -> dict[str, pd.DataFrame]:
-    """``{"test/fold0/shot1_seed0": episodes, ...}`` for every manifest under ``episodes_dir``."""
-    files = sorted(episodes_dir.rglob("*.parquet"))
-    if not files:
-        raise PipelineError(f"{episodes_dir}: no episode manifests (run the episodes stage first)")
-    return {f.relative_to(episodes_dir).with_suffix("").as_posix(): pq.read_table(f).to_pandas()
-            for f in files}
 
 
 def plan_pairs(manifests: dict[str, pd.DataFrame]) -> dict[str, list[int]]:

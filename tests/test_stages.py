@@ -221,7 +221,8 @@ def zarr_arrays(path: Path) -> dict[str, np.ndarray]:
 
 
 def test_priors_cover_every_episode_and_round_trip(priors_run, pipeline_run):
-    from stages.priors import extractor, plan_pairs, read_manifests
+    from pipeline.episodes import read_manifests
+    from stages.priors import extractor, plan_pairs
 
     store = PriorStore(priors_run)
     manifests = read_manifests(pipeline_run / "episodes")
@@ -291,3 +292,30 @@ def test_priors_run_on_a_dask_local_cluster(priors_run, pipeline_run, tmp_path):
     assert expected.keys() == got.keys()
     for name in expected:
         assert np.allclose(expected[name].astype(np.float32), got[name].astype(np.float32), atol=2e-3), name
+
+
+def test_pseudo_masks_stage_writes_masks_and_their_miou(priors_run, pipeline_run, tmp_path):
+    import zarr
+
+    from pipeline.episodes import read_manifests
+    from stages import pseudo_masks
+
+    out, metrics = tmp_path / "pseudo_masks.zarr", tmp_path / "pseudo_masks.json"
+    params = write_params(tmp_path / "params.yaml")
+    assert pseudo_masks.main(["--params", str(params), "--index", str(pipeline_run / "index"),
+                              "--episodes", str(pipeline_run / "episodes"), "--priors", str(priors_run),
+                              "--clip", str(pipeline_run / "clip"), "--out", str(out),
+                              "--metrics", str(metrics)]) == 0
+    report = json.loads(metrics.read_text())
+    assert sorted(k for k in report if k.startswith("fold")) == ["fold0", "fold1", "fold2", "fold3"]
+    assert set(report["mean"]) == {"support_initial_miou", "support_refined_miou", "query_initial_miou",
+                                   "query_refined_miou"}
+    assert all(0 <= v <= 100 for v in report["mean"].values())
+    root, store = zarr.open_group(out, mode="r"), PriorStore(priors_run)
+    manifests = read_manifests(pipeline_run / "episodes")
+    for name in ("test/fold0/shot5_seed0", "train/fold1"):
+        table = manifests[name]
+        assert root[f"{name}/support_refined"].shape == (len(table), int(table["shot"].max()), 128, 128)
+        row = table.iloc[-1]
+        expected = store.maskclip_labels(row["query"], size=(128, 128)) == row["class_id"]
+        assert np.array_equal(root[f"{name}/query_initial"][len(table) - 1], expected)

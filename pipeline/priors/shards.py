@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import torch
 import zarr
-from PIL import Image
 
 from pipeline.clip.loader import ClipBundle
+from pipeline.images import load_normalized
 from pipeline.priors.extract import extract_priors
 from pipeline.priors.vtp import PromptBank
 from pipeline.priors.vvp import mask_to_grid, vvp
@@ -44,12 +44,7 @@ class Extractor:
 
     def load_images(self, paths: Sequence[str]) -> torch.Tensor:
         """``(B, 3, S, S)`` normalised images (bicubic resize to the CLIP input side)."""
-        size = (self.image_size, self.image_size)
-        arrays = [np.asarray(Image.open(p).convert("RGB").resize(size, Image.BICUBIC)) for p in paths]
-        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
-        mean = torch.tensor(self.bundle.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.bundle.std).view(1, 3, 1, 1)
-        return ((images - mean) / std).to(self.device)
+        return load_normalized(paths, self.image_size, self.bundle.mean, self.bundle.std, self.device)
 
     def autocast_context(self):
         if not self.autocast:

@@ -1,0 +1,82 @@
+"""Language-guided pseudo-masks (LFSS VLMD, Eqs. 2-5): MaskCLIP distillation and the
+self-supported refiner, batched over episodes.
+
+* Initial mask of class c: the MaskCLIP label map equals c (optionally also VTP above a
+  threshold).
+* Refiner: with backbone features F and initial masks M (at the feature grid, as the fraction
+  of each cell inside the mask), foreground prototypes by masked average pooling of the
+  supports and of the query, mixed as ``P_m = α P_s + (1 − α) P_q``; background prototypes per
+  image and position, ``softmax(F_b Fᵀ) F_b`` with ``F_b = F ⊙ (1 − M)``; every pixel goes to
+  the foreground where its cosine with ``P_m`` beats its cosine with its background prototype
+  (cosine maps upsampled bilinearly to the mask size first).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.priors.vvp import mask_to_grid
+
+EPS = 1e-6
+
+
+def initial_masks(
+    labels: torch.Tensor, classes: torch.Tensor, vtp: torch.Tensor | None = None, vtp_threshold: float = 0.5
+) -> torch.Tensor:
+    """``(B, H, W)`` MaskCLIP label maps (class ids) and ``(B,)`` classes -> ``(B, H, W)`` bool;
+    with ``vtp`` ``(B, h, w)`` also require VTP (upsampled bilinearly) >= ``vtp_threshold``."""
+    masks = labels == classes.view(-1, 1, 1)
+    if vtp is not None:
+        up = F.interpolate(vtp[:, None].float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        masks &= up[:, 0] >= vtp_threshold
+    return masks
+
+
+def masked_average_pooling(feats: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Eq. 2: ``(B, C, h, w)`` features, ``(B, h, w)`` weights in [0, 1] -> ``(B, C)``
+    (zero where a mask is empty)."""
+    weights = masks.float().flatten(1)
+    return torch.einsum("bcn,bn->bc", feats.flatten(2), weights) / weights.sum(1, keepdim=True).clamp(min=EPS)
+
+
+def background_prototypes(feats: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: ``softmax(F_b Fᵀ) F_b`` per image and position, ``F_b = F ⊙ (1 − M)``.
+
+    ``(B, C, h, w)``, ``(B, h, w)`` -> ``(B, C, h, w)``.
+    """
+    f = feats.flatten(2).transpose(1, 2)  # (B, N, C)
+    f_b = f * (1 - masks.float().flatten(1))[..., None]
+    attention = (f_b @ f.transpose(1, 2)).softmax(-1)  # (B, N, N)
+    return (attention @ f_b).transpose(1, 2).reshape(feats.shape)
+
+
+def refine_masks(
+    support_feats: torch.Tensor, support_masks: torch.Tensor, query_feats: torch.Tensor,
+    query_masks: torch.Tensor, alpha: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-supported refinement of B episodes with K shots.
+
+    Args:
+        support_feats: ``(B, K, C, h, w)``; support_masks: ``(B, K, H, W)`` initial masks.
+        query_feats: ``(B, C, h, w)``; query_masks: ``(B, H, W)``.
+        alpha: weight of the support prototype in ``P_m`` (Eq. 3).
+
+    Returns:
+        refined support masks ``(B, K, H, W)`` and query masks ``(B, H, W)``, bool.
+    """
+    b, k, c, h, w = support_feats.shape
+    size = query_masks.shape[-2:]
+    s_grid = mask_to_grid(support_masks, (h, w))  # (B, K, h, w)
+    q_grid = mask_to_grid(query_masks, (h, w))
+    s_flat = support_feats.transpose(1, 2).reshape(b, c, k * h, w)  # all shots' pixels together
+    p_s = masked_average_pooling(s_flat, s_grid.reshape(b, k * h, w))
+    p_m = alpha * p_s + (1 - alpha) * masked_average_pooling(query_feats, q_grid)  # (B, C)
+    feats = torch.cat([support_feats.reshape(b * k, c, h, w), query_feats])
+    grids = torch.cat([s_grid.reshape(b * k, h, w), q_grid])
+    prototypes = torch.cat([p_m.repeat_interleave(k, 0), p_m])[..., None, None]
+    fg = F.cosine_similarity(feats, prototypes, dim=1, eps=EPS)
+    bg = F.cosine_similarity(feats, background_prototypes(feats, grids), dim=1, eps=EPS)
+    up = F.interpolate(torch.stack([fg, bg], 1), size=size, mode="bilinear", align_corners=False)
+    refined = up[:, 0] > up[:, 1]
+    return refined[: b * k].view(b, k, *size), refined[b * k:]

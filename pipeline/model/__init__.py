@@ -1,0 +1,1 @@
+"""The LFSS model: frozen backbones, DPS, CCM and the prior-fed decoder."""

@@ -1,0 +1,134 @@
+"""``data/pseudo_masks.zarr``: language-guided pseudo-masks of every episode, and their mIoU.
+
+::
+
+    <manifest>/support_initial   (E, K, S, S) bool   MaskCLIP label == class (∧ VTP >= threshold)
+    <manifest>/support_refined   (E, K, S, S) bool   after the self-supported refiner
+    <manifest>/query_initial     (E, S, S)    bool
+    <manifest>/query_refined     (E, S, S)    bool
+
+S is ``backbone.image_size``; episode e of ``test/fold0/shot1_seed0`` is row e. Work is split
+into shards of episodes (one Zarr shard each): per shard the unique images are forwarded once
+through the backbone, then the episodes are refined in batches (:func:`pipeline.masks.refine_masks`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+import zarr
+from PIL import Image
+
+from pipeline.clip.dense import labels_from_scores
+from pipeline.images import load_normalized
+from pipeline.masks import initial_masks, refine_masks
+from pipeline.metrics import FewShotMeter, binary_target
+from pipeline.model.backbone import Backbone
+from pipeline.priors.store import PriorStore
+
+SHARD = 1000  # episodes per shard
+ARRAYS = ("support_initial", "support_refined", "query_initial", "query_refined")
+
+
+def create(root: zarr.Group, manifests: dict[str, pd.DataFrame], size: int) -> None:
+    """The empty arrays of every manifest (kept when a resumed run already made them)."""
+    for name, table in manifests.items():
+        shot = int(table["shot"].max())
+        for array in ARRAYS:
+            if f"{name}/{array}" in root:
+                continue
+            per_episode = (shot, size, size) if array.startswith("support") else (size, size)
+            shape = (len(table), *per_episode)
+            root.create_array(f"{name}/{array}", shape=shape, dtype="bool", chunks=(1, *shape[1:]),
+                              shards=(SHARD, *shape[1:]), fill_value=False)
+
+
+@dataclass
+class Refiner:
+    """What a shard needs: the backbone, the priors, and the options."""
+
+    backbone: Backbone
+    priors: PriorStore
+    image_paths: dict[str, str]
+    size: int
+    alpha: float = 0.5
+    vtp_threshold: float | None = None
+    batch_size: int = 64
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    def features(self, ids: list[str]) -> torch.Tensor:
+        out = []
+        for start in range(0, len(ids), self.batch_size):
+            part = [self.image_paths[i] for i in ids[start: start + self.batch_size]]
+            images = load_normalized(part, self.size, self.backbone.mean, self.backbone.std, self.device)
+            out.append(self.backbone(images).float())
+        return torch.cat(out)
+
+    def labels(self, ids: list[str]) -> torch.Tensor:
+        """``(I, S, S)`` MaskCLIP label maps (class ids) from the stored scores."""
+        rows = [self.priors.row(i) for i in ids]
+        scores = torch.from_numpy(self.priors.root["images/maskclip_scores"].oindex[rows].astype(np.float32))
+        return labels_from_scores(scores, (self.size, self.size)) + 1
+
+    def initial(self, labels: torch.Tensor, images: list[str], classes: list[int]) -> torch.Tensor:
+        vtp = None
+        if self.vtp_threshold is not None:
+            maps = [self.priors.vtp(i, c) for i, c in zip(images, classes, strict=True)]
+            vtp = torch.from_numpy(np.stack(maps))
+        return initial_masks(labels, torch.tensor(classes), vtp, self.vtp_threshold or 0.0)
+
+
+def refine_shard(root: zarr.Group, manifest: str, episodes: pd.DataFrame, refiner: Refiner) -> None:
+    """Fill the rows of ``episodes`` (consecutive rows of one manifest)."""
+    ids = sorted(set(episodes["query"]) | {s for ss in episodes["supports"] for s in ss})
+    local = {image: j for j, image in enumerate(ids)}
+    feats, labels = refiner.features(ids), refiner.labels(ids)
+    out = {name: [] for name in ARRAYS}
+    for start in range(0, len(episodes), refiner.batch_size):
+        part = episodes.iloc[start: start + refiner.batch_size]
+        shot = len(part["supports"].iloc[0])
+        supports = [s for ss in part["supports"] for s in ss]
+        classes = part["class_id"].astype(int).tolist()
+        s_rows = torch.tensor([local[s] for s in supports])
+        q_rows = torch.tensor([local[q] for q in part["query"]])
+        s_init = refiner.initial(labels[s_rows], supports, np.repeat(classes, shot).tolist())
+        q_init = refiner.initial(labels[q_rows], list(part["query"]), classes)
+        s_feats = feats[s_rows].view(len(part), shot, *feats.shape[1:])
+        s_init = s_init.view(len(part), shot, *s_init.shape[1:])
+        s_ref, q_ref = refine_masks(s_feats, s_init, feats[q_rows], q_init, refiner.alpha)
+        out["support_initial"].append(s_init)
+        out["support_refined"].append(s_ref)
+        out["query_initial"].append(q_init)
+        out["query_refined"].append(q_ref)
+    first = int(episodes["episode"].iloc[0])
+    for name, parts in out.items():
+        root[f"{manifest}/{name}"][first: first + len(episodes)] = torch.cat(parts).cpu().numpy()
+
+
+def evaluate(
+    root: zarr.Group, manifest: str, episodes: pd.DataFrame, label_path: Callable[[str], str],
+    num_classes: int,
+) -> dict[str, FewShotMeter]:
+    """Meters of the four mask kinds against the ground truth, at each label's own size."""
+    meters = {name: FewShotMeter(num_classes) for name in ARRAYS}
+    arrays = {name: root[f"{manifest}/{name}"][:] for name in ARRAYS}
+    for row in episodes.itertuples():
+        e, c = int(row.episode), torch.tensor([int(row.class_id)])
+        for role, images in (("support", row.supports), ("query", [row.query])):
+            for k, image in enumerate(images):
+                truth = binary_target(torch.from_numpy(np.asarray(Image.open(label_path(image))))[None], c)
+                for kind in ("initial", "refined"):
+                    masks = arrays[f"{role}_{kind}"][e]
+                    mask = masks[k] if role == "support" else masks
+                    pred = F.interpolate(torch.from_numpy(mask)[None, None].float(), size=truth.shape[-2:],
+                                         mode="nearest")[0].to(torch.uint8)
+                    meters[f"{role}_{kind}"].update(pred, truth, c)
+    return meters

@@ -1,0 +1,118 @@
+"""`pseudo_masks`: language-guided pseudo-masks of every episode and their quality.
+
+Reads ``data/index``, ``data/episodes``, ``data/priors.zarr`` (MaskCLIP scores, VTP) and
+``data/models/clip`` (the ``clip`` backbone); writes ``data/pseudo_masks.zarr`` (layout:
+``pipeline/pseudo_masks.py``) and ``data/metrics/pseudo_masks.json``: per fold, the mIoU of the
+initial and refined support and query masks of the 1-shot test episodes against the ground
+truth (the LFSS paper's Table 3). Episode shards resume after a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from functools import cache
+from pathlib import Path
+
+import torch
+import zarr
+from prefect import flow, task
+
+from pipeline import pseudo_masks
+from pipeline.clip.loader import load_local_dir
+from pipeline.episodes import read_manifests
+from pipeline.model.backbone import build_backbone
+from pipeline.orchestration import gather, run_flow, run_shards
+from pipeline.params import BackboneParams, Params, PseudoMaskParams
+from pipeline.priors.store import PriorStore
+from pipeline.store import Staging, fingerprint, write_json
+from stages._common import stage_main
+from stages.split import read_index_dir
+
+
+@cache
+def refiner(index_dir: str, priors: str, clip_dir: str, backbone: BackboneParams,
+            cfg: PseudoMaskParams) -> pseudo_masks.Refiner:
+    """The backbone and the priors, loaded once per process."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    clip = load_local_dir(Path(clip_dir), device) if backbone.name == "clip" else None
+    net = build_backbone(backbone.name, clip, backbone.weights).to(device)
+    index, _ = read_index_dir(Path(index_dir))
+    paths = dict(zip(index.image_id, index.image_path, strict=True))
+    return pseudo_masks.Refiner(net, PriorStore(Path(priors)), paths,
+                                backbone.image_size, cfg.alpha, cfg.vtp_threshold, cfg.batch_size)
+
+
+@task
+def refine_task(zarr_path: Path, name: str, manifest: str, episodes, context: tuple, threads: int) -> str:
+    torch.set_num_threads(threads)
+    pseudo_masks.refine_shard(zarr.open_group(zarr_path, mode="r+"), manifest, episodes, refiner(*context))
+    return name
+
+
+@task
+def evaluate_task(zarr_path: Path, manifest: str, episodes, mask_paths: dict[str, str], num_classes: int):
+    root = zarr.open_group(zarr_path, mode="r")
+    return pseudo_masks.evaluate(root, manifest, episodes, mask_paths.__getitem__, num_classes)
+
+
+def evaluated_manifests(manifests: dict) -> dict[int, str]:
+    """Fold -> its first 1-shot test manifest."""
+    chosen: dict[int, str] = {}
+    for name in sorted(manifests):
+        table = manifests[name]
+        if name.startswith("test/") and int(table["shot"].iloc[0]) == 1:
+            chosen.setdefault(int(table["fold"].iloc[0]), name)
+    return chosen
+
+
+@flow(name="pseudo-masks")
+def build_pseudo_masks(cfg: PseudoMaskParams, backbone: BackboneParams, index_dir: Path, episodes_dir: Path,
+                       priors: Path, clip_dir: Path, out: Path, metrics_path: Path, workers: int) -> dict:
+    index, meta = read_index_dir(index_dir)
+    manifests = read_manifests(episodes_dir)
+    priors_attrs = PriorStore(priors).attrs
+    staging = Staging(out, fingerprint([cfg.model_dump(), backbone.model_dump(), priors_attrs["clip_sha256"],
+                                        priors_attrs["params"], (episodes_dir / "meta.json").read_text()]))
+    pseudo_masks.create(zarr.open_group(staging.path, mode="a"), manifests, backbone.image_size)
+    context = (str(index_dir), str(priors), str(clip_dir), backbone, cfg)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    jobs = {f"{m.replace('/', '-')}-{s:06d}": (m, t.iloc[s: s + pseudo_masks.SHARD])
+            for m, t in manifests.items() for s in range(0, len(t), pseudo_masks.SHARD)}
+    run_shards(staging, lambda name: refine_task.submit(staging.path, name, *jobs[name], context, threads),
+               jobs, "pseudo-masks: episode shards")
+    mask_paths = dict(zip(index.image_id, index.mask_path, strict=True))
+    chosen = evaluated_manifests(manifests)
+    meters = gather([evaluate_task.submit(staging.path, m, manifests[m], mask_paths, len(meta["class_names"]))
+                     for m in chosen.values()])
+    metrics: dict = {f"fold{fold}": {f"{kind}_miou": round(m.miou(), 2) for kind, m in fold_meters.items()}
+                     for fold, fold_meters in zip(chosen, meters, strict=True)}
+    metrics["mean"] = {key: round(sum(m[key] for m in metrics.values()) / len(chosen), 2)
+                       for key in next(iter(metrics.values()))}
+    metrics |= {"evaluated": sorted(chosen.values()), "alpha": cfg.alpha, "vtp_threshold": cfg.vtp_threshold,
+                "backbone": backbone.name, "size": backbone.image_size}
+    staging.commit()
+    write_json(metrics_path, metrics)
+    return metrics
+
+
+def run(params: Params, args: argparse.Namespace) -> None:
+    workers = params.orchestration.max_workers or os.cpu_count() or 1
+    metrics = run_flow(build_pseudo_masks, params.orchestration, cfg=params.pseudo_masks,
+                       backbone=params.backbone, index_dir=Path(args.index), episodes_dir=Path(args.episodes),
+                       priors=Path(args.priors), clip_dir=Path(args.clip), out=Path(args.out),
+                       metrics_path=Path(args.metrics), workers=workers)
+    print(f"pseudo_masks: mean over folds {json.dumps(metrics['mean'])}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("pseudo_masks", run, {
+        "index": "data/index", "episodes": "data/episodes", "priors": "data/priors.zarr",
+        "clip": "data/models/clip", "out": "data/pseudo_masks.zarr",
+        "metrics": "data/metrics/pseudo_masks.json",
+    }, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

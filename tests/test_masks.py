@@ -1,0 +1,93 @@
+"""Pseudo-masks: MaskCLIP distillation and the self-supported refiner (LFSS Eqs. 2-5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.masks import background_prototypes, initial_masks, masked_average_pooling, refine_masks
+
+
+def test_masked_average_pooling_against_a_loop():
+    torch.manual_seed(0)
+    feats, masks = torch.randn(3, 5, 4, 6), torch.rand(3, 4, 6)
+    masks[2] = 0  # empty: a zero prototype
+    got = masked_average_pooling(feats, masks)
+    for b in range(2):
+        num = sum(feats[b, :, i, j] * masks[b, i, j] for i in range(4) for j in range(6))
+        assert torch.allclose(got[b], num / masks[b].sum(), atol=1e-5)
+    assert torch.equal(got[2], torch.zeros(5))
+
+
+def test_background_prototypes_against_a_loop():
+    torch.manual_seed(1)
+    feats, masks = torch.randn(2, 3, 2, 3), (torch.rand(2, 2, 3) > 0.5).float()
+    got = background_prototypes(feats, masks)
+    for b in range(2):
+        f = feats[b].flatten(1).T  # (N, C)
+        f_b = f * (1 - masks[b].flatten())[:, None]
+        for i in range(6):
+            logits = torch.stack([f_b[i] @ f[j] for j in range(6)])
+            expected = (logits.softmax(0)[:, None] * f_b).sum(0)
+            assert torch.allclose(got[b, :, i // 3, i % 3], expected, atol=1e-5)
+
+
+def scene(seed: int, noise: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features with an object (direction a) in a 12x12 background (direction b), and its mask."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.zeros(16), torch.zeros(16)
+    a[0], b[1] = 4.0, 4.0
+    truth = torch.zeros(12, 12, dtype=torch.bool)
+    top, left = (int(v) for v in torch.randint(0, 6, (2,), generator=g))
+    truth[top: top + 5, left: left + 5] = True
+    feats = torch.where(truth, a[:, None, None], b[:, None, None])
+    feats = feats + noise * torch.randn(16, 12, 12, generator=g)
+    return feats, truth
+
+
+def test_refiner_removes_false_positives_and_keeps_the_object():
+    shots = [scene(s) for s in range(3)]
+    query_feats, query_truth = scene(7)
+    corrupted = []
+    for _, truth in [*shots, (None, query_truth)]:
+        noisy = truth.clone()
+        noisy[(truth.nonzero()[0, 0] + 6) % 12, :4] = True  # a false-positive stripe in the background
+        noisy[:, 11] |= ~truth[:, 11]
+        corrupted.append(noisy)
+    s_feats = torch.stack([f for f, _ in shots])[None]
+    s_masks = torch.stack(corrupted[:3])[None]
+    refined_s, refined_q = refine_masks(s_feats, s_masks, query_feats[None], corrupted[3][None])
+    assert torch.equal(refined_q[0], query_truth)
+    for k, (_, truth) in enumerate(shots):
+        assert torch.equal(refined_s[0, k], truth), k
+    assert not torch.equal(corrupted[3], query_truth)  # there was something to remove
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_alpha_decides_whose_prototype_counts(alpha):
+    torch.manual_seed(3)
+    s_feats, q_feats = torch.randn(2, 2, 8, 6, 6), torch.randn(2, 8, 6, 6)
+    s_masks, q_masks = torch.rand(2, 2, 12, 12) > 0.5, torch.rand(2, 12, 12) > 0.5
+    base = refine_masks(s_feats, s_masks, q_feats, q_masks, alpha)
+    if alpha == 1.0:  # P_m = P_s: the supports' refinement ignores the query's initial mask
+        other = refine_masks(s_feats, s_masks, q_feats, ~q_masks, alpha)
+        assert torch.equal(base[0], other[0]) and not torch.equal(base[1], other[1])
+    else:  # P_m = P_q: the query's refinement ignores the supports' initial masks
+        other = refine_masks(s_feats, ~s_masks, q_feats, q_masks, alpha)
+        assert torch.equal(base[1], other[1]) and not torch.equal(base[0], other[0])
+
+
+def test_refined_masks_have_the_initial_masks_size():
+    s, q = refine_masks(torch.randn(3, 5, 4, 2, 2), torch.rand(3, 5, 9, 7) > 0.5, torch.randn(3, 4, 2, 2),
+                        torch.rand(3, 9, 7) > 0.5)
+    assert s.shape == (3, 5, 9, 7) and q.shape == (3, 9, 7) and s.dtype == torch.bool
+
+
+def test_initial_masks_from_labels_and_vtp():
+    labels = torch.tensor([[[1, 2], [2, 2]], [[3, 3], [1, 3]]])
+    classes = torch.tensor([2, 3])
+    assert initial_masks(labels, classes).tolist() == [[[False, True], [True, True]],
+                                                       [[True, True], [False, True]]]
+    vtp = torch.tensor([[[0.9, 0.1], [0.9, 0.1]], [[1.0, 1.0], [1.0, 1.0]]])
+    with_vtp = initial_masks(labels, classes, vtp, 0.5)
+    assert with_vtp.tolist() == [[[False, False], [True, False]], [[True, True], [False, True]]]
