@@ -132,10 +132,9 @@ def build_priors(cfg: PriorsParams, dataset: str, index_dir: Path, episodes_dir:
                                     cfg.vvp_shots == "mean")
 
     run_shards(staging, submit_episodes, jobs, "priors: VVP episode shards")
-    staging.commit()
-    priors = store.PriorStore(out)
     examples = preview.pick_examples(manifests)
-    write_atomic(preview_path, lambda tmp: preview.render(priors, examples, index, tmp))
+    write_atomic(preview_path, lambda tmp: preview.render(store.PriorStore(zarr_path), examples, index, tmp))
+    staging.commit()
     return {"images": len(image_ids), "pairs": int(sum(map(len, pairs.values()))),
             "episodes": int(sum(map(len, manifests.values()))), "grid": list(layout.grid)}
 
