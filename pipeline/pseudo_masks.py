@@ -76,7 +76,8 @@ class Refiner:
         """``(I, S, S)`` MaskCLIP label maps (class ids) from the stored scores."""
         rows = [self.priors.row(i) for i in ids]
         scores = torch.from_numpy(self.priors.root["images/maskclip_scores"].oindex[rows].astype(np.float32))
-        return labels_from_scores(scores, (self.size, self.size)) + 1
+        return torch.cat([labels_from_scores(scores[i: i + self.batch_size], (self.size, self.size)) + 1
+                          for i in range(0, len(rows), self.batch_size)])
 
     def initial(self, labels: torch.Tensor, images: list[str], classes: list[int]) -> torch.Tensor:
         vtp = None
