@@ -110,7 +110,7 @@ class TinyClipParams(Section):
 
     seed: int = 0
     batch_size: PositiveInt = 32
-    phase1_steps: PositiveInt = 8000  # supervised image tower
+    phase1_steps: PositiveInt = 5500  # supervised image tower
     phase1_lr: Annotated[float, Field(gt=0)] = 3e-3
     phase2_steps: PositiveInt = 600  # text tower aligned to the locked image tower (LiT)
     phase2_lr: Annotated[float, Field(gt=0)] = 1e-3
