@@ -191,8 +191,13 @@ def test_dvc_reruns_only_the_stages_a_param_touches(tmp_path):
     assert dirty_after({"split": {"novel_in_train": "mask"}}) == {"split"}
     assert dirty_after({"orchestration": {"task_runner": "processes"}}) == set()
     assert dirty_after({"clip": {"zero_shot_images": 41}}) == {"clip_model"}
+    assert dirty_after({"priors": {"pir_threshold": 0.5}}) == {"priors"}
+    assert dirty_after({"pseudo_masks": {"alpha": 0.3}}) == {"pseudo_masks"}
+    assert dirty_after({"backbone": {"image_size": 96}}) == {"pseudo_masks"}
     assert dirty_after({"prepare": {"synthetic": {**SMOKE.model_dump(), "seed": 1}}}) == {"prepare"}
     assert json.loads((repo / "data/metrics/clip.json").read_text())["model"] == "tiny-vit"
+    assert (repo / "data/priors_preview.png").is_file() and (repo / "data/pseudo_masks.zarr").is_dir()
+    assert "fold0" in json.loads((repo / "data/metrics/pseudo_masks.json").read_text())
     dirty_after({"episodes": {"shots": [1, 2]}})
     out = run(sys.executable, "-m", "dvc", "repro", "--dry")
     assert "Running stage 'episodes'" in out
