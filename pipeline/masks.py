@@ -40,20 +40,30 @@ def masked_average_pooling(feats: torch.Tensor, masks: torch.Tensor) -> torch.Te
     return torch.einsum("bcn,bn->bc", feats.flatten(2), weights) / weights.sum(1, keepdim=True).clamp(min=EPS)
 
 
-def background_prototypes(feats: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+def background_prototypes(
+    feats: torch.Tensor, masks: torch.Tensor, temperature: float | None = None
+) -> torch.Tensor:
     """Eq. 4: ``softmax(F_b Fᵀ) F_b`` per image and position, ``F_b = F ⊙ (1 − M)``.
 
-    ``(B, C, h, w)``, ``(B, h, w)`` -> ``(B, C, h, w)``.
+    ``(B, C, h, w)``, ``(B, h, w)`` -> ``(B, C, h, w)``. With ``temperature`` the logits are
+    cosines divided by it instead of dot products: with unnormalised features (ViT tokens) a
+    few large-norm positions win every softmax, and a background position that attends to a
+    masked one gets a zero prototype and flips to foreground.
     """
     f = feats.flatten(2).transpose(1, 2)  # (B, N, C)
     f_b = f * (1 - masks.float().flatten(1))[..., None]
-    attention = (f_b @ f.transpose(1, 2)).softmax(-1)  # (B, N, N)
+    if temperature is None:
+        logits = f_b @ f.transpose(1, 2)
+    else:
+        unit_b, unit = F.normalize(f_b, dim=-1, eps=EPS), F.normalize(f, dim=-1, eps=EPS)
+        logits = unit_b @ unit.transpose(1, 2) / temperature
+    attention = logits.softmax(-1)  # (B, N, N)
     return (attention @ f_b).transpose(1, 2).reshape(feats.shape)
 
 
 def refine_masks(
     support_feats: torch.Tensor, support_masks: torch.Tensor, query_feats: torch.Tensor,
-    query_masks: torch.Tensor, alpha: float = 0.5,
+    query_masks: torch.Tensor, alpha: float = 0.5, temperature: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-supported refinement of B episodes with K shots.
 
@@ -61,6 +71,7 @@ def refine_masks(
         support_feats: ``(B, K, C, h, w)``; support_masks: ``(B, K, H, W)`` initial masks.
         query_feats: ``(B, C, h, w)``; query_masks: ``(B, H, W)``.
         alpha: weight of the support prototype in ``P_m`` (Eq. 3).
+        temperature: cosine attention for the background prototypes (None: Eq. 4's dot product).
 
     Returns:
         refined support masks ``(B, K, H, W)`` and query masks ``(B, H, W)``, bool.
@@ -76,7 +87,7 @@ def refine_masks(
     grids = torch.cat([s_grid.reshape(b * k, h, w), q_grid])
     prototypes = torch.cat([p_m.repeat_interleave(k, 0), p_m])[..., None, None]
     fg = F.cosine_similarity(feats, prototypes, dim=1, eps=EPS)
-    bg = F.cosine_similarity(feats, background_prototypes(feats, grids), dim=1, eps=EPS)
+    bg = F.cosine_similarity(feats, background_prototypes(feats, grids, temperature), dim=1, eps=EPS)
     up = F.interpolate(torch.stack([fg, bg], 1), size=size, mode="bilinear", align_corners=False)
     refined = up[:, 0] > up[:, 1]
     return refined[: b * k].view(b, k, *size), refined[b * k:]

@@ -170,13 +170,16 @@ class BackboneParams(Section):
 
     name: Literal["clip", "resnet50", "vgg16"] = "clip"  # clip: the CLIP image trunk
     weights: str | None = None  # resnet50 / vgg16: a local torchvision checkpoint (default: ImageNet)
-    image_size: PositiveInt = 128  # input side; pseudo-masks and predictions at this size (LFSS: 400)
+    image_size: PositiveInt = 256  # input side; pseudo-masks and predictions at this size (LFSS: 400)
 
 
 class PseudoMaskParams(Section):
     """Language-guided pseudo-masks (LFSS VLMD, Eqs. 2-5)."""
 
     alpha: Annotated[float, Field(ge=0, le=1)] = 0.5  # weight of the support prototype (Eq. 3)
+    # background prototypes (Eq. 4): softmax over cosines / temperature, or the paper's dot products
+    attention: Literal["cosine", "dot"] = "cosine"
+    temperature: Annotated[float, Field(gt=0)] = 0.1
     vtp_threshold: Annotated[float, Field(ge=0, le=1)] | None = None  # also require VTP >= this
     batch_size: PositiveInt = 64  # episodes refined together
 

@@ -57,6 +57,7 @@ class Refiner:
     image_paths: dict[str, str]
     size: int
     alpha: float = 0.5
+    temperature: float | None = 0.1  # None: Eq. 4's dot-product attention
     vtp_threshold: float | None = None
     batch_size: int = 64
 
@@ -104,7 +105,8 @@ def refine_shard(root: zarr.Group, manifest: str, episodes: pd.DataFrame, refine
         q_init = refiner.initial(labels[q_rows], list(part["query"]), classes)
         s_feats = feats[s_rows].view(len(part), shot, *feats.shape[1:])
         s_init = s_init.view(len(part), shot, *s_init.shape[1:])
-        s_ref, q_ref = refine_masks(s_feats, s_init, feats[q_rows], q_init, refiner.alpha)
+        s_ref, q_ref = refine_masks(s_feats, s_init, feats[q_rows], q_init, refiner.alpha,
+                                    refiner.temperature)
         out["support_initial"].append(s_init)
         out["support_refined"].append(s_ref)
         out["query_initial"].append(q_init)

@@ -41,7 +41,9 @@ def refiner(index_dir: str, priors: str, clip_dir: str, backbone: BackboneParams
     index, _ = read_index_dir(Path(index_dir))
     paths = dict(zip(index.image_id, index.image_path, strict=True))
     return pseudo_masks.Refiner(net, PriorStore(Path(priors)), paths,
-                                backbone.image_size, cfg.alpha, cfg.vtp_threshold, cfg.batch_size)
+                                backbone.image_size, cfg.alpha,
+                                cfg.temperature if cfg.attention == "cosine" else None, cfg.vtp_threshold,
+                                cfg.batch_size)
 
 
 @task
@@ -90,8 +92,8 @@ def build_pseudo_masks(cfg: PseudoMaskParams, backbone: BackboneParams, index_di
                      for fold, fold_meters in zip(chosen, meters, strict=True)}
     metrics["mean"] = {key: round(sum(m[key] for m in metrics.values()) / len(chosen), 2)
                        for key in next(iter(metrics.values()))}
-    metrics |= {"evaluated": sorted(chosen.values()), "alpha": cfg.alpha, "vtp_threshold": cfg.vtp_threshold,
-                "backbone": backbone.name, "size": backbone.image_size}
+    metrics |= {"evaluated": sorted(chosen.values()), "params": cfg.model_dump(), "backbone": backbone.name,
+                "size": backbone.image_size}
     staging.commit()
     write_json(metrics_path, metrics)
     return metrics

@@ -19,15 +19,20 @@ def test_masked_average_pooling_against_a_loop():
     assert torch.equal(got[2], torch.zeros(5))
 
 
-def test_background_prototypes_against_a_loop():
+@pytest.mark.parametrize("temperature", [None, 0.1])
+def test_background_prototypes_against_a_loop(temperature):
     torch.manual_seed(1)
     feats, masks = torch.randn(2, 3, 2, 3), (torch.rand(2, 2, 3) > 0.5).float()
-    got = background_prototypes(feats, masks)
+    got = background_prototypes(feats, masks, temperature)
     for b in range(2):
         f = feats[b].flatten(1).T  # (N, C)
         f_b = f * (1 - masks[b].flatten())[:, None]
         for i in range(6):
-            logits = torch.stack([f_b[i] @ f[j] for j in range(6)])
+            if temperature is None:  # Eq. 4 as printed: dot products
+                logits = torch.stack([f_b[i] @ f[j] for j in range(6)])
+            else:  # cosines / temperature (0 for a zeroed position)
+                logits = torch.stack([f_b[i] @ f[j] / (f_b[i].norm().clamp(min=1e-6) * f[j].norm())
+                                      for j in range(6)]) / temperature
             expected = (logits.softmax(0)[:, None] * f_b).sum(0)
             assert torch.allclose(got[b, :, i // 3, i % 3], expected, atol=1e-5)
 
@@ -45,7 +50,8 @@ def scene(seed: int, noise: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
     return feats, truth
 
 
-def test_refiner_removes_false_positives_and_keeps_the_object():
+@pytest.mark.parametrize("temperature", [None, 0.1])
+def test_refiner_removes_false_positives_and_keeps_the_object(temperature):
     shots = [scene(s) for s in range(3)]
     query_feats, query_truth = scene(7)
     corrupted = []
@@ -56,7 +62,8 @@ def test_refiner_removes_false_positives_and_keeps_the_object():
         corrupted.append(noisy)
     s_feats = torch.stack([f for f, _ in shots])[None]
     s_masks = torch.stack(corrupted[:3])[None]
-    refined_s, refined_q = refine_masks(s_feats, s_masks, query_feats[None], corrupted[3][None])
+    refined_s, refined_q = refine_masks(s_feats, s_masks, query_feats[None], corrupted[3][None], 0.5,
+                                        temperature)
     assert torch.equal(refined_q[0], query_truth)
     for k, (_, truth) in enumerate(shots):
         assert torch.equal(refined_s[0, k], truth), k

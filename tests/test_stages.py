@@ -274,7 +274,7 @@ def test_priors_resume_after_a_crash_computes_only_missing_shards(priors_run, pi
     monkeypatch.setattr(priors, "extract_image_shard", crash_on_second)
     out = tmp_path / "priors.zarr"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        priors.main(priors_args(pipeline_run, out, {"orchestration": {"max_workers": 1}}))
+        priors.main(priors_args(pipeline_run, out))  # same threads per task as the run it is compared with
     assert not out.exists()  # nothing half-written in place
     finished = {p.name for p in (tmp_path / ".priors.zarr.partial" / ".done").iterdir()}
     crashed = f"images-{calls[1]:07d}"
