@@ -127,7 +127,7 @@ def evaluate(
         e, c = int(row.episode), torch.tensor([int(row.class_id)])
         for role, images in (("support", row.supports), ("query", [row.query])):
             for k, image in enumerate(images):
-                truth = binary_target(torch.from_numpy(np.asarray(Image.open(label_path(image))))[None], c)
+                truth = binary_target(torch.from_numpy(np.array(Image.open(label_path(image))))[None], c)
                 for kind in ("initial", "refined"):
                     masks = arrays[f"{role}_{kind}"][e]
                     mask = masks[k] if role == "support" else masks
