@@ -318,9 +318,10 @@ def test_pseudo_masks_stage_writes_masks_and_their_miou(priors_run, pipeline_run
     assert all(0 <= v <= 100 for v in report["mean"].values())
     root, store = zarr.open_group(out, mode="r"), PriorStore(priors_run)
     manifests = read_manifests(pipeline_run / "episodes")
+    size = load_params(params).backbone.image_size
     for name in ("test/fold0/shot5_seed0", "train/fold1"):
         table = manifests[name]
-        assert root[f"{name}/support_refined"].shape == (len(table), int(table["shot"].max()), 128, 128)
+        assert root[f"{name}/support_refined"].shape == (len(table), int(table["shot"].max()), size, size)
         row = table.iloc[-1]
-        expected = store.maskclip_labels(row["query"], size=(128, 128)) == row["class_id"]
+        expected = store.maskclip_labels(row["query"], size=(size, size)) == row["class_id"]
         assert np.array_equal(root[f"{name}/query_initial"][len(table) - 1], expected)
