@@ -88,6 +88,6 @@ def refine_masks(
     prototypes = torch.cat([p_m.repeat_interleave(k, 0), p_m])[..., None, None]
     fg = F.cosine_similarity(feats, prototypes, dim=1, eps=EPS)
     bg = F.cosine_similarity(feats, background_prototypes(feats, grids, temperature), dim=1, eps=EPS)
-    up = F.interpolate(torch.stack([fg, bg], 1), size=size, mode="bilinear", align_corners=False)
-    refined = up[:, 0] > up[:, 1]
+    # bilinear upsampling is linear: comparing the upsampled maps = the sign of the upsampled difference
+    refined = F.interpolate((fg - bg)[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] > 0
     return refined[: b * k].view(b, k, *size), refined[b * k:]

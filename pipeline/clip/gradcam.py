@@ -88,8 +88,18 @@ def vit_head(
     ``(B, T, D)`` tokens entering the block -> ``A``, the block's output ``(B, T, D)`` and, with
     ``need_weights``, its head-averaged attention ``(B, T, T)``. Call under ``torch.enable_grad()``.
     """
-    block = visual.transformer.resblocks[-1]
-    acts = block.ln_1(x).detach().requires_grad_()
+    return attention_block(visual.transformer.resblocks[-1], x, need_weights, grad_leaf=True)
+
+
+def attention_block(
+    block: torch.nn.Module, x: torch.Tensor, need_weights: bool = False, grad_leaf: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """An open_clip residual attention block, written out: its LN1 output ``A`` (with
+    ``grad_leaf`` a new leaf that requires grad), its output ``(B, T, D)`` and, with
+    ``need_weights``, its head-averaged attention ``(B, T, T)``."""
+    acts = block.ln_1(x)
+    if grad_leaf:
+        acts = acts.detach().requires_grad_()
     out, weights = block.attn(acts, acts, acts, need_weights=need_weights, average_attn_weights=True)
     y = x + block.ls_1(out)
     return acts, y + block.ls_2(block.mlp(block.ln_2(y))), weights

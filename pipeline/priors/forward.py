@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
 
 from pipeline.clip.dense import vit_embed
-from pipeline.clip.gradcam import head_with_grad, vit_embedding, vit_head
+from pipeline.clip.gradcam import attention_block, head_with_grad, vit_embedding, vit_head
 
 
 @dataclass
@@ -48,10 +48,8 @@ def block_with_attention(block: torch.nn.Module, x: torch.Tensor) -> tuple[torch
 
     ``(B, T, D) -> (B, T, D), (B, T, T)``; the output equals ``block(x)``.
     """
-    h = block.ln_1(x)
-    out, weights = block.attn(h, h, h, need_weights=True, average_attn_weights=True)
-    x = x + block.ls_1(out)
-    return x + block.ls_2(block.mlp(block.ln_2(x))), weights
+    _, y, weights = attention_block(block, x, need_weights=True)
+    return y, weights
 
 
 @torch.no_grad()

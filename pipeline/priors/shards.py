@@ -69,17 +69,10 @@ def extract_image_shard(
     image_labels: Sequence[Sequence[int]], ex: Extractor,
 ) -> None:
     """Fill image rows ``rows`` (``paths`` etc. are given for these rows only)."""
-    n, slots = len(rows), root["pairs/class_id"].shape[1]
-    h, w = root.attrs["grid"]
-    out = {
-        "images/maskclip_scores": np.zeros((n, *root["images/maskclip_scores"].shape[1:]), np.float16),
-        "images/maskclip_labels": np.zeros((n, *root["images/maskclip_labels"].shape[1:]), np.uint8),
-        "images/tokens_0": np.zeros((n, *root["images/tokens_0"].shape[1:]), np.float16),
-        "images/tokens_1": np.zeros((n, *root["images/tokens_1"].shape[1:]), np.float16),
-        "pairs/class_id": np.zeros((n, slots), np.int16),
-        "pairs/vtp": np.zeros((n, slots, h, w), np.float16),
-        "pairs/pir": np.zeros((n, slots, h, w), np.float16),
-    }
+    n = len(rows)
+    names = ("images/maskclip_scores", "images/maskclip_labels", "images/tokens_0", "images/tokens_1",
+             "pairs/class_id", "pairs/vtp", "pairs/pir")
+    out = {name: np.zeros((n, *root[name].shape[1:]), root[name].dtype) for name in names}
     for start in range(0, n, ex.batch_size):
         part = slice(start, min(start + ex.batch_size, n))
         got = ex.priors(ex.load_images(paths[part]), pair_classes[part], image_labels[part])
