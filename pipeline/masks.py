@@ -16,9 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pipeline.model.similarity import EPS, cosine, unit
 from pipeline.priors.vvp import mask_to_grid
-
-EPS = 1e-6
 
 
 def initial_masks(
@@ -51,19 +50,30 @@ def background_prototypes(
     masked one gets a zero prototype and flips to foreground.
     """
     f = feats.flatten(2).transpose(1, 2)  # (B, N, C)
-    f_b = f * (1 - masks.float().flatten(1))[..., None]
+    keep = 1 - masks.float().flatten(1)[..., None]  # (B, N, 1)
+    f_b = f * keep
     if temperature is None:
         logits = f_b @ f.transpose(1, 2)
     else:
-        unit_b, unit = F.normalize(f_b, dim=-1, eps=EPS), F.normalize(f, dim=-1, eps=EPS)
-        logits = unit_b @ unit.transpose(1, 2) / temperature
+        units = unit(feats, 1).flatten(2).transpose(1, 2)
+        logits = (units * (keep > 0)) @ units.transpose(1, 2) / temperature  # scaling keeps a direction
     attention = logits.softmax(-1)  # (B, N, N)
     return (attention @ f_b).transpose(1, 2).reshape(feats.shape)
+
+
+def background_similarity(
+    feats: torch.Tensor, grids: torch.Tensor, temperature: float | None = None
+) -> torch.Tensor:
+    """``(P, C, h, w)`` features and ``(P, h, w)`` mask grids -> ``(P, h, w)`` cosine of each cell with
+    its background prototype. It depends on the image and its own mask only, so an (image, class)
+    pair shared by many episodes needs it once."""
+    return cosine(feats, background_prototypes(feats, grids, temperature), dim=1)
 
 
 def refine_masks(
     support_feats: torch.Tensor, support_masks: torch.Tensor, query_feats: torch.Tensor,
     query_masks: torch.Tensor, alpha: float = 0.5, temperature: float | None = None,
+    background: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-supported refinement of B episodes with K shots.
 
@@ -72,6 +82,8 @@ def refine_masks(
         query_feats: ``(B, C, h, w)``; query_masks: ``(B, H, W)``.
         alpha: weight of the support prototype in ``P_m`` (Eq. 3).
         temperature: cosine attention for the background prototypes (None: Eq. 4's dot product).
+        background: ``(B*K + B, h, w)`` :func:`background_similarity` of the supports then the
+            queries, when already computed; else computed here.
 
     Returns:
         refined support masks ``(B, K, H, W)`` and query masks ``(B, H, W)``, bool.
@@ -84,10 +96,12 @@ def refine_masks(
     p_s = masked_average_pooling(s_flat, s_grid.reshape(b, k * h, w))
     p_m = alpha * p_s + (1 - alpha) * masked_average_pooling(query_feats, q_grid)  # (B, C)
     feats = torch.cat([support_feats.reshape(b * k, c, h, w), query_feats])
-    grids = torch.cat([s_grid.reshape(b * k, h, w), q_grid])
     prototypes = torch.cat([p_m.repeat_interleave(k, 0), p_m])[..., None, None]
-    fg = F.cosine_similarity(feats, prototypes, dim=1, eps=EPS)
-    bg = F.cosine_similarity(feats, background_prototypes(feats, grids, temperature), dim=1, eps=EPS)
+    fg = cosine(feats, prototypes, dim=1)
+    if background is None:
+        grids = torch.cat([s_grid.reshape(b * k, h, w), q_grid])
+        background = background_similarity(feats, grids, temperature)
     # bilinear upsampling is linear: comparing the upsampled maps = the sign of the upsampled difference
-    refined = F.interpolate((fg - bg)[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] > 0
+    up = F.interpolate((fg - background)[:, None], size=size, mode="bilinear", align_corners=False)
+    refined = up[:, 0] > 0
     return refined[: b * k].view(b, k, *size), refined[b * k:]

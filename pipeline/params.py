@@ -184,6 +184,47 @@ class PseudoMaskParams(Section):
     batch_size: PositiveInt = 64  # episodes refined together
 
 
+class ModelParams(Section):
+    """The LFSS model (DESIGN §5 "Model", Eqs. 6-19): every guidance component can be switched off."""
+
+    # support input: language-guided pseudo-masks (LFSS) or ground-truth support masks (standard FSS)
+    supervision: Literal["text", "mask"] = "text"
+    pseudo_masks: Literal["refined", "initial"] = "refined"  # the paper's "mask refine" toggle
+    dps: bool = True  # part-aware prototypes (Eqs. 6-12); off: one global prototype (the paper's baseline)
+    seeds: PositiveInt = 5  # N_sp
+    window: PositiveInt = 3  # n: the n x n rectification window (odd)
+    spatial_r: Annotated[float, Field(gt=0)] = 0.5  # r of Eq. 10 (coordinates in grid-side units)
+    cluster_iterations: PositiveInt = 5
+    rcm: bool = True  # ROI-guided correlation (Eq. 15)
+    fcm: bool = True  # full-image correlation (Eq. 16)
+    ccm_temperature: Annotated[float, Field(gt=0)] = 0.1  # of the softmax in Eq. 13 (1: the paper's)
+    vtp: bool = True  # PI-CLIP visual-text prior of the query
+    pir: bool = True  # ... refined by PIR (off: the raw VTP)
+    vvp: bool = True  # PI-CLIP visual-visual priors (two blocks)
+    hidden: PositiveInt = 32  # decoder channels
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5  # on the reduced query features
+
+    @model_validator(mode="after")
+    def _odd_window(self) -> ModelParams:
+        if self.window % 2 == 0:
+            raise ValueError(f"model.window = {self.window}: must be odd (a window centred on the seed)")
+        return self
+
+
+class TrainParams(Section):
+    """Episodic training of one fold (LFSS §3.6)."""
+
+    epochs: PositiveInt = 3  # passes over the fold's training pool
+    batch_size: PositiveInt = 16  # episodes per step
+    lr: Annotated[float, Field(gt=0)] = 1e-3  # Adam
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    beta: Annotated[float, Field(ge=0, le=1)] = 0.5  # weight of the support loss (Eq. 20)
+    circle: bool = True  # circle training: support first, then the query from the predicted support mask
+    label_size: PositiveInt = 128  # the loss compares upsampled logits with labels at this side
+    seed: int = 0
+    autocast: bool = True  # bf16 on CPU; on CUDA fp16 mixed precision is always on
+
+
 class OrchestrationParams(Section):
     """How stages run their Prefect tasks. Changes *how*, never *what*: not a DVC param."""
 
@@ -202,6 +243,8 @@ class Params(Section):
     priors: PriorsParams = PriorsParams()
     backbone: BackboneParams = BackboneParams()
     pseudo_masks: PseudoMaskParams = PseudoMaskParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
     orchestration: OrchestrationParams = OrchestrationParams()
 
 

@@ -8,8 +8,9 @@
     <manifest>/query_refined     (E, S, S)    bool
 
 S is ``backbone.image_size``; episode e of ``test/fold0/shot1_seed0`` is row e. Work is split
-into shards of episodes (one Zarr shard each): per shard the unique images are forwarded once
-through the backbone, then the episodes are refined in batches (:func:`pipeline.masks.refine_masks`).
+into shards of episodes (one Zarr shard each): per shard the features of the unique images are
+read from ``data/features.zarr``, every (image, class) pair's initial mask and background similarity
+are computed once, then the episodes are refined in batches (:func:`pipeline.masks.refine_masks`).
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ import zarr
 from PIL import Image
 
 from pipeline.clip.dense import labels_from_scores
-from pipeline.images import load_normalized
-from pipeline.masks import initial_masks, refine_masks
+from pipeline.features import FeatureStore
+from pipeline.masks import background_similarity, initial_masks, refine_masks
 from pipeline.metrics import FewShotMeter, binary_target
-from pipeline.model.backbone import Backbone
 from pipeline.priors.store import PriorStore
+from pipeline.priors.vvp import mask_to_grid
 
 SHARD = 1000  # episodes per shard
 ARRAYS = ("support_initial", "support_refined", "query_initial", "query_refined")
@@ -52,26 +53,15 @@ def create(root: zarr.Group, manifests: dict[str, pd.DataFrame], size: int) -> N
 class Refiner:
     """What a shard needs: the backbone, the priors, and the options."""
 
-    backbone: Backbone
+    features: FeatureStore  # the frozen backbone's features (data/features.zarr)
     priors: PriorStore
-    image_paths: dict[str, str]
     size: int
     alpha: float = 0.5
     temperature: float | None = 0.1  # None: Eq. 4's dot-product attention
     vtp_threshold: float | None = None
     batch_size: int = 64
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.backbone.parameters()).device
-
-    def features(self, ids: list[str]) -> torch.Tensor:
-        out = []
-        for start in range(0, len(ids), self.batch_size):
-            part = [self.image_paths[i] for i in ids[start: start + self.batch_size]]
-            images = load_normalized(part, self.size, self.backbone.mean, self.backbone.std, self.device)
-            out.append(self.backbone(images).float())
-        return torch.cat(out)
+    device: str = "cpu"
 
     def labels(self, ids: list[str]) -> torch.Tensor:
         """``(I, S, S)`` MaskCLIP label maps (class ids) from the stored scores."""
@@ -92,21 +82,31 @@ def refine_shard(root: zarr.Group, manifest: str, episodes: pd.DataFrame, refine
     """Fill the rows of ``episodes`` (consecutive rows of one manifest)."""
     ids = sorted(set(episodes["query"]) | {s for ss in episodes["supports"] for s in ss})
     local = {image: j for j, image in enumerate(ids)}
-    feats, labels = refiner.features(ids), refiner.labels(ids)
+    feats, labels = refiner.features.read(ids).to(refiner.device).float(), refiner.labels(ids)
+    # every (image, class) pair once: its initial mask and its background similarity
+    shot = len(episodes["supports"].iloc[0])
+    classes = episodes["class_id"].astype(int).to_numpy()
+    s_pairs = [(s, c) for ss, c in zip(episodes["supports"], classes, strict=True) for s in ss]
+    q_pairs = list(zip(episodes["query"], classes, strict=True))
+    pairs = sorted(set(s_pairs) | set(q_pairs))
+    slot = {p: j for j, p in enumerate(pairs)}
+    rows = torch.tensor([local[i] for i, _ in pairs])
+    chunks = [slice(j, j + refiner.batch_size) for j in range(0, len(pairs), refiner.batch_size)]
+    init = torch.cat([refiner.initial(labels[rows[part]], *map(list, zip(*pairs[part], strict=True)))
+                      for part in chunks])
+    grid = feats.shape[-2:]
+    background = torch.cat([background_similarity(feats[rows[part]], mask_to_grid(init[part], grid),
+                                                  refiner.temperature) for part in chunks])
     out = {name: [] for name in ARRAYS}
     for start in range(0, len(episodes), refiner.batch_size):
-        part = episodes.iloc[start: start + refiner.batch_size]
-        shot = len(part["supports"].iloc[0])
-        supports = [s for ss in part["supports"] for s in ss]
-        classes = part["class_id"].astype(int).tolist()
-        s_rows = torch.tensor([local[s] for s in supports])
-        q_rows = torch.tensor([local[q] for q in part["query"]])
-        s_init = refiner.initial(labels[s_rows], supports, np.repeat(classes, shot).tolist())
-        q_init = refiner.initial(labels[q_rows], list(part["query"]), classes)
-        s_feats = feats[s_rows].view(len(part), shot, *feats.shape[1:])
-        s_init = s_init.view(len(part), shot, *s_init.shape[1:])
-        s_ref, q_ref = refine_masks(s_feats, s_init, feats[q_rows], q_init, refiner.alpha,
-                                    refiner.temperature)
+        stop = min(start + refiner.batch_size, len(episodes))
+        s_slots = torch.tensor([slot[p] for p in s_pairs[start * shot: stop * shot]])
+        q_slots = torch.tensor([slot[p] for p in q_pairs[start: stop]])
+        s_init, q_init = init[s_slots].view(stop - start, shot, *init.shape[1:]), init[q_slots]
+        s_feats = feats[rows[s_slots]].view(stop - start, shot, *feats.shape[1:])
+        known = torch.cat([background[s_slots], background[q_slots]])
+        s_ref, q_ref = refine_masks(s_feats, s_init, feats[rows[q_slots]], q_init, refiner.alpha,
+                                    refiner.temperature, known)
         out["support_initial"].append(s_init)
         out["support_refined"].append(s_ref)
         out["query_initial"].append(q_init)

@@ -13,8 +13,10 @@ from pipeline.params import Params, load_params
 def stage_main(
     name: str, run: Callable[[Params, argparse.Namespace], None],
     paths: dict[str, str], argv: Sequence[str] | None = None, flags: dict[str, str] | None = None,
+    options: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> int:
-    """Parse ``--params``, the stage's path options and its on/off ``flags``, validate params, run.
+    """Parse ``--params``, the stage's path options, its on/off ``flags`` and any further
+    ``options`` (a function adding arguments), validate params, run.
 
     Expected errors (:class:`PipelineError`) print one line and return 1; the stage's
     outputs are written atomically, so nothing half-written is left behind.
@@ -25,6 +27,8 @@ def stage_main(
         parser.add_argument(f"--{option}", default=default, help="(default: %(default)s)")
     for flag, text in (flags or {}).items():
         parser.add_argument(f"--{flag.replace('_', '-')}", action="store_true", help=text)
+    if options:
+        options(parser)
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)

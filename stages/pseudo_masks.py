@@ -1,7 +1,7 @@
 """`pseudo_masks`: language-guided pseudo-masks of every episode and their quality.
 
 Reads ``data/index``, ``data/episodes``, ``data/priors.zarr`` (MaskCLIP scores, VTP) and
-``data/models/clip`` (the ``clip`` backbone); writes ``data/pseudo_masks.zarr`` (layout:
+``data/features.zarr`` (the frozen backbone's features); writes ``data/pseudo_masks.zarr`` (layout:
 ``pipeline/pseudo_masks.py``) and ``data/metrics/pseudo_masks.json``: per fold, the mIoU of the
 initial and refined support and query masks of the 1-shot test episodes against the ground
 truth (the LFSS paper's Table 3). Episode shards resume after a crash.
@@ -20,9 +20,8 @@ import zarr
 from prefect import flow, task
 
 from pipeline import pseudo_masks
-from pipeline.clip.loader import load_local_dir
 from pipeline.episodes import read_manifests
-from pipeline.model.backbone import build_backbone
+from pipeline.features import FeatureStore
 from pipeline.orchestration import gather, run_flow, run_shards
 from pipeline.params import BackboneParams, Params, PseudoMaskParams
 from pipeline.priors.store import PriorStore
@@ -32,18 +31,14 @@ from stages.split import read_index_dir
 
 
 @cache
-def refiner(index_dir: str, priors: str, clip_dir: str, backbone: BackboneParams,
-            cfg: PseudoMaskParams) -> pseudo_masks.Refiner:
-    """The backbone and the priors, loaded once per process."""
+def refiner(
+    features: str, priors: str, backbone: BackboneParams, cfg: PseudoMaskParams
+) -> pseudo_masks.Refiner:
+    """The features and the priors, opened once per process."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    clip = load_local_dir(Path(clip_dir), device) if backbone.name == "clip" else None
-    net = build_backbone(backbone.name, clip, backbone.weights).to(device)
-    index, _ = read_index_dir(Path(index_dir))
-    paths = dict(zip(index.image_id, index.image_path, strict=True))
-    return pseudo_masks.Refiner(net, PriorStore(Path(priors)), paths,
-                                backbone.image_size, cfg.alpha,
-                                cfg.temperature if cfg.attention == "cosine" else None, cfg.vtp_threshold,
-                                cfg.batch_size)
+    temperature = cfg.temperature if cfg.attention == "cosine" else None
+    return pseudo_masks.Refiner(FeatureStore(Path(features)), PriorStore(Path(priors)), backbone.image_size,
+                                cfg.alpha, temperature, cfg.vtp_threshold, cfg.batch_size, device)
 
 
 @task
@@ -71,14 +66,17 @@ def evaluated_manifests(manifests: dict) -> dict[int, str]:
 
 @flow(name="pseudo-masks")
 def build_pseudo_masks(cfg: PseudoMaskParams, backbone: BackboneParams, index_dir: Path, episodes_dir: Path,
-                       priors: Path, clip_dir: Path, out: Path, metrics_path: Path, workers: int) -> dict:
+                       priors: Path, features: Path, out: Path, metrics_path: Path, workers: int) -> dict:
     index, meta = read_index_dir(index_dir)
     manifests = read_manifests(episodes_dir)
     priors_attrs = PriorStore(priors).attrs
+    features_attrs = FeatureStore(features).attrs
     staging = Staging(out, fingerprint([cfg.model_dump(), backbone.model_dump(), priors_attrs["clip_sha256"],
-                                        priors_attrs["params"], (episodes_dir / "meta.json").read_text()]))
+                                        priors_attrs["params"], features_attrs["backbone"],
+                                        features_attrs["clip_sha256"],
+                                        (episodes_dir / "meta.json").read_text()]))
     pseudo_masks.create(zarr.open_group(staging.path, mode="a"), manifests, backbone.image_size)
-    context = (str(index_dir), str(priors), str(clip_dir), backbone, cfg)
+    context = (str(features), str(priors), backbone, cfg)
     threads = max(1, (os.cpu_count() or 1) // workers)
     jobs = {f"{m.replace('/', '-')}-{s:06d}": (m, t.iloc[s: s + pseudo_masks.SHARD])
             for m, t in manifests.items() for s in range(0, len(t), pseudo_masks.SHARD)}
@@ -103,7 +101,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
     workers = params.orchestration.max_workers or os.cpu_count() or 1
     metrics = run_flow(build_pseudo_masks, params.orchestration, cfg=params.pseudo_masks,
                        backbone=params.backbone, index_dir=Path(args.index), episodes_dir=Path(args.episodes),
-                       priors=Path(args.priors), clip_dir=Path(args.clip), out=Path(args.out),
+                       priors=Path(args.priors), features=Path(args.features), out=Path(args.out),
                        metrics_path=Path(args.metrics), workers=workers)
     print(f"pseudo_masks: mean over folds {json.dumps(metrics['mean'])}")
 
@@ -111,7 +109,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     return stage_main("pseudo_masks", run, {
         "index": "data/index", "episodes": "data/episodes", "priors": "data/priors.zarr",
-        "clip": "data/models/clip", "out": "data/pseudo_masks.zarr",
+        "features": "data/features.zarr", "out": "data/pseudo_masks.zarr",
         "metrics": "data/metrics/pseudo_masks.json",
     }, argv)
 

@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from pipeline.clip.loader import save_local_dir
@@ -31,6 +33,8 @@ SMOKE_PARAMS = {
              "zero_shot_images": 40, "dense_eval_images": 20},
     "episodes": {"test_episodes": 60, "train_episodes": 50, "val_episodes": 20},
     "priors": {"shard_size": 64},
+    "train": {"epochs": 1, "batch_size": 8},
+    "model": {"hidden": 8},
 }
 
 
@@ -193,11 +197,19 @@ def test_dvc_reruns_only_the_stages_a_param_touches(tmp_path):
     assert dirty_after({"clip": {"zero_shot_images": 41}}) == {"clip_model"}
     assert dirty_after({"priors": {"pir_threshold": 0.5}}) == {"priors"}
     assert dirty_after({"pseudo_masks": {"alpha": 0.3}}) == {"pseudo_masks"}
-    assert dirty_after({"backbone": {"image_size": 96}}) == {"pseudo_masks"}
+    assert dirty_after({"backbone": {"image_size": 96}}) == {"features", "pseudo_masks"}
+    folds = {f"train@{k}" for k in range(4)}
+    assert dirty_after({"model": {"vvp": False}}) == folds
+    assert dirty_after({"train": {"lr": 0.002}}) == folds
+    out = run(sys.executable, "-m", "dvc", "repro", "--dry")
+    assert all(f"Running stage '{s}'" in out for s in folds)
+    assert not any(f"Running stage '{s}'" in out for s in ("features", "priors", "pseudo_masks", "episodes"))
     assert dirty_after({"prepare": {"synthetic": {**SMOKE.model_dump(), "seed": 1}}}) == {"prepare"}
     assert json.loads((repo / "data/metrics/clip.json").read_text())["model"] == "tiny-vit"
     assert (repo / "data/priors_preview.png").is_file() and (repo / "data/pseudo_masks.zarr").is_dir()
     assert "fold0" in json.loads((repo / "data/metrics/pseudo_masks.json").read_text())
+    for k in range(4):
+        assert "prior_miou" in json.loads((repo / f"data/metrics/fold{k}.json").read_text())["shot1"]
     dirty_after({"episodes": {"shots": [1, 2]}})
     out = run(sys.executable, "-m", "dvc", "repro", "--dry")
     assert "Running stage 'episodes'" in out
@@ -299,7 +311,36 @@ def test_priors_run_on_a_dask_local_cluster(priors_run, pipeline_run, tmp_path):
         assert np.allclose(expected[name].astype(np.float32), got[name].astype(np.float32), atol=2e-3), name
 
 
-def test_pseudo_masks_stage_writes_masks_and_their_miou(priors_run, pipeline_run, tmp_path):
+@pytest.fixture(scope="module")
+def features_run(priors_run, pipeline_run) -> Path:
+    from stages import features
+
+    run = pipeline_run
+    assert features.main(["--params", str(write_params(run / "features.params.yaml")),
+                          "--index", str(run / "index"), "--episodes", str(run / "episodes"),
+                          "--clip", str(run / "clip"), "--out", str(run / "features.zarr")]) == 0
+    return pipeline_run / "features.zarr"
+
+
+def test_features_are_the_backbones_for_every_episode_image(features_run, pipeline_run):
+    from pipeline.clip.loader import load_local_dir
+    from pipeline.episodes import read_manifests
+    from pipeline.features import FeatureStore
+    from pipeline.images import load_normalized
+    from pipeline.model.backbone import build_backbone
+    from stages.features import episode_images
+
+    store = FeatureStore(features_run)
+    assert store.attrs["image_ids"] == episode_images(read_manifests(pipeline_run / "episodes"))
+    index = pq.read_table(pipeline_run / "index/index.parquet").to_pandas().set_index("image_id")
+    ids = store.attrs["image_ids"][-3:]
+    net = build_backbone("clip", load_local_dir(pipeline_run / "clip"))
+    direct = net(load_normalized([index.at[i, "image_path"] for i in ids], 256, net.mean, net.std))
+    assert store.read(ids).shape == direct.shape == (3, 192, 16, 16)
+    assert torch.allclose(store.read(ids).float(), direct, atol=2e-2, rtol=1e-2)  # float16 storage
+
+
+def test_pseudo_masks_stage_writes_masks_and_their_miou(priors_run, features_run, pipeline_run, tmp_path):
     import zarr
 
     from pipeline.episodes import read_manifests
@@ -309,7 +350,7 @@ def test_pseudo_masks_stage_writes_masks_and_their_miou(priors_run, pipeline_run
     params = write_params(tmp_path / "params.yaml")
     assert pseudo_masks.main(["--params", str(params), "--index", str(pipeline_run / "index"),
                               "--episodes", str(pipeline_run / "episodes"), "--priors", str(priors_run),
-                              "--clip", str(pipeline_run / "clip"), "--out", str(out),
+                              "--features", str(features_run), "--out", str(out),
                               "--metrics", str(metrics)]) == 0
     report = json.loads(metrics.read_text())
     assert sorted(k for k in report if k.startswith("fold")) == ["fold0", "fold1", "fold2", "fold3"]
@@ -325,3 +366,77 @@ def test_pseudo_masks_stage_writes_masks_and_their_miou(priors_run, pipeline_run
         row = table.iloc[-1]
         expected = store.maskclip_labels(row["query"], size=(size, size)) == row["class_id"]
         assert np.array_equal(root[f"{name}/query_initial"][len(table) - 1], expected)
+
+
+@pytest.fixture(scope="module")
+def model_inputs(priors_run, features_run, pipeline_run) -> Path:
+    """Pseudo-masks next to the smoke run (train and evaluate read them with the features)."""
+    from stages import pseudo_masks
+
+    params = write_params(pipeline_run / "model.params.yaml", TRAIN_SMOKE)
+    assert pseudo_masks.main(["--params", str(params), "--index", str(pipeline_run / "index"),
+                              "--episodes", str(pipeline_run / "episodes"), "--priors", str(priors_run),
+                              "--features", str(features_run),
+                              "--out", str(pipeline_run / "pseudo_masks.zarr"),
+                              "--metrics", str(pipeline_run / "pseudo_masks.json")]) == 0
+    return params
+
+
+TRAIN_SMOKE = {"train": {"epochs": 2, "batch_size": 8}, "model": {"hidden": 8}}
+
+
+def model_args(run: Path, params: Path, out: Path) -> list[str]:
+    return ["--params", str(params), "--index", str(run / "index"), "--episodes", str(run / "episodes"),
+            "--features", str(run / "features.zarr"), "--priors", str(run / "priors.zarr"),
+            "--pseudo_masks", str(run / "pseudo_masks.zarr"), "--models", str(out / "models"), "--fold", "1"]
+
+
+def test_train_resumes_then_evaluate_reports_model_and_priors(model_inputs, pipeline_run, tmp_path,
+                                                              monkeypatch):
+    from pipeline import train as train_lib
+    from stages import evaluate, train
+
+    real, calls = train_lib.episode_loss, []
+
+    def crash_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:  # 50 episodes / 8 per step = 7 steps per epoch
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    args = model_args(pipeline_run, model_inputs, tmp_path) + ["--plots", str(tmp_path / "plots")]
+    monkeypatch.setattr(train_lib, "episode_loss", crash_in_second_epoch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.main(args)
+    assert not (tmp_path / "models/fold1").exists()
+    checkpoint = torch.load(tmp_path / "models/.fold1.partial/checkpoint.pt", weights_only=False)
+    first_epoch = checkpoint["state"].history
+    assert [r["epoch"] for r in first_epoch] == [1]
+    calls.clear()
+    assert train.main(args) == 0
+    assert len(calls) == 7  # only the second epoch ran
+    saved = torch.load(tmp_path / "models/fold1/model.pt", weights_only=False)
+    assert [r["epoch"] for r in saved["history"]] == [1, 2] and saved["history"][0] == first_epoch[0]
+    assert not (tmp_path / "models/fold1/checkpoint.pt").exists()
+    curves = pd.read_csv(tmp_path / "plots/fold1.csv")
+    assert list(curves.columns) == ["epoch", "loss", "val_miou", "seconds"] and len(curves) == 2
+
+    metrics_dir = tmp_path / "metrics"
+    eval_args = [*model_args(pipeline_run, model_inputs, tmp_path), "--metrics", str(metrics_dir)]
+    assert evaluate.main(eval_args) == 0
+    report = json.loads((metrics_dir / "fold1.json").read_text())
+    novel = {"ring", "cross", "crescent", "hexagon", "pentagon"}  # fold 1: classes 6-10
+    for shot in ("shot1", "shot5"):
+        figures = report[shot]
+        assert all(0 <= figures[key] <= 100 for key in ("miou", "prior_miou", "fbiou"))
+        assert set(figures["class_iou"]) <= novel and figures["seeds"]["0"]["miou"] == figures["miou"]
+    assert 0.1 <= report["prior_threshold"] <= 0.9
+
+
+def test_train_of_a_missing_fold_is_one_line(model_inputs, pipeline_run, tmp_path, capsys):
+    from stages import train
+
+    args = model_args(pipeline_run, model_inputs, tmp_path)[:-1] + ["7"]
+    assert train.main(args) == 1
+    assert capsys.readouterr().err.strip() == (f"error: {pipeline_run / 'episodes'}: no train/fold7 manifest "
+                                               "(fold 7 of 4?)")

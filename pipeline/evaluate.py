@@ -1,0 +1,94 @@
+"""Scoring few-shot predictions at each label's own resolution (DESIGN §4).
+
+:func:`evaluate_table` scores the model on one manifest; :func:`prior_meter` scores the
+priors alone (the query's VTP thresholded, no decoder), so every run shows what training adds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.fold_data import EpisodeTable, ImageBank, upsample
+from pipeline.metrics import FewShotMeter, binary_target
+from pipeline.model.lfss import predict
+
+
+def batches(n: int, size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, n, size):
+        yield torch.arange(start, min(start + size, n))
+
+
+def score(
+    meter: FewShotMeter,
+    probs: torch.Tensor,
+    table: EpisodeTable,
+    bank: ImageBank,
+    index: torch.Tensor,
+    threshold: float = 0.5,
+) -> None:
+    """Add ``(B, h, w)`` foreground probabilities of episodes ``index``: each upsampled (bilinear)
+    to its label's own size, thresholded, compared with the label."""
+    classes = table.classes[index]
+    labels = [bank.labels[r] for r in table.query[index].tolist()]
+    if len({lab.shape for lab in labels}) == 1:  # one size: one batched update
+        target = binary_target(torch.from_numpy(np.stack(labels)), classes)
+        meter.update(upsample(probs.float(), target.shape[-2:]) >= threshold, target, classes)
+        return
+    for j, lab in enumerate(labels):
+        target = binary_target(torch.from_numpy(lab)[None], classes[j : j + 1])
+        meter.update(upsample(probs[j : j + 1].float(), lab.shape) >= threshold, target, classes[j : j + 1])
+
+
+def evaluate_table(
+    model: nn.Module,
+    table: EpisodeTable,
+    bank: ImageBank,
+    num_classes: int,
+    circle_inference: bool = True,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    autocast: Callable[[], object] | None = None,
+    on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+) -> FewShotMeter:
+    """The meter of the model's K-shot predictions on every episode of ``table``.
+
+    ``on_batch(index, probs)`` sees each batch's ``(B, h, w)`` probabilities (e.g. to keep samples).
+    """
+    meter = FewShotMeter(num_classes)
+    was_training = model.training
+    model.eval()
+    for index in batches(len(table), batch_size):
+        shots = [table.batch(bank, index, k).to(device) for k in range(table.shots)]
+        with autocast() if autocast else contextlib.nullcontext():
+            probs = predict(model, shots, circle_inference).float().cpu()
+        score(meter, probs, table, bank, index)
+        if on_batch:
+            on_batch(index, probs)
+    model.train(was_training)
+    return meter
+
+
+def prior_meter(table: EpisodeTable, bank: ImageBank, num_classes: int, threshold: float) -> FewShotMeter:
+    """The meter of thresholding the query's VTP (as the model receives it) at ``threshold``."""
+    meter = FewShotMeter(num_classes)
+    for index in batches(len(table), 256):
+        score(meter, table.query_vtp[index].float(), table, bank, index, threshold)
+    return meter
+
+
+def best_prior_threshold(
+    table: EpisodeTable,
+    bank: ImageBank,
+    num_classes: int,
+    candidates: tuple[float, ...] = tuple(np.round(np.arange(0.1, 0.95, 0.1), 2)),
+) -> tuple[float, float]:
+    """``(threshold, mIoU)`` of the best VTP threshold on ``table`` (the fold's base-class
+    validation episodes: never the test classes)."""
+    scored = [(prior_meter(table, bank, num_classes, t).miou(), t) for t in candidates]
+    miou, threshold = max(scored)
+    return float(threshold), miou

@@ -1,0 +1,186 @@
+"""Everything a fold's training or evaluation reads, loaded once into memory.
+
+* :class:`ImageBank` — per image: backbone features (``data/features.zarr``), the CLIP tokens of
+  two blocks (``data/priors.zarr``, for VVP) and the label map.
+* :class:`EpisodeTable` — per episode of one manifest: image rows, class, the masks at the
+  feature grid (pseudo-masks from ``data/pseudo_masks.zarr``, or ground-truth support masks
+  under ``supervision: mask``) and the VTP of query and supports; ``batch`` slices it into
+  :class:`~pipeline.model.lfss.Episodes`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+import zarr
+from PIL import Image
+
+from pipeline.errors import PipelineError
+from pipeline.features import FeatureStore
+from pipeline.metrics import binary_target
+from pipeline.model.lfss import Episodes
+from pipeline.params import ModelParams
+from pipeline.priors.store import PriorStore
+from pipeline.priors.vvp import mask_to_grid
+
+CHUNK = 500  # episodes per pseudo-mask conversion
+
+
+@dataclass
+class ImageBank:
+    """Per-image tensors, row ``rows[image_id]``.
+
+    Attributes:
+        features: ``(I, C, h, w)`` float16; tokens: ``(I, 2, N, D)`` float16.
+        labels: ``I`` label maps (uint8, own size).
+    """
+
+    rows: dict[str, int]
+    features: torch.Tensor
+    tokens: torch.Tensor
+    labels: list[np.ndarray]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.features.shape[-2:])
+
+    def targets(self, rows: torch.Tensor, classes: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """``(B, H, W)`` uint8 FSS targets (1 class, 0 other, 255 ignore); ``size``: labels resized
+        (nearest) to ``size × size``, else every label must share one size."""
+        labels = [self.labels[r] for r in rows.tolist()]
+        if size is not None:
+            labels = [
+                lab
+                if lab.shape == (size, size)
+                else np.asarray(Image.fromarray(lab).resize((size, size), Image.NEAREST))
+                for lab in labels
+            ]
+        return binary_target(torch.from_numpy(np.stack(labels)), classes)
+
+
+def load_bank(
+    image_ids: Sequence[str], features: FeatureStore, priors: PriorStore, label_paths: dict[str, str]
+) -> ImageBank:
+    ids = sorted(set(image_ids))
+    prior_rows = [priors.row(i) for i in ids]
+    tokens = np.stack(
+        [priors.root[f"images/tokens_{b}"][:][prior_rows] for b in (0, 1)], 1
+    )  # whole reads are fastest
+    labels = [np.asarray(Image.open(label_paths[i])) for i in ids]
+    return ImageBank({i: r for r, i in enumerate(ids)}, features.read(ids), torch.from_numpy(tokens), labels)
+
+
+def episode_images(table: pd.DataFrame) -> set[str]:
+    return set(table["query"]) | set(table["supports"].explode())
+
+
+@dataclass
+class EpisodeTable:
+    """One manifest's episodes as tensors (``E`` episodes, ``K`` shots).
+
+    Attributes:
+        query: ``(E,)``, supports: ``(E, K)`` bank rows; classes: ``(E,)``.
+        query_mask: ``(E, h, w)``; support_mask: ``(E, K, h, w)`` float16 at the feature grid.
+        query_vtp: ``(E, hp, wp)``; support_vtp: ``(E, K, hp, wp)`` float16.
+    """
+
+    name: str
+    query: torch.Tensor
+    supports: torch.Tensor
+    classes: torch.Tensor
+    query_mask: torch.Tensor
+    support_mask: torch.Tensor
+    query_vtp: torch.Tensor
+    support_vtp: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.query)
+
+    @property
+    def shots(self) -> int:
+        return self.supports.shape[1]
+
+    def batch(self, bank: ImageBank, index: torch.Tensor, shot: int = 0) -> Episodes:
+        """Episodes ``index`` with support ``shot`` (float16 tensors; ``.to(device)`` makes them float)."""
+        q, s = self.query[index], self.supports[index, shot]
+        return Episodes(
+            query=bank.features[q],
+            query_mask=self.query_mask[index],
+            support=bank.features[s],
+            support_mask=self.support_mask[index, shot],
+            query_vtp=self.query_vtp[index],
+            support_vtp=self.support_vtp[index, shot],
+            query_tokens=bank.tokens[q],
+            support_tokens=bank.tokens[s],
+        )
+
+
+def _vtp_lookup(priors: PriorStore, refined: bool):
+    classes = priors.root["pairs/class_id"][:]
+    maps = priors.root["pairs/pir" if refined else "pairs/vtp"][:]
+
+    def lookup(image_ids: Sequence[str], class_ids: np.ndarray) -> torch.Tensor:
+        rows = np.asarray([priors.row(i) for i in image_ids])
+        hit = classes[rows] == np.asarray(class_ids)[:, None]
+        if not hit.any(1).all():
+            bad = int(np.flatnonzero(~hit.any(1))[0])
+            raise PipelineError(f"priors: no VTP for class {class_ids[bad]} of image {image_ids[bad]!r}")
+        return torch.from_numpy(maps[rows, hit.argmax(1)])
+
+    return lookup
+
+
+def load_episodes(
+    name: str, table: pd.DataFrame, bank: ImageBank, pseudo: zarr.Group, priors: PriorStore, cfg: ModelParams
+) -> EpisodeTable:
+    """The tensors of manifest ``name`` (rows of ``table``, in order)."""
+    if name not in pseudo:
+        raise PipelineError(f"pseudo-masks: no masks for manifest {name!r} (re-run the pseudo_masks stage)")
+    shots = len(table["supports"].iloc[0])
+    query = torch.tensor([bank.rows[i] for i in table["query"]])
+    supports = torch.tensor([[bank.rows[s] for s in ss] for ss in table["supports"]]).view(-1, shots)
+    classes = torch.tensor(table["class_id"].to_numpy(np.int64))
+    grid = bank.grid
+    kind = cfg.pseudo_masks
+
+    def to_grid(array: zarr.Array) -> torch.Tensor:
+        masks = torch.from_numpy(array[:])  # one whole read: much faster than row slices
+        return torch.cat(
+            [mask_to_grid(masks[s : s + CHUNK], grid).half() for s in range(0, len(masks), CHUNK)]
+        )
+
+    query_mask = to_grid(pseudo[f"{name}/query_{kind}"])
+    if cfg.supervision == "text":
+        support_mask = to_grid(pseudo[f"{name}/support_{kind}"])
+    else:
+        truth = [
+            mask_to_grid(torch.from_numpy(bank.labels[r] == c), grid)  # each label at its own size
+            for r, c in zip(
+                supports.flatten().tolist(), classes.repeat_interleave(shots).tolist(), strict=True
+            )
+        ]
+        support_mask = torch.stack(truth).half().view(len(table), shots, *grid)
+    lookup = _vtp_lookup(priors, cfg.pir)
+    query_vtp = lookup(list(table["query"]), table["class_id"].to_numpy())
+    support_ids = [s for ss in table["supports"] for s in ss]
+    support_vtp = lookup(support_ids, np.repeat(table["class_id"].to_numpy(), shots))
+    return EpisodeTable(
+        name,
+        query,
+        supports,
+        classes,
+        query_mask,
+        support_mask,
+        query_vtp,
+        support_vtp.view(len(table), shots, *query_vtp.shape[1:]),
+    )
+
+
+def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(B, h, w)`` -> ``(B, H, W)`` bilinear."""
+    return F.interpolate(logits[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]

@@ -1,0 +1,155 @@
+"""Episodic training of one fold (LFSS §3.6): BCE with circle training, Adam, seeded.
+
+* Loss (Eq. 20): ``β·BCE(M̂_s, M_s) + (1 − β)·BCE(M̂_q, M_q)`` with circle training (the support
+  is segmented from itself, then the query from that predicted support mask); without circle
+  training, ``BCE(M̂_q, M_q)`` from the input support mask. Logits are upsampled to
+  ``label_size`` and compared with the labels there; 255 pixels are ignored.
+* One epoch is one pass over the fold's training pool in a seeded order. After every epoch the
+  model is scored on held-out base-class episodes (validation mIoU) and a checkpoint is written;
+  :func:`fit` resumes from it, continuing exactly where it stopped. The best epoch's weights win.
+* CUDA: fp16 autocast with gradient scaling; CPU: optional bf16 autocast. Under ``torchrun``
+  (``torch.distributed`` initialised) the model is wrapped in DistributedDataParallel, each
+  rank takes its share of every batch, and rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.evaluate import evaluate_table
+from pipeline.fold_data import EpisodeTable, ImageBank, upsample
+from pipeline.metrics import IGNORE
+from pipeline.model.lfss import circle
+from pipeline.params import TrainParams
+from pipeline.store import write_atomic
+
+
+def bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``(B, h, w)`` logits, ``(B, H, W)`` uint8 targets (255 ignored) -> mean BCE at ``H × W``."""
+    up = upsample(logits.float(), target.shape[-2:])
+    valid = (target != IGNORE).float()
+    loss = F.binary_cross_entropy_with_logits(up, (target == 1).float(), weight=valid, reduction="sum")
+    return loss / valid.sum().clamp(min=1)
+
+
+def episode_loss(
+    model: nn.Module,
+    table: EpisodeTable,
+    bank: ImageBank,
+    index: torch.Tensor,
+    cfg: TrainParams,
+    device: torch.device,
+) -> torch.Tensor:
+    x = table.batch(bank, index).to(device)
+    query_target = bank.targets(table.query[index], table.classes[index], cfg.label_size).to(device)
+    if not cfg.circle:
+        return bce(model(x), query_target)
+    support_logits, query_logits = circle(model, x)
+    support_target = bank.targets(table.supports[index, 0], table.classes[index], cfg.label_size).to(device)
+    return cfg.beta * bce(support_logits, support_target) + (1 - cfg.beta) * bce(query_logits, query_target)
+
+
+def autocast_for(device: torch.device, cpu_bf16: bool) -> Callable[[], contextlib.AbstractContextManager]:
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.float16)
+    return lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16)
+
+
+@dataclass
+class State:
+    """What a checkpoint holds."""
+
+    epoch: int = 0  # epochs finished
+    history: list[dict] = field(default_factory=list)
+    best_miou: float = -1.0
+    best_state: dict | None = None
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The seeded episode order of an epoch (a function of seed and epoch only: resumable)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def fit(
+    model: nn.Module,
+    train: EpisodeTable,
+    val: EpisodeTable,
+    bank: ImageBank,
+    num_classes: int,
+    cfg: TrainParams,
+    checkpoint: Path | None = None,
+    device: torch.device | str = "cpu",
+    log: Callable[[dict], None] = print,
+    progress: Callable[[int, int], None] | None = None,
+) -> State:
+    """Train ``model`` in place for ``cfg.epochs`` epochs (resuming from ``checkpoint`` when it
+    exists); returns the final state, whose ``best_state`` holds the best validation epoch."""
+    device = torch.device(device)
+    model.to(device)
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    net = nn.parallel.DistributedDataParallel(model) if distributed else model
+    optimizer = torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    autocast = autocast_for(device, cfg.autocast)
+    state = State()
+    if checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scaler.load_state_dict(saved["scaler"])
+        state = saved["state"]
+    steps = (len(train) + cfg.batch_size - 1) // cfg.batch_size
+    for epoch in range(state.epoch, cfg.epochs):
+        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout: a function of seed and epoch
+        order = epoch_order(len(train), cfg.seed, epoch)
+        model.train()
+        start, total = time.perf_counter(), 0.0
+        for step in range(steps):
+            index = order[step * cfg.batch_size : (step + 1) * cfg.batch_size][rank::world]
+            with autocast():
+                loss = episode_loss(net, train, bank, index, cfg, device)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total += float(loss.detach())
+            if progress:
+                progress(epoch * steps + step + 1, cfg.epochs * steps)
+        val_miou = evaluate_table(
+            model, val, bank, num_classes, cfg.circle, device=device, autocast=autocast
+        ).miou()
+        record = {
+            "epoch": epoch + 1,
+            "loss": round(total / steps, 5),
+            "val_miou": round(val_miou, 3),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        state.history.append(record)
+        state.epoch = epoch + 1
+        if val_miou > state.best_miou:
+            state.best_miou, state.best_state = val_miou, copy.deepcopy(model.state_dict())
+        if checkpoint is not None and rank == 0:
+            saved = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "state": state,
+            }
+            write_atomic(checkpoint, lambda tmp, saved=saved: torch.save(saved, tmp))
+        if distributed:
+            dist.barrier()
+        log(record)
+    return state

@@ -1,0 +1,133 @@
+"""`evaluate@fold`: score a trained fold on its novel classes.
+
+Reads the fold's model (``data/models/fold{k}``), its test manifests (every shot and seed) and
+validation episodes, with the features, priors and pseudo-masks; writes
+``data/metrics/fold{k}.json``: per shot, mIoU and FB-IoU (mean ± std over seeds), per-class IoU
+and, per seed, the same figures; and the mIoU of the priors alone (the query's VTP thresholded
+at the threshold best on the fold's base-class validation episodes, no decoder) under
+``prior_miou``, so every run shows what training adds. Predictions are scored at each label's
+own resolution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.episodes import read_manifests
+from pipeline.errors import PipelineError
+from pipeline.evaluate import best_prior_threshold, evaluate_table, prior_meter
+from pipeline.features import FeatureStore
+from pipeline.fold_data import episode_images, load_bank, load_episodes
+from pipeline.model.lfss import LFSS
+from pipeline.params import ModelParams, Params
+from pipeline.priors.store import PriorStore
+from pipeline.store import write_json
+from stages._common import stage_main
+from stages.split import read_index_dir
+from stages.train import MODEL_FILE, open_group
+
+TEST = re.compile(r"test/fold(?P<fold>\d+)/shot(?P<shot>\d+)_seed(?P<seed>\d+)$")
+
+
+def load_model(path: Path, device: torch.device) -> tuple[LFSS, dict]:
+    try:
+        saved = torch.load(path, map_location=device, weights_only=False)
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: missing (run the train stage for this fold)") from None
+    model = LFSS(saved["feat_channels"], ModelParams(**saved["model"])).to(device)
+    model.load_state_dict(saved["state_dict"])
+    return model.eval(), saved
+
+
+def summary(per_seed: dict[int, dict]) -> dict:
+    """Mean ± std over seeds of every scalar figure; per-class IoU averaged over seeds."""
+    seeds = list(per_seed.values())
+    out: dict = {}
+    for key in ("miou", "fbiou", "prior_miou"):
+        values = np.array([s[key] for s in seeds])
+        out[key], out[f"{key}_std"] = round(float(values.mean()), 2), round(float(values.std()), 2)
+    out["class_iou"] = {c: round(float(np.mean([s["class_iou"][c] for s in seeds])), 2)
+                        for c in seeds[0]["class_iou"]}
+    out["seeds"] = {str(seed): s for seed, s in per_seed.items()}
+    return out
+
+
+def run(params: Params, args: argparse.Namespace) -> None:
+    fold = args.fold
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, saved = load_model(Path(args.models) / f"fold{fold}" / MODEL_FILE, device)
+    cfg = ModelParams(**saved["model"])
+    index, meta = read_index_dir(Path(args.index))
+    names = meta["class_names"]
+    manifests = read_manifests(Path(args.episodes))
+    tests = sorted(
+        (n for n in manifests if (m := TEST.match(n)) and int(m["fold"]) == fold),
+        key=lambda n: tuple(int(v) for v in TEST.match(n).groups()),
+    )
+    if not tests:
+        raise PipelineError(f"{args.episodes}: no test manifests for fold {fold}")
+    val_name = f"val/fold{fold}"
+    features, priors = FeatureStore(Path(args.features)), PriorStore(Path(args.priors))
+    pseudo = open_group(Path(args.pseudo_masks), "pseudo_masks")
+    labels = dict(zip(index.image_id, index.mask_path, strict=True))
+    bank = load_bank(
+        set().union(*(episode_images(manifests[n]) for n in [*tests, val_name])), features, priors, labels
+    )
+    num_classes = len(names)
+    threshold, _ = best_prior_threshold(
+        load_episodes(val_name, manifests[val_name], bank, pseudo, priors, cfg), bank, num_classes
+    )
+    circle_inference = saved.get("circle", params.train.circle)
+    shots: dict[int, dict[int, dict]] = {}
+    for name in tqdm(tests, desc=f"evaluate fold {fold}", file=sys.stderr):
+        m = TEST.match(name)
+        table = load_episodes(name, manifests[name], bank, pseudo, priors, cfg)
+        meter = evaluate_table(model, table, bank, num_classes, circle_inference, device=device)
+        classes = sorted(set(table.classes.tolist()))
+        shots.setdefault(int(m["shot"]), {})[int(m["seed"])] = {
+            "miou": round(meter.miou(classes), 2),
+            "fbiou": round(meter.fbiou(), 2),
+            "prior_miou": round(prior_meter(table, bank, num_classes, threshold).miou(classes), 2),
+            "class_iou": {names[c - 1]: round(v, 2) for c, v in meter.class_iou(classes).items()},
+        }
+    metrics = {
+        "fold": fold,
+        "prior_threshold": threshold,
+        "best_val_miou": saved["best_val_miou"],
+        "best_epoch": saved["best_epoch"],
+    }
+    metrics |= {f"shot{shot}": summary(per_seed) for shot, per_seed in sorted(shots.items())}
+    write_json(Path(args.metrics) / f"fold{fold}.json", metrics)
+    for shot in sorted(shots):
+        got = metrics[f"shot{shot}"]
+        print(f"evaluate: fold {fold}, {shot}-shot: mIoU {got['miou']:.2f} "
+              f"(priors alone {got['prior_miou']:.2f})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(
+        "evaluate",
+        run,
+        {
+            "index": "data/index",
+            "episodes": "data/episodes",
+            "features": "data/features.zarr",
+            "priors": "data/priors.zarr",
+            "pseudo_masks": "data/pseudo_masks.zarr",
+            "models": "data/models",
+            "metrics": "data/metrics",
+        },
+        argv,
+        options=lambda p: p.add_argument("--fold", type=int, required=True, help="the fold to evaluate"),
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""`features`: frozen backbone features of every image any episode uses.
+
+Reads ``data/index``, ``data/episodes`` and ``data/models/clip`` (for ``backbone.name: clip``);
+writes ``data/features.zarr`` (layout: ``pipeline/features.py``), computed once for the
+training and evaluation of every fold. Image shards resume after a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from functools import cache
+from pathlib import Path
+
+import torch
+import zarr
+from prefect import flow, task
+
+from pipeline import features
+from pipeline.clip.loader import SHA_FILE, load_local_dir
+from pipeline.episodes import read_manifests
+from pipeline.model.backbone import Backbone, build_backbone
+from pipeline.orchestration import run_flow, run_shards
+from pipeline.params import BackboneParams, Params
+from pipeline.store import Staging, fingerprint
+from stages._common import stage_main
+from stages.split import read_index_dir
+
+
+@cache
+def backbone_for(clip_dir: str, cfg: BackboneParams) -> Backbone:
+    """The frozen backbone, loaded once per process."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    clip = load_local_dir(Path(clip_dir), device) if cfg.name == "clip" else None
+    return build_backbone(cfg.name, clip, cfg.weights).to(device)
+
+
+@task
+def shard_task(
+    zarr_path: Path,
+    name: str,
+    rows: range,
+    paths: list[str],
+    clip_dir: str,
+    cfg: BackboneParams,
+    threads: int,
+) -> str:
+    torch.set_num_threads(threads)
+    features.extract_shard(
+        zarr.open_group(zarr_path, mode="r+"), rows, paths, backbone_for(clip_dir, cfg), cfg.image_size
+    )
+    return name
+
+
+def episode_images(manifests: dict) -> list[str]:
+    """Every image any manifest uses, sorted."""
+    ids = set()
+    for table in manifests.values():
+        ids.update(table["query"])
+        ids.update(table["supports"].explode())
+    return sorted(ids)
+
+
+@flow(name="features")
+def build_features(
+    cfg: BackboneParams, index_dir: Path, episodes_dir: Path, clip_dir: Path, out: Path, workers: int
+) -> dict:
+    index, _ = read_index_dir(index_dir)
+    paths = dict(zip(index.image_id, index.image_path, strict=True))
+    image_ids = episode_images(read_manifests(episodes_dir))
+    net = backbone_for(str(clip_dir), cfg)
+    with torch.no_grad():
+        probe = net(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=next(net.parameters()).device))
+    clip_sha = (clip_dir / SHA_FILE).read_text().split()[0] if cfg.name == "clip" else None
+    attrs = {"image_ids": image_ids, "backbone": cfg.model_dump(), "clip_sha256": clip_sha}
+    staging = Staging(out, fingerprint([attrs, (episodes_dir / "meta.json").read_text()]))
+    features.create(
+        zarr.open_group(staging.path, mode="a"),
+        len(image_ids),
+        probe.shape[1],
+        tuple(probe.shape[-2:]),
+        attrs,
+    )
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    shards = {
+        f"images-{s:07d}": range(s, min(s + features.SHARD, len(image_ids)))
+        for s in range(0, len(image_ids), features.SHARD)
+    }
+    run_shards(
+        staging,
+        lambda name: shard_task.submit(
+            staging.path,
+            name,
+            shards[name],
+            [paths[i] for i in image_ids[shards[name].start : shards[name].stop]],
+            str(clip_dir),
+            cfg,
+            threads,
+        ),
+        shards,
+        "features: image shards",
+    )
+    staging.commit()
+    return {"images": len(image_ids), "channels": int(probe.shape[1]), "grid": list(probe.shape[-2:])}
+
+
+def run(params: Params, args: argparse.Namespace) -> None:
+    workers = params.orchestration.max_workers or os.cpu_count() or 1
+    summary = run_flow(
+        build_features,
+        params.orchestration,
+        cfg=params.backbone,
+        index_dir=Path(args.index),
+        episodes_dir=Path(args.episodes),
+        clip_dir=Path(args.clip),
+        out=Path(args.out),
+        workers=workers,
+    )
+    print(f"features: {summary} in {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(
+        "features",
+        run,
+        {
+            "index": "data/index",
+            "episodes": "data/episodes",
+            "clip": "data/models/clip",
+            "out": "data/features.zarr",
+        },
+        argv,
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

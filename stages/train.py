@@ -1,0 +1,161 @@
+"""`train@fold`: train the LFSS model on one fold's base classes.
+
+Reads ``data/index``, ``data/episodes`` (the fold's training pool and validation episodes),
+``data/features.zarr``, ``data/priors.zarr`` and ``data/pseudo_masks.zarr``; writes
+``data/models/fold{k}/model.pt`` (the best validation epoch's weights, the model params and the
+training history) and ``data/plots/train/fold{k}.csv`` (loss and validation mIoU per epoch, for
+``dvc plots``). A checkpoint is written every epoch in the staging directory: a re-run after a
+crash resumes from it.
+
+One fold is one process, or one ``torchrun`` group (DistributedDataParallel):
+``torchrun --nproc-per-node=2 -m stages.train --fold 0``. DVC's ``train@fold`` matrix is the
+parallel unit across folds, so this stage is not a Prefect flow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+import zarr
+from tqdm import tqdm
+
+from pipeline.episodes import read_manifests
+from pipeline.errors import PipelineError
+from pipeline.features import FeatureStore
+from pipeline.fold_data import episode_images, load_bank, load_episodes
+from pipeline.model.lfss import LFSS
+from pipeline.params import Params
+from pipeline.priors.store import PriorStore
+from pipeline.store import Staging, fingerprint, write_atomic
+from pipeline.train import fit
+from stages._common import stage_main
+from stages.split import read_index_dir
+
+MODEL_FILE = "model.pt"
+
+
+def setup_device() -> tuple[torch.device, int]:
+    """``(device, rank)``; joins the process group when launched by torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        cuda = torch.cuda.is_available()
+        dist.init_process_group("nccl" if cuda else "gloo")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if cuda:
+            torch.cuda.set_device(local)
+        return torch.device(f"cuda:{local}" if cuda else "cpu"), dist.get_rank()
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu"), 0
+
+
+def open_group(path: Path, stage: str) -> zarr.Group:
+    try:
+        return zarr.open_group(path, mode="r")
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: missing (run the {stage} stage)") from None
+
+
+def run(params: Params, args: argparse.Namespace) -> None:
+    fold = args.fold
+    device, rank = setup_device()
+    if device.type == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
+    index, meta = read_index_dir(Path(args.index))
+    manifests = read_manifests(Path(args.episodes))
+    names = (f"train/fold{fold}", f"val/fold{fold}")
+    missing = [n for n in names if n not in manifests]
+    if missing:
+        raise PipelineError(
+            f"{args.episodes}: no {missing[0]} manifest (fold {fold} of {params.split.num_folds}?)"
+        )
+    features, priors = FeatureStore(Path(args.features)), PriorStore(Path(args.priors))
+    pseudo = open_group(Path(args.pseudo_masks), "pseudo_masks")
+    labels = dict(zip(index.image_id, index.mask_path, strict=True))
+    bank = load_bank(set().union(*(episode_images(manifests[n]) for n in names)), features, priors, labels)
+    train, val = (load_episodes(n, manifests[n], bank, pseudo, priors, params.model) for n in names)
+    out = Path(args.models) / f"fold{fold}"
+    staging = Staging(
+        out,
+        fingerprint(
+            [
+                params.model.model_dump(),
+                params.train.model_dump(),
+                features.attrs,
+                priors.attrs["clip_sha256"],
+                dict(pseudo.attrs),
+                (Path(args.episodes) / "meta.json").read_text(),
+            ]
+        ),
+    )
+    torch.manual_seed(params.train.seed)
+    model = LFSS(bank.features.shape[1], params.model)
+    with tqdm(
+        desc=f"train fold {fold}", unit="step", file=sys.stderr, disable=rank != 0, mininterval=1
+    ) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        state = fit(
+            model,
+            train,
+            val,
+            bank,
+            len(meta["class_names"]),
+            params.train,
+            checkpoint=staging.path / "checkpoint.pt",
+            device=device,
+            log=lambda r: bar.write(
+                f"fold {fold} epoch {r['epoch']}: loss {r['loss']:.4f}, "
+                f"val mIoU {r['val_miou']:.2f} ({r['seconds']:.0f} s)"
+            ),
+            progress=progress,
+        )
+    if rank != 0:
+        return
+    best = max(state.history, key=lambda r: r["val_miou"])
+    torch.save(
+        {
+            "state_dict": state.best_state,
+            "model": params.model.model_dump(),
+            "feat_channels": bank.features.shape[1],
+            "circle": params.train.circle,
+            "fold": fold,
+            "history": state.history,
+            "best_epoch": best["epoch"],
+            "best_val_miou": best["val_miou"],
+        },
+        staging.path / MODEL_FILE,
+    )
+    (staging.path / "checkpoint.pt").unlink()
+    curves = Path(args.plots) / f"fold{fold}.csv"
+    write_atomic(curves, lambda tmp: pd.DataFrame(state.history).to_csv(tmp, index=False))
+    staging.commit()
+    print(f"train: fold {fold}: best val mIoU {best['val_miou']:.2f} at epoch {best['epoch']} -> {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(
+        "train",
+        run,
+        {
+            "index": "data/index",
+            "episodes": "data/episodes",
+            "features": "data/features.zarr",
+            "priors": "data/priors.zarr",
+            "pseudo_masks": "data/pseudo_masks.zarr",
+            "models": "data/models",
+            "plots": "data/plots/train",
+        },
+        argv,
+        options=lambda p: p.add_argument("--fold", type=int, required=True, help="the fold to train"),
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""Training and evaluation on a tiny synthetic fold: the loss falls, resume is exact, the
+priors-only baseline and the metrics behave."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.evaluate import best_prior_threshold, evaluate_table, prior_meter
+from pipeline.fold_data import EpisodeTable, ImageBank
+from pipeline.model.lfss import LFSS
+from pipeline.params import ModelParams, TrainParams
+from pipeline.priors.vvp import mask_to_grid
+from pipeline.train import State, fit
+
+NUM_CLASSES, GRID, LABEL, C = 4, 8, 16, 10
+
+
+def tiny_fold(images: int = 24, episodes: int = 96) -> tuple[ImageBank, EpisodeTable, EpisodeTable]:
+    """Images with one square of class 1..4 whose features carry the class's direction;
+    pseudo-masks are the true masks with 30 % of the cells flipped; VTP is the truth, pooled, plus noise.
+    Returns the bank and two disjointly drawn episode tables (training, validation)."""
+    g = torch.Generator().manual_seed(0)
+    directions = torch.randn(NUM_CLASSES + 1, C, generator=g)
+    feats = 0.8 * torch.randn(images, C, GRID, GRID, generator=g) + directions[0][:, None, None]
+    labels, classes = [], []
+    for i in range(images):
+        c = i % NUM_CLASSES + 1
+        y, x = torch.randint(0, LABEL // 2, (2,), generator=g).tolist()
+        label = np.zeros((LABEL, LABEL), np.uint8)
+        label[y : y + LABEL // 2, x : x + LABEL // 2] = c
+        cells = mask_to_grid(torch.from_numpy(label == c), (GRID, GRID)) > 0.5
+        feats[i, :, cells] += 2 * directions[c][:, None]
+        labels.append(label)
+        classes.append(c)
+    tokens = feats.flatten(2).transpose(1, 2)[:, None].repeat(1, 2, 1, 1)[..., :6]  # (I, 2, 64, 6)
+    bank = ImageBank({str(i): i for i in range(images)}, feats.half(), tokens.half(), labels)
+    masks = [torch.from_numpy(lab == c) for lab, c in zip(labels, classes, strict=True)]
+    truth = mask_to_grid(torch.stack(masks), (GRID, GRID))
+    flip = torch.rand(images, GRID, GRID, generator=g) < 0.3
+    pseudo = torch.where(flip, 1 - truth.round(), truth).half()
+    noise = 0.6 * torch.rand(images, 4, 4, generator=g)
+    vtp = torch.nn.functional.avg_pool2d(truth[:, None], 2)[:, 0] + noise
+    vtp = (vtp / vtp.amax((1, 2), keepdim=True)).half()  # (I, 4, 4): a coarse, noisy prior
+
+    def table(name: str) -> EpisodeTable:
+        query = torch.randint(0, images, (episodes,), generator=g)
+        other = NUM_CLASSES * torch.randint(1, images // NUM_CLASSES, (episodes,), generator=g)
+        supports = ((query + other) % images)[:, None]  # another image of the same class
+        cls = torch.tensor([classes[q] for q in query.tolist()])
+        return EpisodeTable(name, query, supports, cls, pseudo[query], pseudo[supports], vtp[query],
+                            vtp[supports])
+
+    return bank, table("train"), table("val")
+
+
+CFG = ModelParams(hidden=8, seeds=3, cluster_iterations=2)
+TRAIN = TrainParams(epochs=3, batch_size=8, lr=1e-2, label_size=LABEL, autocast=False)
+
+
+def trained(checkpoint=None, epochs: int = 3, fold=None) -> tuple[LFSS, State]:
+    bank, train, val = fold or tiny_fold()
+    torch.manual_seed(0)
+    model = LFSS(C, CFG)
+    cfg = TRAIN.model_copy(update={"epochs": epochs})
+    return model, fit(model, train, val, bank, NUM_CLASSES, cfg, checkpoint=checkpoint, log=lambda r: None)
+
+
+def test_a_tiny_run_lowers_the_loss_and_beats_its_priors():
+    bank, train, val = fold = tiny_fold()
+    model, state = trained(epochs=4, fold=fold)
+    losses = [r["loss"] for r in state.history]
+    assert losses[-1] < 0.5 * losses[0]
+    assert state.best_miou == pytest.approx(max(r["val_miou"] for r in state.history), abs=1e-3)
+    model.load_state_dict(state.best_state)
+    threshold, _ = best_prior_threshold(train, bank, NUM_CLASSES)  # chosen on training episodes
+    model_miou = evaluate_table(model, val, bank, NUM_CLASSES).miou()
+    assert model_miou == pytest.approx(state.best_miou)
+    assert model_miou > prior_meter(val, bank, NUM_CLASSES, threshold).miou() + 5
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path):
+    straight, full = trained(tmp_path / "a.pt", epochs=2)
+    trained(tmp_path / "b.pt", epochs=1)  # "crashes" after one epoch, its checkpoint written
+    resumed, state = trained(tmp_path / "b.pt", epochs=2)  # a fresh process: same init, then the checkpoint
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    assert [r | {"seconds": 0} for r in full.history] == [r | {"seconds": 0} for r in state.history]
+
+
+def test_training_moves_only_the_decoder_and_never_its_inputs():
+    bank, train, val = fold = tiny_fold()
+    inputs = (bank.features.clone(), bank.tokens.clone(), train.support_mask.clone(), train.query_vtp.clone())
+    model, _ = trained(epochs=1, fold=fold)
+    after = (bank.features, bank.tokens, train.support_mask, train.query_vtp)
+    assert all(torch.equal(a, b) for a, b in zip(inputs, after, strict=True))  # frozen features, fixed priors
+    assert {name.split(".")[0] for name, _ in model.named_parameters()} == {"decoder"}
+    torch.manual_seed(0)
+    untouched = LFSS(C, CFG)
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), untouched.parameters(), strict=True))
+
+
+def test_priors_equal_to_the_truth_score_100():
+    bank, table, _ = tiny_fold()
+    truth = [bank.labels[q] == c for q, c in zip(table.query.tolist(), table.classes.tolist(), strict=True)]
+    table.query_vtp = torch.from_numpy(np.stack(truth).astype(np.float16))
+    assert prior_meter(table, bank, NUM_CLASSES, 0.5).miou() == pytest.approx(100)
+    assert best_prior_threshold(table, bank, NUM_CLASSES)[1] == pytest.approx(100)
