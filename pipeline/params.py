@@ -225,6 +225,13 @@ class TrainParams(Section):
     autocast: bool = True  # bf16 on CPU; on CUDA fp16 mixed precision is always on
 
 
+class EvaluateParams(Section):
+    """Scoring a trained fold on its test episodes."""
+
+    samples: Annotated[int, Field(ge=0)] = 2  # episodes per fold kept for the report's qualitative figure
+    batch_size: PositiveInt = 64
+
+
 class OrchestrationParams(Section):
     """How stages run their Prefect tasks. Changes *how*, never *what*: not a DVC param."""
 
@@ -245,6 +252,7 @@ class Params(Section):
     pseudo_masks: PseudoMaskParams = PseudoMaskParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
     orchestration: OrchestrationParams = OrchestrationParams()
 
 

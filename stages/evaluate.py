@@ -6,7 +6,8 @@ validation episodes, with the features, priors and pseudo-masks; writes
 and, per seed, the same figures; and the mIoU of the priors alone (the query's VTP thresholded
 at the threshold best on the fold's base-class validation episodes, no decoder) under
 ``prior_miou``, so every run shows what training adds. Predictions are scored at each label's
-own resolution.
+own resolution. ``data/predictions/fold{k}.npz`` keeps the first ``evaluate.samples`` episodes of
+the first 1-shot manifest (ids, support mask, prediction) for the report's figures.
 """
 
 from __future__ import annotations
@@ -17,18 +18,20 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+import zarr
 from tqdm import tqdm
 
 from pipeline.episodes import read_manifests
 from pipeline.errors import PipelineError
 from pipeline.evaluate import best_prior_threshold, evaluate_table, prior_meter
 from pipeline.features import FeatureStore
-from pipeline.fold_data import episode_images, load_bank, load_episodes
+from pipeline.fold_data import EpisodeTable, ImageBank, episode_images, load_bank, load_episodes, upsample
 from pipeline.model.lfss import LFSS
 from pipeline.params import ModelParams, Params
 from pipeline.priors.store import PriorStore
-from pipeline.store import write_json
+from pipeline.store import write_atomic, write_json
 from stages._common import stage_main
 from stages.split import read_index_dir
 from stages.train import MODEL_FILE, open_group
@@ -53,10 +56,49 @@ def summary(per_seed: dict[int, dict]) -> dict:
     for key in ("miou", "fbiou", "prior_miou"):
         values = np.array([s[key] for s in seeds])
         out[key], out[f"{key}_std"] = round(float(values.mean()), 2), round(float(values.std()), 2)
-    out["class_iou"] = {c: round(float(np.mean([s["class_iou"][c] for s in seeds])), 2)
-                        for c in seeds[0]["class_iou"]}
+    out["class_iou"] = {
+        c: round(float(np.mean([s["class_iou"][c] for s in seeds])), 2) for c in seeds[0]["class_iou"]
+    }
     out["seeds"] = {str(seed): s for seed, s in per_seed.items()}
     return out
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with path.open("wb") as f:  # a file object: np.savez would append ".npz" to the temporary name
+        np.savez_compressed(f, **arrays)
+
+
+def samples(
+    name: str,
+    table: EpisodeTable,
+    bank: ImageBank,
+    pseudo: zarr.Group,
+    cfg: ModelParams,
+    index: torch.Tensor,
+    probs: torch.Tensor,
+    manifest: pd.DataFrame,
+) -> dict[str, np.ndarray]:
+    """What the report's qualitative figure shows of episodes ``index``: ids, class, the support
+    mask the model was given, and the prediction (probability x 255 at the label's size)."""
+    rows = manifest.iloc[index.numpy()]
+    if cfg.supervision == "text":
+        support_mask = pseudo[f"{name}/support_{cfg.pseudo_masks}"].oindex[index.numpy(), 0]
+    else:
+        support_mask = np.stack(
+            [
+                bank.labels[r] == c
+                for r, c in zip(table.supports[index, 0].tolist(), table.classes[index].tolist(), strict=True)
+            ]
+        )
+    size = bank.labels[int(table.query[index[0]])].shape
+    prediction = (upsample(probs.float(), size).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    return {
+        "query": rows["query"].to_numpy(str),
+        "support": np.array([s[0] for s in rows["supports"]], str),
+        "class_id": rows["class_id"].to_numpy(np.int16),
+        "support_mask": support_mask,
+        "prediction": prediction,
+    }
 
 
 def run(params: Params, args: argparse.Namespace) -> None:
@@ -84,12 +126,32 @@ def run(params: Params, args: argparse.Namespace) -> None:
     threshold, _ = best_prior_threshold(
         load_episodes(val_name, manifests[val_name], bank, pseudo, priors, cfg), bank, num_classes
     )
-    circle_inference = saved.get("circle", params.train.circle)
     shots: dict[int, dict[int, dict]] = {}
+    kept: dict[str, np.ndarray] = {}
+    sampled = next(
+        (n for n in tests if TEST.match(n)["shot"] == "1"), tests[0]
+    )  # figures show 1-shot episodes
     for name in tqdm(tests, desc=f"evaluate fold {fold}", file=sys.stderr):
         m = TEST.match(name)
         table = load_episodes(name, manifests[name], bank, pseudo, priors, cfg)
-        meter = evaluate_table(model, table, bank, num_classes, circle_inference, device=device)
+
+        def keep(
+            index: torch.Tensor, probs: torch.Tensor, name: str = name, table: EpisodeTable = table
+        ) -> None:
+            if not kept:  # the first batch's first episodes
+                n = params.evaluate.samples
+                kept.update(samples(name, table, bank, pseudo, cfg, index[:n], probs[:n], manifests[name]))
+
+        meter = evaluate_table(
+            model,
+            table,
+            bank,
+            num_classes,
+            saved["circle"],
+            params.evaluate.batch_size,
+            device,
+            on_batch=keep if name == sampled and params.evaluate.samples else None,
+        )
         classes = sorted(set(table.classes.tolist()))
         shots.setdefault(int(m["shot"]), {})[int(m["seed"])] = {
             "miou": round(meter.miou(classes), 2),
@@ -104,11 +166,14 @@ def run(params: Params, args: argparse.Namespace) -> None:
         "best_epoch": saved["best_epoch"],
     }
     metrics |= {f"shot{shot}": summary(per_seed) for shot, per_seed in sorted(shots.items())}
+    write_atomic(Path(args.predictions) / f"fold{fold}.npz", lambda tmp: save_npz(tmp, kept))
     write_json(Path(args.metrics) / f"fold{fold}.json", metrics)
     for shot in sorted(shots):
         got = metrics[f"shot{shot}"]
-        print(f"evaluate: fold {fold}, {shot}-shot: mIoU {got['miou']:.2f} "
-              f"(priors alone {got['prior_miou']:.2f})")
+        print(
+            f"evaluate: fold {fold}, {shot}-shot: mIoU {got['miou']:.2f} "
+            f"(priors alone {got['prior_miou']:.2f})"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             "pseudo_masks": "data/pseudo_masks.zarr",
             "models": "data/models",
             "metrics": "data/metrics",
+            "predictions": "data/predictions",
         },
         argv,
         options=lambda p: p.add_argument("--fold", type=int, required=True, help="the fold to evaluate"),

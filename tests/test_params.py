@@ -15,6 +15,20 @@ def test_shipped_params_are_valid_and_match_the_schema_defaults():
     assert shipped == Params()  # params.yaml spells out the defaults, nothing else
 
 
+def leaf_keys(tree: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in tree.items():
+        keys |= leaf_keys(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {prefix + key}
+    return keys
+
+
+def test_params_yaml_spells_out_every_key_of_the_schema():
+    """DVC tracks params by their values in params.yaml, so a stage need not depend on the schema
+    file: a default that params.yaml did not spell out could change a stage behind DVC's back."""
+    written = leaf_keys(yaml.safe_load((REPO / "params.yaml").read_text()))
+    assert written == leaf_keys(Params().model_dump())
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [

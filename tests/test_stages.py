@@ -168,7 +168,7 @@ def test_dvc_reruns_only_the_stages_a_param_touches(tmp_path):
     """`dvc repro` in a copy of the project; then which stages does each param change dirty?"""
     repo = tmp_path / "repo"
     repo.mkdir()
-    for item in ("pipeline", "stages", "fixtures", "dvc.yaml"):
+    for item in ("pipeline", "stages", "fixtures", "ablations", "dvc.yaml"):
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
     write_params(repo / "params.yaml")
@@ -210,6 +210,10 @@ def test_dvc_reruns_only_the_stages_a_param_touches(tmp_path):
     assert "fold0" in json.loads((repo / "data/metrics/pseudo_masks.json").read_text())
     for k in range(4):
         assert "prior_miou" in json.loads((repo / f"data/metrics/fold{k}.json").read_text())["shot1"]
+    summary = json.loads((repo / "reports/metrics.json").read_text())
+    assert set(summary["shot1"]["mean"]) == {"miou", "fbiou", "prior_miou"}
+    assert "Novel-class mIoU" in (repo / "reports/report.html").read_text()
+    assert r"\begin{tabular}" in (repo / "reports/tables.tex").read_text()
     dirty_after({"episodes": {"shots": [1, 2]}})
     out = run(sys.executable, "-m", "dvc", "repro", "--dry")
     assert "Running stage 'episodes'" in out

@@ -1,0 +1,263 @@
+"""The report's content as sections, rendered to Markdown, a self-contained HTML page, and
+``tables.tex``; plus the summary metrics (``metrics.json``)."""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from pipeline.report import figures, tables
+from pipeline.report.tables import Table
+
+
+@dataclass
+class Figure:
+    name: str  # file stem under reports/figures/
+    caption: str
+    png: bytes
+
+
+@dataclass
+class Section:
+    title: str
+    text: list[str] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+    code: str | None = None  # preformatted (e.g. params.yaml)
+
+
+@dataclass
+class Inputs:
+    """Everything the report shows (read by the report stage)."""
+
+    folds: dict[int, dict]  # data/metrics/fold{k}.json
+    pseudo: dict | None  # data/metrics/pseudo_masks.json
+    clip: dict | None  # data/metrics/clip.json
+    curves: dict[int, pd.DataFrame]  # data/plots/train/fold{k}.csv
+    samples: list[figures.Sample]
+    ablations: list[dict] | None  # ablations/results.json
+    provenance: dict[str, str]
+    params_yaml: str
+
+
+def summary_metrics(folds: dict[int, dict]) -> dict:
+    """``metrics.json``: per shot, mean over folds of mIoU, FB-IoU and priors-alone mIoU, and per fold."""
+    out: dict = {}
+    for shot in tables.shots_of(folds):
+        per_fold = {
+            f"fold{k}": {key: folds[k][f"shot{shot}"][key] for key in ("miou", "fbiou", "prior_miou")}
+            for k in sorted(folds)
+        }
+        mean = {
+            key: round(float(np.mean([f[key] for f in per_fold.values()])), 2)
+            for key in ("miou", "fbiou", "prior_miou")
+        }
+        out[f"shot{shot}"] = {"mean": mean, **per_fold}
+    return out
+
+
+def build(inputs: Inputs) -> list[Section]:
+    folds, summary = inputs.folds, summary_metrics(inputs.folds)
+    shots = tables.shots_of(folds)
+    headline = ", ".join(
+        f"{s}-shot mIoU **{summary[f'shot{s}']['mean']['miou']:.1f}** "
+        f"(PI-CLIP priors alone {summary[f'shot{s}']['mean']['prior_miou']:.1f})"
+        for s in shots
+    )
+    beats = all(
+        folds[k][f"shot{s}"]["miou"] > folds[k][f"shot{s}"]["prior_miou"] for k in folds for s in shots
+    )
+    sections = [
+        Section(
+            "Summary",
+            [
+                f"Mean over {len(folds)} folds on {inputs.provenance.get('dataset', 'the dataset')}: "
+                f"{headline}.",
+                "The trained decoder beats thresholding its priors on every fold and shot."
+                if beats
+                else "On some fold or shot the trained decoder does **not** beat its priors alone: see the "
+                "results table.",
+            ],
+        )
+    ]
+    results = Section(
+        "Results",
+        [
+            "Novel classes of each fold's test episodes (the fold's classes were never "
+            "seen in training). mIoU per FSS convention: per class, intersections and unions "
+            "summed over all episodes, then averaged over the fold's classes. The priors-alone "
+            "row thresholds the query's (PIR-refined) VTP at the threshold best on the fold's "
+            "base-class validation episodes, with no decoder; VTP depends on the query and the class name "
+            "only, so this row is the same for every shot."
+        ],
+        [tables.results_table(folds), tables.fbiou_table(folds)],
+    )
+    sections.append(results)
+    if inputs.pseudo:
+        sections.append(
+            Section(
+                "Pseudo-masks",
+                [
+                    "Support and query pseudo-masks of the 1-shot test episodes: "
+                    "MaskCLIP label maps (initial) and after the self-supported "
+                    "refiner (LFSS Table 3)."
+                ],
+                [tables.pseudo_mask_table(inputs.pseudo)],
+            )
+        )
+    if inputs.ablations:
+        sections.append(
+            Section(
+                "Ablation",
+                [
+                    "Each row is a full run (`make ablation`: `dvc exp run -S ...`) with "
+                    "the marked components; mIoU is the mean over folds."
+                ],
+                [tables.ablation_table(inputs.ablations)],
+            )
+        )
+    else:
+        sections.append(
+            Section(
+                "Ablation",
+                [
+                    "No ablation results yet: `make ablation` runs the component "
+                    "ablations (about an hour on 2 cores) and this table appears."
+                ],
+            )
+        )
+    sections.append(
+        Section(
+            "Per-class IoU",
+            figures=[
+                Figure(
+                    "class_iou",
+                    "IoU of each novel class, per fold and shot.",
+                    figures.class_iou_figure(folds),
+                )
+            ],
+        )
+    )
+    if inputs.curves:
+        sections.append(
+            Section(
+                "Training",
+                figures=[
+                    Figure(
+                        "training_curves",
+                        "Training loss and validation mIoU (held-out base-class episodes) per epoch; the "
+                        "best validation epoch is kept.",
+                        figures.curves_figure(inputs.curves),
+                    )
+                ],
+            )
+        )
+    if inputs.samples:
+        sections.append(
+            Section(
+                "Qualitative results",
+                figures=[
+                    Figure(
+                        "qualitative",
+                        "1-shot test episodes: the support with its language-guided pseudo-mask (green), the "
+                        "query with its ground truth (blue), the prediction (orange).",
+                        figures.qualitative_figure(inputs.samples),
+                    )
+                ],
+            )
+        )
+    rows = [[key, value] for key, value in inputs.provenance.items()]
+    if inputs.clip:
+        rows += [
+            [f"CLIP {key.replace('_', ' ')}", str(value)]
+            for key, value in sorted(inputs.clip.items())
+            if isinstance(value, (int, float, str)) and key != "model"
+        ]
+    sections.append(
+        Section(
+            "Provenance",
+            tables=[
+                Table("How these numbers were made.", "tab:provenance", ["Item", "Value"], rows, align="ll")
+            ],
+            code=inputs.params_yaml,
+        )
+    )
+    return sections
+
+
+def render_markdown(sections: Sequence[Section], title: str, figure_dir: str = "figures") -> str:
+    parts = [f"# {title}\n"]
+    for s in sections:
+        parts.append(f"## {s.title}\n")
+        parts += [f"{t}\n" for t in s.text]
+        parts += [tables.to_markdown(t) for t in s.tables]
+        parts += [f"![{f.caption}]({figure_dir}/{f.name}.png)\n\n*{f.caption}*\n" for f in s.figures]
+        if s.code:
+            parts.append(f"```yaml\n{s.code.rstrip()}\n```\n")
+    return "\n".join(parts)
+
+
+CSS = """
+body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 960px; margin: 2em auto;
+       padding: 0 1em; color: #222; }
+h1 { font-size: 1.6em; margin-bottom: .2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; }
+table { border-collapse: collapse; margin: 1em 0; font-variant-numeric: tabular-nums; }
+caption { caption-side: top; text-align: left; font-weight: 600; padding-bottom: .4em; }
+th, td { padding: .25em .7em; } thead th { border-top: 2px solid #222; border-bottom: 1px solid #222; }
+tbody tr:last-child td { border-bottom: 2px solid #222; } tr.group td { border-top: 1px solid #222; }
+figure { margin: 1em 0; } figure img { max-width: 100%; } figcaption { color: #555; font-size: .92em; }
+pre { background: #f6f6f6; padding: .8em; overflow-x: auto; font-size: .85em; }
+nav a { margin-right: .8em; }
+"""
+
+
+def _inline_markdown(text: str) -> str:
+    """``**bold**`` and ``code`` spans of the report's own sentences."""
+    out, parts = [], html.escape(text).split("`")
+    for i, part in enumerate(parts):
+        if i % 2:
+            out.append(f"<code>{part}</code>")
+        else:
+            bold = part.split("**")
+            out.append("".join(f"<strong>{b}</strong>" if j % 2 else b for j, b in enumerate(bold)))
+    return "".join(out)
+
+
+def render_html(sections: Sequence[Section], title: str) -> str:
+    """One self-contained page: figures embedded as base64 PNG, no external resources."""
+    anchors = [s.title.lower().replace(" ", "-") for s in sections]
+    nav = " ".join(
+        f'<a href="#{a}">{html.escape(s.title)}</a>' for a, s in zip(anchors, sections, strict=True)
+    )
+    body = [f"<h1>{html.escape(title)}</h1>", f"<nav>{nav}</nav>"]
+    for anchor, s in zip(anchors, sections, strict=True):
+        body.append(f'<h2 id="{anchor}">{html.escape(s.title)}</h2>')
+        body += [f"<p>{_inline_markdown(t)}</p>" for t in s.text]
+        body += [tables.to_html(t) for t in s.tables]
+        for f in s.figures:
+            data = base64.b64encode(f.png).decode()
+            body.append(
+                f'<figure><img alt="{html.escape(f.caption)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{html.escape(f.caption)}</figcaption></figure>"
+            )
+        if s.code:
+            body.append(f"<details><summary>params.yaml</summary><pre>{html.escape(s.code)}</pre></details>")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+
+
+def render_latex(sections: Sequence[Section]) -> str:
+    header = (
+        "% Generated by the report stage. Needs \\usepackage{booktabs} and \\usepackage{amssymb} "
+        "(for \\checkmark).\n\n"
+    )
+    return header + "\n".join(
+        tables.to_latex(t) for s in sections for t in s.tables if t.label != "tab:provenance"
+    )

@@ -1,0 +1,215 @@
+"""Result tables shaped like the papers', as plain data (:class:`Table`), rendered to Markdown,
+HTML and LaTeX (booktabs).
+
+* :func:`results_table` — LFSS Tables 1-2: mIoU per fold and their mean, 1-shot and 5-shot,
+  the trained model against the PI-CLIP priors alone.
+* :func:`fbiou_table` — FB-IoU, same shape.
+* :func:`pseudo_mask_table` — LFSS Table 3: initial and refined pseudo-masks.
+* :func:`ablation_table` — LFSS Table 4: which components were on, and the mIoU.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+YES, NO = "✓", "✗"
+
+
+@dataclass
+class Table:
+    """A caption, a header and rows of cells (strings); ``groups`` are row indices after which
+    a rule is drawn (e.g. between 1-shot and 5-shot)."""
+
+    caption: str
+    label: str
+    header: list[str]
+    rows: list[list[str]]
+    groups: list[int] = field(default_factory=list)
+    align: str = ""  # one of l/c/r per column; default: first left, the rest right
+
+    def aligns(self) -> str:
+        return self.align or "l" + "r" * (len(self.header) - 1)
+
+
+def fmt(value: float | None, std: float | None = None) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    return f"{value:.1f}" if not std else f"{value:.1f} ± {std:.1f}"
+
+
+def _per_fold(folds: dict[int, dict], shot: int, key: str) -> list[str]:
+    values = [folds[k].get(f"shot{shot}", {}).get(key) for k in sorted(folds)]
+    stds = [folds[k].get(f"shot{shot}", {}).get(f"{key}_std") for k in sorted(folds)]
+    mean = float(np.mean(values)) if all(v is not None for v in values) else None
+    return [fmt(v, s) for v, s in zip(values, stds, strict=True)] + [fmt(mean)]
+
+
+def shots_of(folds: dict[int, dict]) -> list[int]:
+    return sorted({int(k[4:]) for m in folds.values() for k in m if k.startswith("shot")})
+
+
+def results_table(folds: dict[int, dict], model_name: str = "LFSS + PI-CLIP priors (ours)") -> Table:
+    """mIoU (%) per fold and mean; per shot, the priors alone then the trained model."""
+    header = ["Method", "Shot", *[f"Fold {k}" for k in sorted(folds)], "Mean"]
+    rows, groups = [], []
+    for shot in shots_of(folds):
+        rows.append(
+            ["PI-CLIP priors alone (VTP, no decoder)", f"{shot}", *_per_fold(folds, shot, "prior_miou")]
+        )
+        rows.append([model_name, f"{shot}", *_per_fold(folds, shot, "miou")])
+        groups.append(len(rows))
+    return Table(
+        "Novel-class mIoU (%) of the test episodes, per fold and their mean.",
+        "tab:results",
+        header,
+        rows,
+        groups[:-1],
+        "ll" + "r" * (len(folds) + 1),
+    )
+
+
+def fbiou_table(folds: dict[int, dict]) -> Table:
+    header = ["Shot", *[f"Fold {k}" for k in sorted(folds)], "Mean"]
+    rows = [[f"{shot}", *_per_fold(folds, shot, "fbiou")] for shot in shots_of(folds)]
+    return Table("FB-IoU (%) of the trained model on the test episodes.", "tab:fbiou", header, rows)
+
+
+def pseudo_mask_table(pseudo: dict) -> Table:
+    """LFSS Table 3: mIoU (%) of the pseudo-masks of the 1-shot test episodes."""
+    folds = sorted(k for k in pseudo if k.startswith("fold"))
+    header = ["Masks", *[f"Fold {k[4:]}" for k in folds], "Mean"]
+    rows = []
+    for role in ("support", "query"):
+        for kind, name in (("initial", "initial (MaskCLIP)"), ("refined", "refined")):
+            key = f"{role}_{kind}_miou"
+            rows.append(
+                [
+                    f"{role.capitalize()}, {name}",
+                    *[fmt(pseudo[f][key]) for f in folds],
+                    fmt(pseudo["mean"][key]),
+                ]
+            )
+    return Table(
+        "mIoU (%) of the language-guided pseudo-masks of the 1-shot test episodes against the ground "
+        "truth, before and after the self-supported refiner.",
+        "tab:pseudo",
+        header,
+        rows,
+        [2],
+    )
+
+
+ABLATION_SWITCHES = (
+    ("dps", "DPS"),
+    ("pseudo_masks", "Refine"),
+    ("ccm", "CCM"),
+    ("vtp", "VTP"),
+    ("pir", "PIR"),
+    ("vvp", "VVP"),
+)
+
+
+def switch_marks(model: dict) -> list[str]:
+    on = {
+        "dps": model.get("dps", True),
+        "pseudo_masks": model.get("pseudo_masks", "refined") == "refined",
+        "ccm": model.get("fcm", True),
+        "vtp": model.get("vtp", True),
+        "pir": model.get("vtp", True) and model.get("pir", True),
+        "vvp": model.get("vvp", True),
+    }
+    return [YES if on[key] else NO for key, _ in ABLATION_SWITCHES]
+
+
+def ablation_table(runs: Sequence[dict]) -> Table:
+    """LFSS Table 4 (extended with the PI-CLIP priors): one row per run, its switches and its
+    mean novel-class mIoU over folds, per shot. ``runs``: ``{"name", "model", "folds"}``."""
+    shots = sorted({s for run in runs for s in shots_of(run["folds"])})
+    header = ["Run", *[name for _, name in ABLATION_SWITCHES], *[f"{s}-shot mIoU" for s in shots]]
+    rows = []
+    for run in runs:
+        means = [_per_fold(run["folds"], s, "miou")[-1] for s in shots]
+        rows.append([run["name"], *switch_marks(run["model"]), *means])
+    return Table(
+        "Ablation: mean novel-class mIoU (%) over folds with components switched off (Refine: refined "
+        "pseudo-masks; CCM off keeps RCM only, as the paper's baseline).",
+        "tab:ablation",
+        header,
+        rows,
+        align="l" + "c" * len(ABLATION_SWITCHES) + "r" * len(shots),
+    )
+
+
+def to_markdown(table: Table) -> str:
+    align = {"l": ":--", "c": ":-:", "r": "--:"}
+    lines = ["| " + " | ".join(table.header) + " |", "|" + "|".join(align[a] for a in table.aligns()) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in table.rows]
+    return f"**{table.caption}**\n\n" + "\n".join(lines) + "\n"
+
+
+def to_html(table: Table) -> str:
+    style = {"l": "left", "c": "center", "r": "right"}
+    aligns = table.aligns()
+    head = "".join(
+        f'<th style="text-align:{style[a]}">{html.escape(h)}</th>'
+        for h, a in zip(table.header, aligns, strict=True)
+    )
+    body = []
+    for i, row in enumerate(table.rows):
+        cls = ' class="group"' if i in table.groups else ""
+        cells = "".join(
+            f'<td style="text-align:{style[a]}">{html.escape(c)}</td>'
+            for c, a in zip(row, aligns, strict=True)
+        )
+        body.append(f"<tr{cls}>{cells}</tr>")
+    return (
+        f'<table id="{table.label.replace(":", "-")}"><caption>{html.escape(table.caption)}</caption>'
+        f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    )
+
+
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
+_LATEX_SYMBOLS = {YES: r"\checkmark", NO: "--", "±": r"$\pm$", "–": "--", "≥": r"$\geq$"}
+
+
+def latex_escape(text: str) -> str:
+    out = "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+    for symbol, command in _LATEX_SYMBOLS.items():
+        out = out.replace(symbol, command)
+    return out
+
+
+def to_latex(table: Table) -> str:
+    """A ``table`` environment with a booktabs ``tabular`` (needs ``\\usepackage{booktabs}``, and
+    ``amssymb`` for ``\\checkmark``)."""
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        rf"\caption{{{latex_escape(table.caption)}}}",
+        rf"\label{{{table.label}}}",
+        rf"\begin{{tabular}}{{{table.aligns()}}}",
+        r"\toprule",
+        " & ".join(latex_escape(h) for h in table.header) + r" \\",
+        r"\midrule",
+    ]
+    for i, row in enumerate(table.rows):
+        if i in table.groups:
+            lines.append(r"\midrule")
+        lines.append(" & ".join(latex_escape(c) for c in row) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"

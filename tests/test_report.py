@@ -1,0 +1,178 @@
+"""The report renders from fixture metrics: tables in the papers' shape, valid LaTeX, a
+self-contained HTML page (and, where Chromium is installed, one that renders)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.report import document, tables
+from pipeline.report.figures import Sample
+
+CLASSES = [f"class_{i}%" for i in range(1, 21)]  # names with LaTeX specials on purpose
+
+
+def fold_metrics(k: int, shift: float = 0.0) -> dict:
+    names = CLASSES[5 * k : 5 * k + 5]
+    return {
+        "fold": k,
+        "prior_threshold": 0.5,
+        **{
+            f"shot{s}": {
+                "miou": 50.0 + k + s + shift,
+                "miou_std": 0.0,
+                "fbiou": 70.0 + k,
+                "fbiou_std": 0.0,
+                "prior_miou": 30.0 + k,
+                "prior_miou_std": 0.0,
+                "class_iou": {n: 40.0 + i for i, n in enumerate(names)},
+            }
+            for s in (1, 5)
+        },
+    }
+
+
+def inputs(ablations: bool = True) -> document.Inputs:
+    folds = {k: fold_metrics(k) for k in range(4)}
+    pseudo = {
+        f"fold{k}": {
+            "support_initial_miou": 20.0,
+            "support_refined_miou": 25.0,
+            "query_initial_miou": 19.0,
+            "query_refined_miou": 24.0,
+        }
+        for k in range(4)
+    }
+    pseudo["mean"] = pseudo["fold0"]
+    curves = {
+        k: pd.DataFrame({"epoch": [1, 2, 3], "loss": [0.2, 0.1, 0.05], "val_miou": [40, 50, 55]})
+        for k in range(4)
+    }
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    mask = np.zeros((32, 32), bool)
+    mask[8:20, 8:20] = True
+    samples = [Sample("fold0: class_1%", image, mask, image, mask, np.roll(mask, 2, 0))]
+    runs = [
+        {"name": "full", "model": {}, "folds": folds},
+        {"name": "no DPS", "model": {"dps": False}, "folds": {k: fold_metrics(k, -3) for k in range(4)}},
+    ]
+    return document.Inputs(
+        folds,
+        pseudo,
+        {"zero_shot_top1": 0.92},
+        curves,
+        samples,
+        runs if ablations else None,
+        {"dataset": "synthetic", "git commit": "abc123"},
+        "model:\n  dps: true\n",
+    )
+
+
+def test_results_table_has_the_papers_shape():
+    table = tables.results_table(inputs().folds)
+    assert table.header == ["Method", "Shot", "Fold 0", "Fold 1", "Fold 2", "Fold 3", "Mean"]
+    assert [row[:2] for row in table.rows] == [
+        ["PI-CLIP priors alone (VTP, no decoder)", "1"],
+        ["LFSS + PI-CLIP priors (ours)", "1"],
+        ["PI-CLIP priors alone (VTP, no decoder)", "5"],
+        ["LFSS + PI-CLIP priors (ours)", "5"],
+    ]
+    assert table.rows[1][2:] == ["51.0", "52.0", "53.0", "54.0", "52.5"]  # folds, then their mean
+    assert table.groups == [2]  # a rule between 1-shot and 5-shot
+
+
+def test_seeds_show_mean_and_std():
+    folds = {k: fold_metrics(k) for k in range(4)}
+    folds[0]["shot1"]["miou_std"] = 1.25
+    assert tables.results_table(folds).rows[1][2] == "51.0 ± 1.2"
+
+
+def test_ablation_marks_follow_the_switches():
+    table = tables.ablation_table(inputs().ablations)
+    assert table.header[1:7] == ["DPS", "Refine", "CCM", "VTP", "PIR", "VVP"]
+    assert table.rows[0][1:7] == ["✓"] * 6 and table.rows[1][1:7] == ["✗"] + ["✓"] * 5
+    assert table.rows[1][-2:] == ["49.5", "53.5"]
+
+
+def test_latex_is_balanced_booktabs_with_escaped_text():
+    sections = document.build(inputs())
+    tex = document.render_latex(sections)
+    begins, ends = re.findall(r"\\begin\{(\w+)\}", tex), re.findall(r"\\end\{(\w+)\}", tex)
+    assert sorted(begins) == sorted(ends) and begins.count("table") == 4  # results, FB-IoU, pseudo, ablation
+    for block in re.findall(r"\\begin\{tabular\}\{(\w+)\}(.*?)\\end\{tabular\}", tex, re.S):
+        columns, body = len(block[0]), block[1]
+        assert body.count(r"\toprule") == 1 and body.count(r"\bottomrule") == 1
+        for line in body.splitlines():
+            if line.endswith(r"\\"):
+                assert line.count("&") - line.count(r"\&") == columns - 1, line
+    assert r"\hline" not in tex and "%" not in tex.split("\n", 2)[2].replace(r"\%", "")
+    assert r"\checkmark" in tex and r"$\pm$" not in tex  # no std when there is one seed
+
+
+def test_markdown_and_html_show_every_section():
+    sections = document.build(inputs())
+    md = document.render_markdown(sections, "Results")
+    titles = [
+        "Summary",
+        "Results",
+        "Pseudo-masks",
+        "Ablation",
+        "Per-class IoU",
+        "Training",
+        "Qualitative results",
+        "Provenance",
+    ]
+    assert [s.title for s in sections] == titles
+    assert all(f"## {t}" in md for t in titles) and "| LFSS + PI-CLIP priors (ours) | 1 | 51.0 |" in md
+    page = document.render_html(sections, "Results")
+    assert page.count("data:image/png;base64,") == 3  # per-class IoU, curves, qualitative
+    assert not re.search(r"""(src|href)=["'](https?:|//)""", page)  # self-contained
+    assert "beats thresholding its priors on every fold" in page
+
+
+def test_ablation_section_says_how_to_fill_it():
+    sections = document.build(inputs(ablations=False))
+    ablation = next(s for s in sections if s.title == "Ablation")
+    assert not ablation.tables and "make ablation" in ablation.text[0]
+
+
+def test_summary_metrics_average_the_folds():
+    summary = document.summary_metrics(inputs().folds)
+    assert summary["shot1"]["mean"] == {"miou": 52.5, "fbiou": 71.5, "prior_miou": 31.5}
+    assert summary["shot5"]["fold3"]["miou"] == 58.0
+
+
+@pytest.mark.skipif(
+    not (shutil.which("chromium") or shutil.which("chromium-browser")),
+    reason="Chromium is not installed (apt-get install chromium)",
+)
+def test_html_renders_in_headless_chromium(tmp_path):
+    page = tmp_path / "report.html"
+    page.write_text(document.render_html(document.build(inputs()), "Results"))
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    shot = tmp_path / "shot.png"
+    done = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--screenshot={shot}",
+            "--window-size=1000,2000",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-500:]
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.std() > 10  # not a blank page
