@@ -52,7 +52,7 @@ def model_params(params: Path) -> dict:
 
 
 def restore() -> None:
-    sh("git", "checkout", "--", "params.yaml", "dvc.lock")
+    sh("git", "checkout", "HEAD", "--", "params.yaml", "dvc.lock")  # HEAD: DVC may have staged the experiment's
     sh(sys.executable, "-m", "dvc", "checkout", "--force", "--quiet")
 
 
