@@ -52,7 +52,9 @@ def model_params(params: Path) -> dict:
 
 
 def restore() -> None:
-    sh("git", "checkout", "HEAD", "--", "params.yaml", "dvc.lock")  # HEAD: DVC may have staged the experiment's
+    sh(
+        "git", "checkout", "HEAD", "--", "params.yaml", "dvc.lock"
+    )  # HEAD: DVC may have staged the experiment's
     sh(sys.executable, "-m", "dvc", "checkout", "--force", "--quiet")
 
 
@@ -63,17 +65,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if sh("git", "status", "--porcelain", "--", "params.yaml", "dvc.lock").strip():
         raise SystemExit(
-            "error: params.yaml or dvc.lock has uncommitted changes; commit them (the ablations start "
-            "from the committed configuration)"
+            "error: params.yaml or dvc.lock has uncommitted changes; commit them (the ablations "
+            "start from the committed configuration)"
         )
+    out, committed = Path(args.out), model_params(Path("params.yaml"))
+    done = {r["name"]: r for r in json.loads(out.read_text())["runs"]} if out.is_file() else {}
     runs = []
     try:
         for i, (name, overrides) in enumerate(ABLATIONS.items()):
             if args.only and name not in args.only:
                 continue
+            if name in done and done[name]["overrides"] == overrides and done[name]["base"] == committed:
+                print(f"ablation {i + 1}/{len(ABLATIONS)}: {name}: done before", flush=True)
+                runs.append(done[name])  # a resumed run keeps what an interrupted one finished
+                continue
             print(f"ablation {i + 1}/{len(ABLATIONS)}: {name}", flush=True)
+            restore()  # every row starts from the committed params and outputs
             if overrides:
-                restore()
                 sets = [a for key, value in overrides.items() for a in ("-S", f"{key}={json.dumps(value)}")]
                 subprocess.run(
                     [sys.executable, "-m", "dvc", "exp", "remove", f"ablation-{i}"], capture_output=True
@@ -87,14 +95,15 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "name": name,
                     "overrides": overrides,
+                    "base": committed,
                     "model": model_params(Path("params.yaml")),
                     "folds": fold_metrics(Path("data/metrics")),
                 }
             )
+            write_json(out, {"runs": runs})  # after every run: progress survives a crash
     finally:
         restore()
-    write_json(Path(args.out), {"runs": runs})
-    print(f"ablation: {len(runs)} runs -> {args.out}")
+    print(f"ablation: {len(runs)} runs -> {out}")
     return 0
 
 

@@ -59,12 +59,12 @@ CFG = ModelParams(hidden=8, seeds=3, cluster_iterations=2)
 TRAIN = TrainParams(epochs=3, batch_size=8, lr=1e-2, label_size=LABEL, autocast=False)
 
 
-def trained(checkpoint=None, epochs: int = 3, fold=None) -> tuple[LFSS, State]:
+def trained(checkpoint=None, epochs: int = 3, fold=None, cfg: ModelParams = CFG) -> tuple[LFSS, State]:
     bank, train, val = fold or tiny_fold()
     torch.manual_seed(0)
-    model = LFSS(C, CFG)
-    cfg = TRAIN.model_copy(update={"epochs": epochs})
-    return model, fit(model, train, val, bank, NUM_CLASSES, cfg, checkpoint=checkpoint, log=lambda r: None)
+    model = LFSS(C, cfg)
+    params = TRAIN.model_copy(update={"epochs": epochs})
+    return model, fit(model, train, val, bank, NUM_CLASSES, params, checkpoint=checkpoint, log=lambda r: None)
 
 
 def test_a_tiny_run_lowers_the_loss_and_beats_its_priors():
@@ -107,3 +107,50 @@ def test_priors_equal_to_the_truth_score_100():
     table.query_vtp = torch.from_numpy(np.stack(truth).astype(np.float16))
     assert prior_meter(table, bank, NUM_CLASSES, 0.5).miou() == pytest.approx(100)
     assert best_prior_threshold(table, bank, NUM_CLASSES)[1] == pytest.approx(100)
+
+
+def _distributed_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    from pipeline import train
+
+    real, seen = train.episode_loss, []
+
+    def counting(model, table, bank, index, *args):
+        seen.append(len(index))
+        return real(model, table, bank, index, *args)
+
+    train.episode_loss = counting
+    try:
+        model, _ = trained(epochs=1, cfg=NO_DROPOUT)
+        if rank == 0:
+            torch.save({"state": model.state_dict(), "episodes": sum(seen)}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+NO_DROPOUT = CFG.model_copy(update={"dropout": 0.0})  # so both runs draw no random masks
+
+
+def test_distributed_training_equals_one_process_on_the_same_batches(tmp_path):
+    """Two DDP ranks, each taking half of every batch, average their gradients: the same step
+    as one process on the whole batch."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_distributed_worker, args=(2, port, str(tmp_path / "ddp.pt")), nprocs=2)
+    single, _ = trained(epochs=1, cfg=NO_DROPOUT)
+    saved = torch.load(tmp_path / "ddp.pt")
+    assert saved["episodes"] == 96 // 2  # rank 0 trained on half of every batch
+    distributed = saved["state"]
+    for key, value in single.state_dict().items():
+        assert torch.allclose(value, distributed[key], atol=1e-5), key
