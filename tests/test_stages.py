@@ -191,13 +191,14 @@ def test_dvc_reruns_only_the_stages_a_param_touches(tmp_path):
         return set(status)
 
     assert dirty_after({}) == set()
-    assert dirty_after({"episodes": {"test_episodes": 61}}) == {"episodes"}
-    assert dirty_after({"split": {"novel_in_train": "mask"}}) == {"split"}
+    # the report lists the params its provenance shows (dataset, split, episodes, backbone, ...)
+    assert dirty_after({"episodes": {"test_episodes": 61}}) == {"episodes", "report"}
+    assert dirty_after({"split": {"novel_in_train": "mask"}}) == {"split", "report"}
     assert dirty_after({"orchestration": {"task_runner": "processes"}}) == set()
     assert dirty_after({"clip": {"zero_shot_images": 41}}) == {"clip_model"}
     assert dirty_after({"priors": {"pir_threshold": 0.5}}) == {"priors"}
     assert dirty_after({"pseudo_masks": {"alpha": 0.3}}) == {"pseudo_masks"}
-    assert dirty_after({"backbone": {"image_size": 96}}) == {"features", "pseudo_masks"}
+    assert dirty_after({"backbone": {"image_size": 96}}) == {"features", "pseudo_masks", "report"}
     folds = {f"train@{k}" for k in range(4)}
     assert dirty_after({"model": {"vvp": False}}) == folds
     assert dirty_after({"train": {"lr": 0.002}}) == folds
