@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import pandas as pd
@@ -120,9 +121,14 @@ class EpisodeTable:
         )
 
 
+@cache
+def _pair_arrays(priors: PriorStore, refined: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair's class and VTP map, read once per store (each manifest of a fold needs them)."""
+    return priors.root["pairs/class_id"][:], priors.root["pairs/pir" if refined else "pairs/vtp"][:]
+
+
 def _vtp_lookup(priors: PriorStore, refined: bool):
-    classes = priors.root["pairs/class_id"][:]
-    maps = priors.root["pairs/pir" if refined else "pairs/vtp"][:]
+    classes, maps = _pair_arrays(priors, refined)
 
     def lookup(image_ids: Sequence[str], class_ids: np.ndarray) -> torch.Tensor:
         rows = np.asarray([priors.row(i) for i in image_ids])

@@ -26,15 +26,13 @@ from tqdm import tqdm
 from pipeline.episodes import read_manifests
 from pipeline.errors import PipelineError
 from pipeline.evaluate import best_prior_threshold, evaluate_table, prior_meter
-from pipeline.features import FeatureStore
-from pipeline.fold_data import EpisodeTable, ImageBank, episode_images, load_bank, load_episodes, upsample
+from pipeline.fold_data import EpisodeTable, ImageBank, load_episodes, upsample
 from pipeline.model.lfss import LFSS
 from pipeline.params import ModelParams, Params
-from pipeline.priors.store import PriorStore
 from pipeline.store import write_atomic, write_json
 from stages._common import stage_main
 from stages.split import read_index_dir
-from stages.train import MODEL_FILE, open_group
+from stages.train import MODEL_FILE, open_inputs
 
 TEST = re.compile(r"test/fold(?P<fold>\d+)/shot(?P<shot>\d+)_seed(?P<seed>\d+)$")
 
@@ -116,12 +114,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
     if not tests:
         raise PipelineError(f"{args.episodes}: no test manifests for fold {fold}")
     val_name = f"val/fold{fold}"
-    features, priors = FeatureStore(Path(args.features)), PriorStore(Path(args.priors))
-    pseudo = open_group(Path(args.pseudo_masks), "pseudo_masks")
-    labels = dict(zip(index.image_id, index.mask_path, strict=True))
-    bank = load_bank(
-        set().union(*(episode_images(manifests[n]) for n in [*tests, val_name])), features, priors, labels
-    )
+    _, priors, pseudo, bank = open_inputs(args, index, manifests, [*tests, val_name])
     num_classes = len(names)
     threshold, _ = best_prior_threshold(
         load_episodes(val_name, manifests[val_name], bank, pseudo, priors, cfg), bank, num_classes

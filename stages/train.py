@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from pipeline.episodes import read_manifests
 from pipeline.errors import PipelineError
 from pipeline.features import FeatureStore
-from pipeline.fold_data import episode_images, load_bank, load_episodes
+from pipeline.fold_data import ImageBank, episode_images, load_bank, load_episodes
 from pipeline.model.lfss import LFSS
 from pipeline.params import Params
 from pipeline.priors.store import PriorStore
@@ -59,6 +60,17 @@ def open_group(path: Path, stage: str) -> zarr.Group:
         raise PipelineError(f"{path}: missing (run the {stage} stage)") from None
 
 
+def open_inputs(
+    args: argparse.Namespace, index: pd.DataFrame, manifests: dict, names: Sequence[str]
+) -> tuple[FeatureStore, PriorStore, zarr.Group, ImageBank]:
+    """The stores train and evaluate read, and the in-memory bank of every image of ``names``."""
+    features, priors = FeatureStore(Path(args.features)), PriorStore(Path(args.priors))
+    pseudo = open_group(Path(args.pseudo_masks), "pseudo_masks")
+    labels = dict(zip(index.image_id, index.mask_path, strict=True))
+    bank = load_bank(set().union(*(episode_images(manifests[n]) for n in names)), features, priors, labels)
+    return features, priors, pseudo, bank
+
+
 def run(params: Params, args: argparse.Namespace) -> None:
     fold = args.fold
     device, rank = setup_device()
@@ -72,10 +84,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
         raise PipelineError(
             f"{args.episodes}: no {missing[0]} manifest (fold {fold} of {params.split.num_folds}?)"
         )
-    features, priors = FeatureStore(Path(args.features)), PriorStore(Path(args.priors))
-    pseudo = open_group(Path(args.pseudo_masks), "pseudo_masks")
-    labels = dict(zip(index.image_id, index.mask_path, strict=True))
-    bank = load_bank(set().union(*(episode_images(manifests[n]) for n in names)), features, priors, labels)
+    features, priors, pseudo, bank = open_inputs(args, index, manifests, names)
     train, val = (load_episodes(n, manifests[n], bank, pseudo, priors, params.model) for n in names)
     out = Path(args.models) / f"fold{fold}"
     staging = Staging(
