@@ -427,7 +427,8 @@ def test_train_resumes_then_evaluate_reports_model_and_priors(model_inputs, pipe
     assert list(curves.columns) == ["epoch", "loss", "val_miou", "seconds"] and len(curves) == 2
 
     metrics_dir = tmp_path / "metrics"
-    eval_args = [*model_args(pipeline_run, model_inputs, tmp_path), "--metrics", str(metrics_dir)]
+    eval_args = [*model_args(pipeline_run, model_inputs, tmp_path), "--metrics", str(metrics_dir),
+                 "--predictions", str(tmp_path / "predictions")]
     assert evaluate.main(eval_args) == 0
     report = json.loads((metrics_dir / "fold1.json").read_text())
     novel = {"ring", "cross", "crescent", "hexagon", "pentagon"}  # fold 1: classes 6-10
@@ -436,6 +437,7 @@ def test_train_resumes_then_evaluate_reports_model_and_priors(model_inputs, pipe
         assert all(0 <= figures[key] <= 100 for key in ("miou", "prior_miou", "fbiou"))
         assert set(figures["class_iou"]) <= novel and figures["seeds"]["0"]["miou"] == figures["miou"]
     assert 0.1 <= report["prior_threshold"] <= 0.9
+    assert (tmp_path / "predictions/fold1.npz").is_file()  # nothing written outside the given paths
 
 
 def test_train_of_a_missing_fold_is_one_line(model_inputs, pipeline_run, tmp_path, capsys):
