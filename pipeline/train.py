@@ -75,6 +75,13 @@ class State:
     best_state: dict | None = None
 
 
+def same_keys(history: list[dict]) -> list[dict]:
+    """``history`` rebuilt with this module's key strings: pickle memoises strings by identity, so
+    a resumed history (keys unpickled from the checkpoint) then saves to the same bytes as an
+    uninterrupted one."""
+    return [{"epoch": r["epoch"], "loss": r["loss"], "val_miou": r["val_miou"]} for r in history]
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The seeded episode order of an epoch (a function of seed and epoch only: resumable)."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
@@ -111,6 +118,7 @@ def fit(
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
         state = saved["state"]
+        state.history = same_keys(state.history)
     steps = (len(train) + cfg.batch_size - 1) // cfg.batch_size
     for epoch in range(state.epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout: a function of seed and epoch
@@ -135,8 +143,7 @@ def fit(
             "epoch": epoch + 1,
             "loss": round(total / steps, 5),
             "val_miou": round(val_miou, 3),
-            "seconds": round(time.perf_counter() - start, 2),
-        }
+        }  # no wall-clock time here: the saved history (and so model.pt) must be reproducible
         state.history.append(record)
         state.epoch = epoch + 1
         if val_miou > state.best_miou:
@@ -151,5 +158,5 @@ def fit(
             write_atomic(checkpoint, lambda tmp, saved=saved: torch.save(saved, tmp))
         if distributed:
             dist.barrier()
-        log(record)
+        log(record | {"seconds": round(time.perf_counter() - start, 2)})
     return state
