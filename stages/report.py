@@ -36,13 +36,16 @@ def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def git_commit() -> str:
+def git_commit(root: Path = Path(".")) -> str:
+    """HEAD's short hash, marked when code or params differ from it. dvc.lock is left out: every
+    `dvc repro` that re-ran a stage rewrites it before this stage runs, and it is committed after."""
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock"],
+            cwd=root,
             capture_output=True,
             text=True,
             check=True,

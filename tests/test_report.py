@@ -176,3 +176,24 @@ def test_html_renders_in_headless_chromium(tmp_path):
 
     pixels = np.asarray(Image.open(shot).convert("L"))
     assert pixels.std() > 10  # not a blank page
+
+
+def test_provenance_commit_is_marked_dirty_by_code_or_params_but_not_by_dvc_lock(tmp_path):
+    from stages.report import git_commit
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                       check=True, capture_output=True)
+
+    assert git_commit(tmp_path) == "unknown (not a git checkout)"
+    git("init", "-q")
+    for name in ("dvc.lock", "params.yaml"):
+        (tmp_path / name).write_text("a\n")
+    git("add", ".")
+    git("commit", "-qm", "start")
+    head = git_commit(tmp_path)
+    assert re.fullmatch(r"[0-9a-f]{7,}", head)
+    (tmp_path / "dvc.lock").write_text("b\n")  # a repro that re-ran stages, not committed yet
+    assert git_commit(tmp_path) == head
+    (tmp_path / "params.yaml").write_text("b\n")
+    assert git_commit(tmp_path) == head + " (with uncommitted changes)"
