@@ -28,7 +28,7 @@ import torch
 import zarr
 from PIL import Image
 
-from pipeline.params import PriorsParams
+from pipeline.core.params import PriorsParams
 from pipeline.priors import store
 from pipeline.priors.shards import extract_image_shard, vvp_episode_shard
 from pipeline.priors.vvp import mask_to_grid, vvp

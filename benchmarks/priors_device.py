@@ -18,11 +18,11 @@ import torch.nn.functional as F
 
 from pipeline.clip.loader import load_local_dir
 from pipeline.clip.prompts import text_embeddings
-from pipeline.clip.tiny import build_tiny
 from pipeline.datasets.shapes import SHAPE_NAMES
 from pipeline.datasets.synthetic import render_scene, scene_rng
 from pipeline.priors.extract import extract_priors
 from pipeline.priors.vtp import prompt_bank
+from pipeline.tinyclip.model import build_tiny
 
 
 def scenes(n: int, size: int, mean, std) -> tuple[torch.Tensor, list[list[int]]]:

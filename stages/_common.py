@@ -6,8 +6,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from pipeline.errors import PipelineError
-from pipeline.params import Params, load_params
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import Params, load_params
 
 
 def stage_main(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.store import write_json
+from pipeline.core.artifacts import write_json
 
 # name -> params overriding the committed ones ({} is the committed configuration itself)
 ABLATIONS: dict[str, dict[str, object]] = {

@@ -24,13 +24,16 @@ import torch
 from PIL import Image
 from prefect import flow
 
-from pipeline.clip import evaluate_tiny, fixture, tiny, train_tiny
 from pipeline.clip.loader import ClipBundle, load_pretrained, save_local_dir
+from pipeline.core.artifacts import Staging, fingerprint, write_json
+from pipeline.core.errors import PipelineError
+from pipeline.core.orchestration import run_flow
+from pipeline.core.params import ClipParams, Params
 from pipeline.datasets.synthetic_writer import CAPTIONS_DIR, VOC_DIR
-from pipeline.errors import PipelineError
-from pipeline.orchestration import run_flow
-from pipeline.params import ClipParams, Params
-from pipeline.store import Staging, fingerprint, write_json
+from pipeline.tinyclip import evaluate as evaluate_tiny
+from pipeline.tinyclip import fixture
+from pipeline.tinyclip import model as tiny
+from pipeline.tinyclip import train as train_tiny
 from stages._common import stage_main
 
 

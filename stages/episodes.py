@@ -20,11 +20,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 from prefect import flow, task
 
-from pipeline import episodes
-from pipeline.errors import PipelineError
-from pipeline.orchestration import gather, run_flow
-from pipeline.params import EpisodesParams, Params
-from pipeline.store import Staging, fingerprint, write_json
+from pipeline.core.artifacts import Staging, fingerprint, write_json
+from pipeline.core.errors import PipelineError
+from pipeline.core.orchestration import gather, run_flow
+from pipeline.core.params import EpisodesParams, Params
+from pipeline.datasets import episodes
 from stages._common import stage_main
 
 

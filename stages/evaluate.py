@@ -18,33 +18,20 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
-import zarr
 from tqdm import tqdm
 
-from pipeline.episodes import read_manifests
-from pipeline.errors import PipelineError
-from pipeline.evaluate import best_prior_threshold, evaluate_table, prior_meter
-from pipeline.fold_data import EpisodeTable, ImageBank, load_episodes, upsample
-from pipeline.model.lfss import LFSS
-from pipeline.params import ModelParams, Params
-from pipeline.store import write_atomic, write_json
+from pipeline.core.artifacts import write_atomic, write_json
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import ModelParams, Params
+from pipeline.datasets.episodes import read_manifests
+from pipeline.datasets.index import read_index_dir
+from pipeline.fewshot.checkpoint import MODEL_FILE, load_model
+from pipeline.fewshot.data import EpisodeTable, open_fold_inputs
+from pipeline.fewshot.evaluate import best_prior_threshold, evaluate_table, prior_meter, sample_predictions
 from stages._common import stage_main
-from stages.split import read_index_dir
-from stages.train import MODEL_FILE, open_inputs
 
 TEST = re.compile(r"test/fold(?P<fold>\d+)/shot(?P<shot>\d+)_seed(?P<seed>\d+)$")
-
-
-def load_model(path: Path, device: torch.device) -> tuple[LFSS, dict]:
-    try:
-        saved = torch.load(path, map_location=device, weights_only=False)
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: missing (run the train stage for this fold)") from None
-    model = LFSS(saved["feat_channels"], ModelParams(**saved["model"])).to(device)
-    model.load_state_dict(saved["state_dict"])
-    return model.eval(), saved
 
 
 def summary(per_seed: dict[int, dict]) -> dict:
@@ -66,39 +53,6 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
         np.savez_compressed(f, **arrays)
 
 
-def samples(
-    name: str,
-    table: EpisodeTable,
-    bank: ImageBank,
-    pseudo: zarr.Group,
-    cfg: ModelParams,
-    index: torch.Tensor,
-    probs: torch.Tensor,
-    manifest: pd.DataFrame,
-) -> dict[str, np.ndarray]:
-    """What the report's qualitative figure shows of episodes ``index``: ids, class, the support
-    mask the model was given, and the prediction (probability x 255 at the label's size)."""
-    rows = manifest.iloc[index.numpy()]
-    if cfg.supervision == "text":
-        support_mask = pseudo[f"{name}/support_{cfg.pseudo_masks}"].oindex[index.numpy(), 0]
-    else:
-        support_mask = np.stack(
-            [
-                bank.labels[r] == c
-                for r, c in zip(table.supports[index, 0].tolist(), table.classes[index].tolist(), strict=True)
-            ]
-        )
-    size = bank.labels[int(table.query[index[0]])].shape
-    prediction = (upsample(probs.float(), size).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    return {
-        "query": rows["query"].to_numpy(str),
-        "support": np.array([s[0] for s in rows["supports"]], str),
-        "class_id": rows["class_id"].to_numpy(np.int16),
-        "support_mask": support_mask,
-        "prediction": prediction,
-    }
-
-
 def run(params: Params, args: argparse.Namespace) -> None:
     fold = args.fold
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -114,11 +68,11 @@ def run(params: Params, args: argparse.Namespace) -> None:
     if not tests:
         raise PipelineError(f"{args.episodes}: no test manifests for fold {fold}")
     val_name = f"val/fold{fold}"
-    _, priors, pseudo, bank = open_inputs(args, index, manifests, [*tests, val_name])
-    num_classes = len(names)
-    threshold, _ = best_prior_threshold(
-        load_episodes(val_name, manifests[val_name], bank, pseudo, priors, cfg), bank, num_classes
-    )
+    inputs = open_fold_inputs(index, manifests, [*tests, val_name], Path(args.features), Path(args.priors),
+                              Path(args.pseudo_masks))
+    bank, num_classes = inputs.bank, len(names)
+    val = inputs.episodes(val_name, manifests[val_name], cfg)
+    threshold, _ = best_prior_threshold(val, bank, num_classes)
     shots: dict[int, dict[int, dict]] = {}
     kept: dict[str, np.ndarray] = {}
     sampled = next(
@@ -126,23 +80,24 @@ def run(params: Params, args: argparse.Namespace) -> None:
     )  # figures show 1-shot episodes
     for name in tqdm(tests, desc=f"evaluate fold {fold}", file=sys.stderr):
         m = TEST.match(name)
-        table = load_episodes(name, manifests[name], bank, pseudo, priors, cfg)
+        table = inputs.episodes(name, manifests[name], cfg)
 
         def keep(
             index: torch.Tensor, probs: torch.Tensor, name: str = name, table: EpisodeTable = table
         ) -> None:
             if not kept:  # the first batch's first episodes
                 n = params.evaluate.samples
-                kept.update(samples(name, table, bank, pseudo, cfg, index[:n], probs[:n], manifests[name]))
+                kept.update(sample_predictions(name, table, bank, inputs.pseudo, cfg, index[:n], probs[:n],
+                                               manifests[name]))
 
         meter = evaluate_table(
             model,
             table,
             bank,
             num_classes,
-            saved["circle"],
-            params.evaluate.batch_size,
-            device,
+            circle_inference=saved["circle"],
+            batch_size=params.evaluate.batch_size,
+            device=device,
             on_batch=keep if name == sampled and params.evaluate.samples else None,
         )
         classes = sorted(set(table.classes.tolist()))

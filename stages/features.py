@@ -1,7 +1,7 @@
 """`features`: frozen backbone features of every image any episode uses.
 
 Reads ``data/index``, ``data/episodes`` and ``data/models/clip`` (for ``backbone.name: clip``);
-writes ``data/features.zarr`` (layout: ``pipeline/features.py``), computed once for the
+writes ``data/features.zarr`` (layout: ``pipeline/features/store.py``), computed once for the
 training and evaluation of every fold. Image shards resume after a crash.
 """
 
@@ -16,15 +16,16 @@ import torch
 import zarr
 from prefect import flow, task
 
-from pipeline import features
 from pipeline.clip.loader import SHA_FILE, load_local_dir
-from pipeline.episodes import read_manifests
-from pipeline.model.backbone import Backbone, build_backbone
-from pipeline.orchestration import run_flow, run_shards
-from pipeline.params import BackboneParams, Params
-from pipeline.store import Staging, fingerprint
+from pipeline.core.artifacts import Staging, fingerprint
+from pipeline.core.orchestration import run_flow, run_shards
+from pipeline.core.params import BackboneParams, Params
+from pipeline.datasets.episodes import episode_images, read_manifests
+from pipeline.datasets.index import read_index_dir
+from pipeline.features import store as features
+from pipeline.features.backbone import Backbone, build_backbone
+from pipeline.features.extract import extract_shard
 from stages._common import stage_main
-from stages.split import read_index_dir
 
 
 @cache
@@ -46,19 +47,10 @@ def shard_task(
     threads: int,
 ) -> str:
     torch.set_num_threads(threads)
-    features.extract_shard(
+    extract_shard(
         zarr.open_group(zarr_path, mode="r+"), rows, paths, backbone_for(clip_dir, cfg), cfg.image_size
     )
     return name
-
-
-def episode_images(manifests: dict) -> list[str]:
-    """Every image any manifest uses, sorted."""
-    ids = set()
-    for table in manifests.values():
-        ids.update(table["query"])
-        ids.update(table["supports"].explode())
-    return sorted(ids)
 
 
 @flow(name="features")
@@ -67,7 +59,7 @@ def build_features(
 ) -> dict:
     index, _ = read_index_dir(index_dir)
     paths = dict(zip(index.image_id, index.image_path, strict=True))
-    image_ids = episode_images(read_manifests(episodes_dir))
+    image_ids = episode_images(read_manifests(episodes_dir).values())
     net = backbone_for(str(clip_dir), cfg)
     with torch.no_grad():
         probe = net(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=next(net.parameters()).device))

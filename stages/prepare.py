@@ -18,12 +18,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import flow, task
 
+from pipeline.core.artifacts import Staging, fingerprint, write_json
+from pipeline.core.orchestration import run_flow, run_shards
+from pipeline.core.params import DatasetParams, Params, SyntheticParams
 from pipeline.datasets import coco, synthetic_writer, voc
 from pipeline.datasets.index import INDEX_SCHEMA, IndexRow, write_index
 from pipeline.datasets.shapes import SHAPE_NAMES
-from pipeline.orchestration import run_flow, run_shards
-from pipeline.params import DatasetParams, Params, SyntheticParams
-from pipeline.store import Staging, fingerprint, write_json
 from stages._common import stage_main
 
 INDEX_SHARD = 500  # images per index shard

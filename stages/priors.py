@@ -2,9 +2,8 @@
 
 Reads ``data/index``, ``data/episodes`` and ``data/models/clip``; writes ``data/priors.zarr``
 (layout: ``pipeline/priors/store.py``) and ``data/priors_preview.png``. Work is split into
-image shards (one forward per image, one GradCAM per (image, class) pair) and then episode
-shards (VVP from the cached token features and the ground-truth support masks); a re-run after
-a crash computes only the shards that were not finished.
+image shards (one forward per image, one GradCAM per (image, class) pair); a re-run after a
+crash computes only the shards that were not finished.
 """
 
 from __future__ import annotations
@@ -15,49 +14,27 @@ import os
 from functools import cache
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
 import zarr
-from PIL import Image
 from prefect import flow, task
 
-from pipeline.clip.loader import load_local_dir
-from pipeline.clip.prompts import VOCABULARIES, text_embeddings
-from pipeline.episodes import read_manifests
-from pipeline.errors import PipelineError
-from pipeline.orchestration import run_flow, run_shards
-from pipeline.params import Params, PriorsParams
+from pipeline.clip.prompts import VOCABULARIES
+from pipeline.core.artifacts import Staging, fingerprint, write_atomic
+from pipeline.core.errors import PipelineError
+from pipeline.core.orchestration import run_flow, run_shards
+from pipeline.core.params import Params, PriorsParams
+from pipeline.datasets.episodes import image_classes, read_manifests
+from pipeline.datasets.index import read_index_dir
 from pipeline.priors import preview, store
 from pipeline.priors.forward import image_features
-from pipeline.priors.shards import Extractor, extract_image_shard, vvp_episode_shard
-from pipeline.priors.vtp import prompt_bank
-from pipeline.store import Staging, fingerprint, write_atomic
+from pipeline.priors.shards import Extractor, extract_image_shard, load_extractor
 from stages._common import stage_main
-from stages.split import read_index_dir
-
-
-def plan_pairs(manifests: dict[str, pd.DataFrame]) -> dict[str, list[int]]:
-    """Image id -> sorted class ids some episode asks of it (as query or support); sorted ids."""
-    pairs: dict[str, set[int]] = {}
-    for table in manifests.values():
-        for row in table.itertuples():
-            for image in (row.query, *row.supports):
-                pairs.setdefault(image, set()).add(int(row.class_id))
-    return {image: sorted(pairs[image]) for image in sorted(pairs)}
 
 
 @cache
 def extractor(clip_dir: str, cfg: PriorsParams, names: tuple[str, ...]) -> Extractor:
     """The CLIP and its prompt embeddings, loaded once per process."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    bundle = load_local_dir(Path(clip_dir), device)
-    tokenizer = bundle.tokenizer()
-    return Extractor(
-        bundle,
-        prompt_bank(bundle.model, tokenizer, names, cfg.foreground_template, cfg.background_template),
-        text_embeddings(bundle.model, tokenizer, names), cfg.image_size or bundle.image_size,
-        cfg.prompt_set, cfg.pir_blocks, cfg.pir_threshold, cfg.batch_size, cfg.autocast)
+    return load_extractor(Path(clip_dir), cfg, names)
 
 
 @task
@@ -70,43 +47,30 @@ def image_shard(zarr_path: Path, name: str, rows: range, paths: list[str], pair_
     return name
 
 
-@task
-def episode_shard(zarr_path: Path, name: str, manifest: str, episodes: pd.DataFrame,
-                  mask_paths: dict[str, str], mean_over_shots: bool) -> str:
-    def support_mask(image_id: str, class_id: int) -> np.ndarray:
-        return np.asarray(Image.open(mask_paths[image_id])) == class_id
-
-    root = zarr.open_group(zarr_path, mode="r+")
-    vvp_episode_shard(root, manifest, episodes, support_mask, mean_over_shots)
-    return name
-
-
 @flow(name="priors")
 def build_priors(cfg: PriorsParams, dataset: str, index_dir: Path, episodes_dir: Path, clip_dir: Path,
                  out: Path, preview_path: Path, workers: int) -> dict:
     index, meta = read_index_dir(index_dir)
     index = index.set_index("image_id")
     manifests = read_manifests(episodes_dir)
-    pairs = plan_pairs(manifests)
+    pairs = image_classes(manifests.values())
     names = VOCABULARIES[dataset]
     if len(names) != len(meta["class_names"]):
         raise PipelineError(f"{index_dir / 'meta.json'}: {len(meta['class_names'])} classes, but the "
                             f"{dataset!r} vocabulary has {len(names)}")
     ex = extractor(str(clip_dir), cfg, tuple(names))
     probe = image_features(ex.bundle.model.visual, torch.zeros(1, 3, ex.image_size, ex.image_size,
-                                                               device=ex.device), cfg.pir_blocks)
+                                                               device=ex.device),
+                           attention_blocks=cfg.pir_blocks)
     image_ids = list(pairs)
     layout = store.Layout(
         num_images=len(image_ids), slots=max(len(c) for c in pairs.values()), num_classes=len(names),
-        grid=probe.grid, token_dims=tuple(t.shape[-1] for t in probe.tokens),
-        shard_size=cfg.shard_size,
-        episodes={m: (len(t), 1 if cfg.vvp_shots == "mean" else int(t["shot"].max()))
-                  for m, t in manifests.items()})
+        grid=probe.grid, token_dims=tuple(t.shape[-1] for t in probe.tokens), shard_size=cfg.shard_size)
     attrs = {"clip_sha256": ex.bundle.sha256,
              "preprocess": {**ex.bundle.preprocess_cfg, "size": ex.image_size},
              "params": cfg.model_dump(), "dataset": dataset, "class_names": list(meta["class_names"]),
              "image_ids": image_ids}
-    staging = Staging(out, fingerprint([attrs, layout.episodes, (episodes_dir / "meta.json").read_text()]))
+    staging = Staging(out, fingerprint([attrs, (episodes_dir / "meta.json").read_text()]))
     zarr_path = staging.path
     store.create(zarr_path, layout, attrs)
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -121,17 +85,6 @@ def build_priors(cfg: PriorsParams, dataset: str, index_dir: Path, episodes_dir:
                                   str(clip_dir), cfg, tuple(names), threads)
 
     run_shards(staging, submit_images, shards, "priors: image shards")
-    mask_paths = index["mask_path"].to_dict()
-    jobs = {f"vvp-{m.replace('/', '-')}-{s:06d}": (m, t.iloc[s: s + store.EPISODE_SHARD])
-            for m, t in manifests.items() for s in range(0, len(t), store.EPISODE_SHARD)}
-
-    def submit_episodes(name: str):
-        manifest, episodes = jobs[name]
-        needed = {i for i in episodes["supports"].explode()}
-        return episode_shard.submit(zarr_path, name, manifest, episodes, {i: mask_paths[i] for i in needed},
-                                    cfg.vvp_shots == "mean")
-
-    run_shards(staging, submit_episodes, jobs, "priors: VVP episode shards")
     examples = preview.pick_examples(manifests)
     write_atomic(preview_path, lambda tmp: preview.render(store.PriorStore(zarr_path), examples, index, tmp))
     staging.commit()

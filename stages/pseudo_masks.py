@@ -2,7 +2,7 @@
 
 Reads ``data/index``, ``data/episodes``, ``data/priors.zarr`` (MaskCLIP scores, VTP) and
 ``data/features.zarr`` (the frozen backbone's features); writes ``data/pseudo_masks.zarr`` (layout:
-``pipeline/pseudo_masks.py``) and ``data/metrics/pseudo_masks.json``: per fold, the mIoU of the
+``pipeline/pseudomasks/store.py``) and ``data/metrics/pseudo_masks.json``: per fold, the mIoU of the
 initial and refined support and query masks of the 1-shot test episodes against the ground
 truth (the LFSS paper's Table 3). Episode shards resume after a crash.
 """
@@ -19,39 +19,39 @@ import torch
 import zarr
 from prefect import flow, task
 
-from pipeline import pseudo_masks
-from pipeline.episodes import read_manifests
-from pipeline.features import FeatureStore
-from pipeline.orchestration import gather, run_flow, run_shards
-from pipeline.params import BackboneParams, Params, PseudoMaskParams
+from pipeline.core.artifacts import Staging, fingerprint, write_json
+from pipeline.core.orchestration import gather, run_flow, run_shards
+from pipeline.core.params import BackboneParams, Params, PseudoMaskParams
+from pipeline.datasets.episodes import read_manifests
+from pipeline.datasets.index import read_index_dir
+from pipeline.features.store import FeatureStore
 from pipeline.priors.store import PriorStore
-from pipeline.store import Staging, fingerprint, write_json
+from pipeline.pseudomasks import quality, store
+from pipeline.pseudomasks.shards import Refiner, refine_shard
 from stages._common import stage_main
-from stages.split import read_index_dir
 
 
 @cache
-def refiner(
-    features: str, priors: str, backbone: BackboneParams, cfg: PseudoMaskParams
-) -> pseudo_masks.Refiner:
+def refiner(features: str, priors: str, backbone: BackboneParams, cfg: PseudoMaskParams) -> Refiner:
     """The features and the priors, opened once per process."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     temperature = cfg.temperature if cfg.attention == "cosine" else None
-    return pseudo_masks.Refiner(FeatureStore(Path(features)), PriorStore(Path(priors)), backbone.image_size,
-                                cfg.alpha, temperature, cfg.vtp_threshold, cfg.batch_size, device)
+    return Refiner(FeatureStore(Path(features)), PriorStore(Path(priors)), backbone.image_size,
+                   alpha=cfg.alpha, temperature=temperature, vtp_threshold=cfg.vtp_threshold,
+                   batch_size=cfg.batch_size, device=device)
 
 
 @task
 def refine_task(zarr_path: Path, name: str, manifest: str, episodes, context: tuple, threads: int) -> str:
     torch.set_num_threads(threads)
-    pseudo_masks.refine_shard(zarr.open_group(zarr_path, mode="r+"), manifest, episodes, refiner(*context))
+    refine_shard(zarr.open_group(zarr_path, mode="r+"), manifest, episodes, refiner(*context))
     return name
 
 
 @task
 def evaluate_task(zarr_path: Path, manifest: str, episodes, mask_paths: dict[str, str], num_classes: int):
-    root = zarr.open_group(zarr_path, mode="r")
-    return pseudo_masks.evaluate(root, manifest, episodes, mask_paths.__getitem__, num_classes)
+    return quality.evaluate(store.PseudoMaskStore(zarr_path), manifest, episodes, mask_paths.__getitem__,
+                            num_classes)
 
 
 def evaluated_manifests(manifests: dict) -> dict[int, str]:
@@ -75,11 +75,11 @@ def build_pseudo_masks(cfg: PseudoMaskParams, backbone: BackboneParams, index_di
                                         priors_attrs["params"], features_attrs["backbone"],
                                         features_attrs["clip_sha256"],
                                         (episodes_dir / "meta.json").read_text()]))
-    pseudo_masks.create(zarr.open_group(staging.path, mode="a"), manifests, backbone.image_size)
+    store.create(zarr.open_group(staging.path, mode="a"), manifests, backbone.image_size)
     context = (str(features), str(priors), backbone, cfg)
     threads = max(1, (os.cpu_count() or 1) // workers)
-    jobs = {f"{m.replace('/', '-')}-{s:06d}": (m, t.iloc[s: s + pseudo_masks.SHARD])
-            for m, t in manifests.items() for s in range(0, len(t), pseudo_masks.SHARD)}
+    jobs = {f"{m.replace('/', '-')}-{s:06d}": (m, t.iloc[s: s + store.SHARD])
+            for m, t in manifests.items() for s in range(0, len(t), store.SHARD)}
     run_shards(staging, lambda name: refine_task.submit(staging.path, name, *jobs[name], context, threads),
                jobs, "pseudo-masks: episode shards")
     mask_paths = dict(zip(index.image_id, index.mask_path, strict=True))

@@ -21,13 +21,13 @@ import pandas as pd
 import yaml
 from PIL import Image
 
-from pipeline.errors import PipelineError
-from pipeline.params import Params
+from pipeline.core.artifacts import Staging, fingerprint, write_atomic, write_json
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import Params
+from pipeline.datasets.index import read_index_dir
 from pipeline.report import document
 from pipeline.report.figures import Sample
-from pipeline.store import Staging, fingerprint, write_atomic, write_json
 from stages._common import stage_main
-from stages.split import read_index_dir
 
 TITLE = "Language-guided few-shot segmentation with CLIP priors: results"
 

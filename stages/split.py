@@ -8,7 +8,6 @@ Writes ``data/splits/pairs.parquet`` (columns fold, role, image_id, class_id, pi
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -16,24 +15,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import flow, task
 
+from pipeline.core.artifacts import Staging, fingerprint, write_json
+from pipeline.core.orchestration import gather, run_flow
+from pipeline.core.params import Params, SplitParams
 from pipeline.datasets import folds
-from pipeline.datasets.index import read_index
-from pipeline.errors import PipelineError
-from pipeline.orchestration import gather, run_flow
-from pipeline.params import Params, SplitParams
-from pipeline.store import Staging, fingerprint, write_json
+from pipeline.datasets.index import read_index_dir
 from stages._common import stage_main
 
 PAIRS_SCHEMA = pa.schema([("fold", pa.int8()), ("role", pa.string()), ("image_id", pa.string()),
                           ("class_id", pa.int16()), ("pixels", pa.int32())])
-
-
-def read_index_dir(index_dir: Path) -> tuple[pd.DataFrame, dict]:
-    try:
-        meta = json.loads((index_dir / "meta.json").read_text())
-        return read_index(index_dir / "index.parquet"), meta
-    except FileNotFoundError as exc:
-        raise PipelineError(f"{exc.filename}: missing (run the prepare stage first)") from None
 
 
 @task

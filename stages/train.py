@@ -17,28 +17,23 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 import torch
 import torch.distributed as dist
-import zarr
 from tqdm import tqdm
 
-from pipeline.episodes import read_manifests
-from pipeline.errors import PipelineError
-from pipeline.features import FeatureStore
-from pipeline.fold_data import ImageBank, episode_images, load_bank, load_episodes
+from pipeline.core.artifacts import Staging, fingerprint, write_atomic
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import Params
+from pipeline.datasets.episodes import read_manifests
+from pipeline.datasets.index import read_index_dir
+from pipeline.fewshot.checkpoint import MODEL_FILE, save_model
+from pipeline.fewshot.data import open_fold_inputs
+from pipeline.fewshot.train import fit
 from pipeline.model.lfss import LFSS
-from pipeline.params import Params
-from pipeline.priors.store import PriorStore
-from pipeline.store import Staging, fingerprint, write_atomic
-from pipeline.train import fit
 from stages._common import stage_main
-from stages.split import read_index_dir
-
-MODEL_FILE = "model.pt"
 
 
 def setup_device() -> tuple[torch.device, int]:
@@ -51,24 +46,6 @@ def setup_device() -> tuple[torch.device, int]:
             torch.cuda.set_device(local)
         return torch.device(f"cuda:{local}" if cuda else "cpu"), dist.get_rank()
     return torch.device("cuda" if torch.cuda.is_available() else "cpu"), 0
-
-
-def open_group(path: Path, stage: str) -> zarr.Group:
-    try:
-        return zarr.open_group(path, mode="r")
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: missing (run the {stage} stage)") from None
-
-
-def open_inputs(
-    args: argparse.Namespace, index: pd.DataFrame, manifests: dict, names: Sequence[str]
-) -> tuple[FeatureStore, PriorStore, zarr.Group, ImageBank]:
-    """The stores train and evaluate read, and the in-memory bank of every image of ``names``."""
-    features, priors = FeatureStore(Path(args.features)), PriorStore(Path(args.priors))
-    pseudo = open_group(Path(args.pseudo_masks), "pseudo_masks")
-    labels = dict(zip(index.image_id, index.mask_path, strict=True))
-    bank = load_bank(set().union(*(episode_images(manifests[n]) for n in names)), features, priors, labels)
-    return features, priors, pseudo, bank
 
 
 def run(params: Params, args: argparse.Namespace) -> None:
@@ -84,8 +61,10 @@ def run(params: Params, args: argparse.Namespace) -> None:
         raise PipelineError(
             f"{args.episodes}: no {missing[0]} manifest (fold {fold} of {params.split.num_folds}?)"
         )
-    features, priors, pseudo, bank = open_inputs(args, index, manifests, names)
-    train, val = (load_episodes(n, manifests[n], bank, pseudo, priors, params.model) for n in names)
+    inputs = open_fold_inputs(index, manifests, names, Path(args.features), Path(args.priors),
+                              Path(args.pseudo_masks))
+    train, val = (inputs.episodes(n, manifests[n], params.model) for n in names)
+    bank = inputs.bank
     out = Path(args.models) / f"fold{fold}"
     staging = Staging(
         out,
@@ -93,9 +72,9 @@ def run(params: Params, args: argparse.Namespace) -> None:
             [
                 params.model.model_dump(),
                 params.train.model_dump(),
-                features.attrs,
-                priors.attrs["clip_sha256"],
-                dict(pseudo.attrs),
+                inputs.features.attrs,
+                inputs.priors.attrs["clip_sha256"],
+                inputs.pseudo.attrs,
                 (Path(args.episodes) / "meta.json").read_text(),
             ]
         ),
@@ -127,25 +106,14 @@ def run(params: Params, args: argparse.Namespace) -> None:
         )
     if rank != 0:
         return
-    best = max(state.history, key=lambda r: r["val_miou"])
-    torch.save(
-        {
-            "state_dict": state.best_state,
-            "model": params.model.model_dump(),
-            "feat_channels": bank.features.shape[1],
-            "circle": params.train.circle,
-            "fold": fold,
-            "history": state.history,
-            "best_epoch": best["epoch"],
-            "best_val_miou": best["val_miou"],
-        },
-        staging.path / MODEL_FILE,
-    )
+    best = save_model(staging.path / MODEL_FILE, state, params.model, bank.features.shape[1],
+                      params.train.circle, fold)
     (staging.path / "checkpoint.pt").unlink()
     curves = Path(args.plots) / f"fold{fold}.csv"
     write_atomic(curves, lambda tmp: pd.DataFrame(state.history).to_csv(tmp, index=False))
     staging.commit()
-    print(f"train: fold {fold}: best val mIoU {best['val_miou']:.2f} at epoch {best['epoch']} -> {out}")
+    print(f"train: fold {fold}: best val mIoU {best['best_val_miou']:.2f} at epoch {best['best_epoch']} "
+          f"-> {out}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,8 +10,8 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
+from pipeline.core.params import SyntheticParams  # noqa: E402
 from pipeline.datasets import synthetic_writer  # noqa: E402
-from pipeline.params import SyntheticParams  # noqa: E402
 
 SMOKE = SyntheticParams(image_size=64, train_images=120, val_images=200, caption_images=12,
                         shard_size=50)

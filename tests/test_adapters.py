@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.core.errors import PipelineError
 from pipeline.datasets import coco, voc
 from pipeline.datasets.index import read_index, read_label, write_index
 from pipeline.datasets.shapes import SHAPE_NAMES
-from pipeline.errors import PipelineError
 from tests.conftest import SMOKE
 
 

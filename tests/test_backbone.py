@@ -6,9 +6,9 @@ import pytest
 import torch
 import torchvision.models as tvm
 
-from pipeline.clip.tiny import build_tiny
-from pipeline.errors import PipelineError
-from pipeline.model.backbone import build_backbone
+from pipeline.core.errors import PipelineError
+from pipeline.features.backbone import build_backbone
+from pipeline.tinyclip.model import build_tiny
 
 
 @pytest.mark.parametrize(("name", "net", "channels"),

@@ -21,7 +21,7 @@ from pipeline.clip.dense import (
 )
 from pipeline.clip.gradcam import softmax_gradcam
 from pipeline.clip.prompts import MASKCLIP_TEMPLATES, VOCABULARIES, text_embeddings
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
 VIT = {"embed_dim": 24, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2,

@@ -3,8 +3,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.episodes import EPISODE_SCHEMA, check_shots, draw_pool_episodes, draw_test_episodes
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
+from pipeline.datasets.episodes import EPISODE_SCHEMA, check_shots, draw_pool_episodes, draw_test_episodes
 
 # 3 classes; class 2 has 3 images, the others 8. Images may hold two classes.
 PAIRS = pd.DataFrame(

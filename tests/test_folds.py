@@ -1,8 +1,8 @@
 import pandas as pd
 import pytest
 
+from pipeline.core.errors import PipelineError
 from pipeline.datasets import folds
-from pipeline.errors import PipelineError
 
 
 def test_pascal_5i_contiguous_folds():

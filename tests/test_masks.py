@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.masks import background_prototypes, initial_masks, masked_average_pooling, refine_masks
+from pipeline.core.tensors import masked_average_pooling
+from pipeline.pseudomasks.refine import background_prototypes, initial_masks, refine_masks
 
 
 def test_masked_average_pooling_against_a_loop():
@@ -62,8 +63,8 @@ def test_refiner_removes_false_positives_and_keeps_the_object(temperature):
         corrupted.append(noisy)
     s_feats = torch.stack([f for f, _ in shots])[None]
     s_masks = torch.stack(corrupted[:3])[None]
-    refined_s, refined_q = refine_masks(s_feats, s_masks, query_feats[None], corrupted[3][None], 0.5,
-                                        temperature)
+    refined_s, refined_q = refine_masks(s_feats, s_masks, query_feats[None], corrupted[3][None],
+                                        alpha=0.5, temperature=temperature)
     assert torch.equal(refined_q[0], query_truth)
     for k, (_, truth) in enumerate(shots):
         assert torch.equal(refined_s[0, k], truth), k
@@ -75,26 +76,27 @@ def test_alpha_decides_whose_prototype_counts(alpha):
     torch.manual_seed(3)
     s_feats, q_feats = torch.randn(2, 2, 8, 6, 6), torch.randn(2, 8, 6, 6)
     s_masks, q_masks = torch.rand(2, 2, 12, 12) > 0.5, torch.rand(2, 12, 12) > 0.5
-    base = refine_masks(s_feats, s_masks, q_feats, q_masks, alpha)
+    base = refine_masks(s_feats, s_masks, q_feats, q_masks, alpha=alpha, temperature=None)
     if alpha == 1.0:  # P_m = P_s: the supports' refinement ignores the query's initial mask
-        other = refine_masks(s_feats, s_masks, q_feats, ~q_masks, alpha)
+        other = refine_masks(s_feats, s_masks, q_feats, ~q_masks, alpha=alpha, temperature=None)
         assert torch.equal(base[0], other[0]) and not torch.equal(base[1], other[1])
     else:  # P_m = P_q: the query's refinement ignores the supports' initial masks
-        other = refine_masks(s_feats, ~s_masks, q_feats, q_masks, alpha)
+        other = refine_masks(s_feats, ~s_masks, q_feats, q_masks, alpha=alpha, temperature=None)
         assert torch.equal(base[1], other[1]) and not torch.equal(base[0], other[0])
 
 
 def test_refined_masks_have_the_initial_masks_size():
     s, q = refine_masks(torch.randn(3, 5, 4, 2, 2), torch.rand(3, 5, 9, 7) > 0.5, torch.randn(3, 4, 2, 2),
-                        torch.rand(3, 9, 7) > 0.5)
+                        torch.rand(3, 9, 7) > 0.5, alpha=0.5, temperature=0.1)
     assert s.shape == (3, 5, 9, 7) and q.shape == (3, 9, 7) and s.dtype == torch.bool
 
 
 def test_initial_masks_from_labels_and_vtp():
     labels = torch.tensor([[[1, 2], [2, 2]], [[3, 3], [1, 3]]])
     classes = torch.tensor([2, 3])
-    assert initial_masks(labels, classes).tolist() == [[[False, True], [True, True]],
+    no_vtp = initial_masks(labels, classes, None, vtp_threshold=None)
+    assert no_vtp.tolist() == [[[False, True], [True, True]],
                                                        [[True, True], [False, True]]]
     vtp = torch.tensor([[[0.9, 0.1], [0.9, 0.1]], [[1.0, 1.0], [1.0, 1.0]]])
-    with_vtp = initial_masks(labels, classes, vtp, 0.5)
+    with_vtp = initial_masks(labels, classes, vtp, vtp_threshold=0.5)
     assert with_vtp.tolist() == [[[False, False], [True, False]], [[True, True], [False, True]]]

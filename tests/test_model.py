@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from pipeline.core.params import ModelParams
 from pipeline.model import ccm, dps
 from pipeline.model.lfss import LFSS, Episodes, circle, guide_channels, predict
-from pipeline.params import ModelParams
 
 
 def blob_masks() -> torch.Tensor:
@@ -124,7 +124,7 @@ def test_dps_prototypes_of_an_empty_mask_are_zero():
     feats = torch.randn(2, 4, 6, 6)
     masks = torch.zeros(2, 6, 6)
     masks[0, 1:4, 1:4] = 1
-    protos = dps.dps_prototypes(feats, masks, torch.randn(2, 4), count=3)
+    protos = dps.dps_prototypes(feats, masks, torch.randn(2, 4), count=3, window=3, r=0.5, iterations=5)
     assert protos[0].abs().sum() > 0 and protos[1].abs().sum() == 0
 
 
@@ -224,13 +224,14 @@ def test_circle_uses_the_predicted_support_mask():
     from dataclasses import replace
 
     assert torch.allclose(query_logits, model(replace(x, support_mask=torch.sigmoid(support_logits))))
-    probs = predict(model, [x, x])  # two identical shots: the same as one
-    assert torch.allclose(probs, predict(model, [x]), atol=1e-6) and ((probs >= 0) & (probs <= 1)).all()
+    probs = predict(model, [x, x], circle_inference=True)  # two identical shots: the same as one
+    assert torch.allclose(probs, predict(model, [x], circle_inference=True), atol=1e-6)
+    assert ((probs >= 0) & (probs <= 1)).all()
 
 
 def test_params_reject_an_even_window():
-    from pipeline.errors import PipelineError
-    from pipeline.params import parse_params
+    from pipeline.core.errors import PipelineError
+    from pipeline.core.params import parse_params
 
     with pytest.raises(PipelineError, match="model.window = 4: must be odd"):
         parse_params({"model": {"window": 4}})

@@ -4,9 +4,9 @@ import pytest
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
-from pipeline.errors import PipelineError
-from pipeline.orchestration import _HideExpectedErrors, task_runner
-from pipeline.params import OrchestrationParams
+from pipeline.core.errors import PipelineError
+from pipeline.core.orchestration import _HideExpectedErrors, task_runner
+from pipeline.core.params import OrchestrationParams
 
 
 @pytest.mark.parametrize(("kind", "cls"), [("threads", ThreadPoolTaskRunner),

@@ -4,8 +4,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from pipeline.errors import PipelineError
-from pipeline.params import Params, load_params, parse_params
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import Params, load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 

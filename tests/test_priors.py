@@ -10,14 +10,16 @@ from scipy import ndimage
 
 from pipeline.clip.dense import vit_embed, vit_tokens
 from pipeline.clip.gradcam import softmax_gradcam
+from pipeline.core.tensors import mask_to_grid, minmax
 from pipeline.priors.extract import extract_priors
 from pipeline.priors.forward import block_with_attention, image_features
-from pipeline.priors.pir import box_mask, high_order_affinity, minmax, refine
+from pipeline.priors.pir import box_mask, high_order_affinity, refine
 from pipeline.priors.vtp import PromptBank, prompt_sets
-from pipeline.priors.vvp import mask_to_grid, vvp
+from pipeline.priors.vvp import vvp
 from tests.test_clip import RESNET, VIT, tiny
 
 NUM_CLASSES = 4
+PIR = {"pir_blocks": 8, "pir_threshold": 0.4}  # the paper's PIR settings
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def test_vtp_equals_a_plain_per_pair_reference(mode, bank):
     pair_image, pair_class = torch.tensor([0, 0, 1, 2]), [1, 3, 2, 4]
     labels = [[1, 3], [2, 4], [1, 4]]
     got = extract_priors(model, images, pair_image, pair_class, labels, bank, bank.foreground,
-                         prompt_set=mode).vtp
+                         prompt_set=mode, **PIR).vtp
     for p, (i, c) in enumerate(zip(pair_image.tolist(), pair_class, strict=True)):
         members = {"target": [c], "image_labels": sorted({c, *labels[i]}),
                    "all": list(range(1, NUM_CLASSES + 1))}[mode]
@@ -64,7 +66,8 @@ def test_resnet_vtp_equals_per_pair_gradcam_and_pir_uses_feature_affinity(bank):
     model = tiny(RESNET)
     images = torch.randn(2, 3, 96, 64)
     pair_image, pair_class = torch.tensor([0, 1, 1]), [2, 1, 3]
-    got = extract_priors(model, images, pair_image, pair_class, [[2], [1, 3]], bank, bank.foreground)
+    got = extract_priors(model, images, pair_image, pair_class, [[2], [1, 3]], bank, bank.foreground,
+                         prompt_set="target", **PIR)
     prompts, target, mask = prompt_sets(bank, torch.tensor(pair_class), None, "target")
     expected = softmax_gradcam(model.visual, images, pair_image, prompts, target,
                                model.logit_scale.exp().item(), mask)
@@ -107,7 +110,7 @@ def test_image_features_reuse_one_forward():
     assert torch.allclose(feats.trunk, x, atol=1e-5)
     assert torch.allclose(feats.tokens[1], visual.transformer.resblocks[-1](x)[:, 1:], atol=1e-5)
     assert feats.affinity.shape == (2, 20, 20) and (feats.affinity >= 0).all()
-    resnet = image_features(tiny(RESNET).visual, torch.randn(2, 3, 64, 96))
+    resnet = image_features(tiny(RESNET).visual, torch.randn(2, 3, 64, 96), attention_blocks=8)
     assert resnet.grid == (2, 3) and resnet.affinity.shape == (2, 6, 6)
     assert torch.allclose(resnet.affinity.diagonal(dim1=1, dim2=2), torch.ones(2, 6), atol=1e-5)
     assert [t.shape[:2] for t in resnet.tokens] == [(2, 6), (2, 6)]

@@ -15,12 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from pipeline.clip.loader import save_local_dir
-from pipeline.clip.tiny import build_tiny
+from pipeline.core.params import load_params
 from pipeline.datasets import synthetic_writer
-from pipeline.params import load_params
 from pipeline.priors.store import PriorStore
+from pipeline.tinyclip.model import build_tiny
 from stages import clip_model, episodes, prepare, priors, split
 from tests.conftest import SMOKE
 from tests.test_adapters import make_voc
@@ -243,29 +244,29 @@ def zarr_arrays(path: Path) -> dict[str, np.ndarray]:
 
 
 def test_priors_cover_every_episode_and_round_trip(priors_run, pipeline_run):
-    from pipeline.episodes import read_manifests
-    from stages.priors import extractor, plan_pairs
+    from pipeline.datasets.episodes import image_classes, read_manifests
+    from pipeline.priors.shards import load_extractor
 
     store = PriorStore(priors_run)
     manifests = read_manifests(pipeline_run / "episodes")
-    wanted = plan_pairs(manifests)
+    wanted = image_classes(manifests.values())
     assert store.attrs["image_ids"] == sorted(wanted)
     got = store.pairs.groupby("image_id")["class_id"].apply(sorted).to_dict()
     assert got == wanted
     assert store.attrs["clip_sha256"] == (pipeline_run / "clip/sha256.txt").read_text().strip()
     h, w = store.attrs["grid"]
     assert (h, w) == (8, 8) and store.attrs["preprocess"]["size"] == 128
-    for name, table in manifests.items():
-        vvp = store.root[f"episodes/{name}/vvp"]
-        assert vvp.shape == (len(table), int(table["shot"].max()), 2, h, w)
+    assert not any(name.startswith("episodes") for name in store.root)  # VVP is the model's, not stored
     last = manifests["test/fold1/shot5_seed0"].iloc[-1]
-    maps = store.vvp("test/fold1/shot5_seed0", int(last["episode"]))
+    index = pq.read_table(pipeline_run / "index/index.parquet").to_pandas().set_index("image_id")
+    masks = np.stack([np.asarray(Image.open(index.at[s, "mask_path"])) == last["class_id"]
+                      for s in last["supports"]])
+    maps = store.vvp(last["query"], list(last["supports"]), masks)
     assert maps.shape == (5, 2, 8, 8) and maps.max() == 1 and maps.min() == 0
     # what the store holds equals a direct extraction of the same images (float16 round trip)
-    index = pq.read_table(pipeline_run / "index/index.parquet").to_pandas().set_index("image_id")
     ids = store.attrs["image_ids"][:3]
     cfg = load_params(priors_run.parent / "priors.zarr.params.yaml").priors
-    ex = extractor(str(pipeline_run / "clip"), cfg, tuple(store.attrs["class_names"]))
+    ex = load_extractor(pipeline_run / "clip", cfg, store.attrs["class_names"])
     direct = ex.priors(ex.load_images([index.at[i, "image_path"] for i in ids]), [wanted[i] for i in ids],
                        [list(index.at[i, "class_ids"]) for i in ids])
     flat = [(i, c) for i in ids for c in wanted[i]]
@@ -329,14 +330,13 @@ def features_run(priors_run, pipeline_run) -> Path:
 
 def test_features_are_the_backbones_for_every_episode_image(features_run, pipeline_run):
     from pipeline.clip.loader import load_local_dir
-    from pipeline.episodes import read_manifests
-    from pipeline.features import FeatureStore
-    from pipeline.images import load_normalized
-    from pipeline.model.backbone import build_backbone
-    from stages.features import episode_images
+    from pipeline.core.images import load_normalized
+    from pipeline.datasets.episodes import episode_images, read_manifests
+    from pipeline.features.backbone import build_backbone
+    from pipeline.features.store import FeatureStore
 
     store = FeatureStore(features_run)
-    assert store.attrs["image_ids"] == episode_images(read_manifests(pipeline_run / "episodes"))
+    assert store.attrs["image_ids"] == episode_images(read_manifests(pipeline_run / "episodes").values())
     index = pq.read_table(pipeline_run / "index/index.parquet").to_pandas().set_index("image_id")
     ids = store.attrs["image_ids"][-3:]
     net = build_backbone("clip", load_local_dir(pipeline_run / "clip"))
@@ -348,7 +348,7 @@ def test_features_are_the_backbones_for_every_episode_image(features_run, pipeli
 def test_pseudo_masks_stage_writes_masks_and_their_miou(priors_run, features_run, pipeline_run, tmp_path):
     import zarr
 
-    from pipeline.episodes import read_manifests
+    from pipeline.datasets.episodes import read_manifests
     from stages import pseudo_masks
 
     out, metrics = tmp_path / "pseudo_masks.zarr", tmp_path / "pseudo_masks.json"
@@ -398,7 +398,7 @@ def model_args(run: Path, params: Path, out: Path) -> list[str]:
 
 def test_train_resumes_then_evaluate_reports_model_and_priors(model_inputs, pipeline_run, tmp_path,
                                                               monkeypatch):
-    from pipeline import train as train_lib
+    from pipeline.fewshot import train as train_lib
     from stages import evaluate, train
 
     real, calls = train_lib.episode_loss, []

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.store import Staging, fingerprint, write_atomic, write_json
+from pipeline.core.artifacts import Staging, fingerprint, write_atomic, write_json
 
 
 def test_commit_is_atomic_and_replaces_the_old_artifact(tmp_path):

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.clip import fixture, loader, train_tiny
+from pipeline.clip import loader
 from pipeline.clip.loader import load_local_dir, save_local_dir
-from pipeline.clip.tiny import build_tiny
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import TinyClipParams
 from pipeline.datasets.synthetic import IGNORE, caption
-from pipeline.errors import PipelineError
-from pipeline.params import TinyClipParams
+from pipeline.tinyclip import fixture
+from pipeline.tinyclip import train as train_tiny
+from pipeline.tinyclip.model import build_tiny
 from tests.conftest import SMOKE
 
 FAST = TinyClipParams(batch_size=6, phase1_steps=24, phase2_steps=6, warmup=2, checkpoint_every=8,

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluate import best_prior_threshold, evaluate_table, prior_meter
-from pipeline.fold_data import EpisodeTable, ImageBank
+from pipeline.core.params import ModelParams, TrainParams
+from pipeline.core.tensors import mask_to_grid
+from pipeline.fewshot.data import EpisodeTable, ImageBank
+from pipeline.fewshot.evaluate import best_prior_threshold, evaluate_table, prior_meter
+from pipeline.fewshot.train import State, fit
 from pipeline.model.lfss import LFSS
-from pipeline.params import ModelParams, TrainParams
-from pipeline.priors.vvp import mask_to_grid
-from pipeline.train import State, fit
 
 NUM_CLASSES, GRID, LABEL, C = 4, 8, 16, 10
 
@@ -75,7 +75,7 @@ def test_a_tiny_run_lowers_the_loss_and_beats_its_priors():
     assert state.best_miou == pytest.approx(max(r["val_miou"] for r in state.history), abs=1e-3)
     model.load_state_dict(state.best_state)
     threshold, _ = best_prior_threshold(train, bank, NUM_CLASSES)  # chosen on training episodes
-    model_miou = evaluate_table(model, val, bank, NUM_CLASSES).miou()
+    model_miou = evaluate_table(model, val, bank, NUM_CLASSES, circle_inference=True, batch_size=64).miou()
     assert model_miou == pytest.approx(state.best_miou)
     assert model_miou > prior_meter(val, bank, NUM_CLASSES, threshold).miou() + 5
 
@@ -117,7 +117,7 @@ def _distributed_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    from pipeline import train
+    from pipeline.fewshot import train
 
     real, seen = train.episode_loss, []
 

@@ -24,7 +24,8 @@ import open_clip
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.errors import PipelineError
+from pipeline.clip.towers import TOWER_CHANGES
+from pipeline.core.errors import PipelineError
 
 CONFIG_FILE, WEIGHTS_FILE, SHA_FILE = "open_clip_config.json", "open_clip_model.safetensors", "sha256.txt"
 
@@ -94,29 +95,15 @@ def _missing_weights(name: str, pretrained: str | None, cache_dir: str | None, e
 
 def build_model(model_cfg: dict[str, Any], lfss: dict[str, Any] | None = None) -> open_clip.CLIP:
     """An untrained CLIP from an open_clip model config, with the project's recorded changes."""
-    import pipeline.clip.tiny  # noqa: F401  (registers the tiny towers' changes)
-
     cfg = dict(model_cfg)
     quick_gelu = cfg.pop("quick_gelu", False)
     model = open_clip.CLIP(**cfg, quick_gelu=quick_gelu)
     for change, options in (lfss or {}).items():
-        if change not in _CHANGES:
+        if change not in TOWER_CHANGES:
             raise PipelineError(f"unknown tower change {change!r} in the CLIP config "
-                                f"(known: {', '.join(_CHANGES)})")
-        _CHANGES[change](model, **options)
+                                f"(known: {', '.join(TOWER_CHANGES)})")
+        TOWER_CHANGES[change](model, **options)
     return model
-
-
-#: Registry of project-specific tower changes (name -> function(model, **options)); the tiny
-#: CLIP's convolutional stem registers here.
-_CHANGES: dict[str, Any] = {}
-
-
-def register_change(name: str):
-    def decorator(fn):
-        _CHANGES[name] = fn
-        return fn
-    return decorator
 
 
 def save_local_dir(bundle: ClipBundle, folder: Path) -> str:

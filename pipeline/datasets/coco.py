@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from pipeline.core.errors import PipelineError
 from pipeline.datasets.index import IGNORE, IndexRow, index_row
-from pipeline.errors import PipelineError
 
 # The 80 COCO-2014 classes in sorted category-id order (class id = position + 1).
 COCO_CLASSES: tuple[str, ...] = (

@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 REFERENCE_MIN_PIXELS = 2048  # 2 * 32 * 32, PFENet
 REFERENCE_IMAGE_AREA = 500 * 375  # a typical VOC image, where 2048 px was defined

@@ -21,6 +21,7 @@ ignore_pixels  int32           pixels labelled 255
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 IGNORE = 255
 
@@ -118,4 +119,13 @@ def write_index(rows: list[IndexRow], path: Path) -> None:
 
 def read_index(path: Path) -> pd.DataFrame:
     return pq.read_table(path).to_pandas()
+
+
+def read_index_dir(index_dir: Path) -> tuple[pd.DataFrame, dict]:
+    """``data/index``: the index table and ``meta.json`` (dataset, root, class names)."""
+    try:
+        meta = json.loads((index_dir / "meta.json").read_text())
+        return read_index(index_dir / "index.parquet"), meta
+    except FileNotFoundError as exc:
+        raise PipelineError(f"{exc.filename}: missing (run the prepare stage first)") from None
 

@@ -30,9 +30,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from pipeline.core.params import SyntheticParams
 from pipeline.datasets.shapes import SHAPE_NAMES
 from pipeline.datasets.synthetic import IGNORE, Scene, render_scene, scene_rng
-from pipeline.params import SyntheticParams
 
 JPEG_QUALITY = 95
 VOC_DIR, COCO_DIR, CAPTIONS_DIR = "VOC2012", "COCO", "captions"

@@ -1,1 +1,1 @@
-"""The LFSS model: frozen backbones, DPS, CCM and the prior-fed decoder."""
+"""The LFSS model: DPS, CCM and the prior-fed decoder, on frozen backbone features."""

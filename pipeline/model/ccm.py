@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.model.similarity import EPS, cosine, unit
+from pipeline.core.tensors import EPS, cosine, unit
 
 
 def attended_prototype(
@@ -19,7 +19,8 @@ def attended_prototype(
     query_mask: torch.Tensor,
     support: torch.Tensor,
     support_mask: torch.Tensor,
-    temperature: float = 1.0,
+    *,
+    temperature: float,
 ) -> torch.Tensor:
     """Eqs. 13-14. ``(B, C, h, w)`` features and ``(B, h, w)`` masks in [0, 1] -> ``(B, C)``."""
     q = unit(query * query_mask[:, None], 1).flatten(2).transpose(1, 2)  # (B, Nq, C)

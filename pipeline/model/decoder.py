@@ -41,7 +41,7 @@ class Decoder(nn.Module):
     """
 
     def __init__(
-        self, feat_channels: int, guide_channels: int, hidden: int = 64, dropout: float = 0.5
+        self, feat_channels: int, guide_channels: int, *, hidden: int, dropout: float
     ) -> None:
         super().__init__()
         self.reduce = nn.Sequential(conv_relu(feat_channels, hidden, 1), nn.Dropout2d(dropout))

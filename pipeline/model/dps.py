@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.model.similarity import EPS, cosine, unit
+from pipeline.core.tensors import EPS, cosine, unit
 
 
 def grid_coords(h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
@@ -63,7 +63,7 @@ def place_seeds(region: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def rectify_seeds(
-    feats: torch.Tensor, seeds: torch.Tensor, prototype: torch.Tensor, window: int = 3
+    feats: torch.Tensor, seeds: torch.Tensor, prototype: torch.Tensor, *, window: int
 ) -> torch.Tensor:
     """Eqs. 7-8: move each seed to the cell of its ``window × window`` neighbourhood (inside the
     image) whose feature has the largest cosine with ``prototype``.
@@ -84,7 +84,7 @@ def rectify_seeds(
 
 
 def cluster(
-    feats: torch.Tensor, weights: torch.Tensor, seeds: torch.Tensor, r: float = 0.5, iterations: int = 5
+    feats: torch.Tensor, weights: torch.Tensor, seeds: torch.Tensor, *, r: float, iterations: int
 ) -> torch.Tensor:
     """Eqs. 9-11: soft clustering of the foreground cells around the seeds.
 
@@ -128,10 +128,11 @@ def dps_prototypes(
     support: torch.Tensor,
     support_mask: torch.Tensor,
     query_prototype: torch.Tensor,
-    count: int = 5,
-    window: int = 3,
-    r: float = 0.5,
-    iterations: int = 5,
+    *,
+    count: int,
+    window: int,
+    r: float,
+    iterations: int,
 ) -> torch.Tensor:
     """Part-aware prototypes of the supports: seeds, rectification, clustering.
 
@@ -139,6 +140,6 @@ def dps_prototypes(
     ``(B, count, C)``; zero for an empty mask.
     """
     region = seed_region(support_mask)
-    seeds = rectify_seeds(support, place_seeds(region, count), query_prototype, window)
-    prototypes = cluster(support, support_mask, seeds, r, iterations)
+    seeds = rectify_seeds(support, place_seeds(region, count), query_prototype, window=window)
+    prototypes = cluster(support, support_mask, seeds, r=r, iterations=iterations)
     return prototypes * region.flatten(1).any(1).view(-1, 1, 1)

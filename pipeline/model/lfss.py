@@ -5,10 +5,10 @@ Decoder input (Eq. 18, extended with PI-CLIP's priors)::
     F_q ⊕ P (DPS association map, or the global-prototype cosine when DPS is off)
         ⊕ RCM ⊕ FCM ⊕ VTP (PIR-refined or raw) ⊕ VVP (two blocks)
 
-Every map but ``F_q`` and ``P`` is switchable by :class:`~pipeline.params.ModelParams`. The
+Every map but ``F_q`` and ``P`` is switchable by :class:`~pipeline.core.params.ModelParams`. The
 model is 1-shot; :func:`predict` runs it per shot and averages the probabilities (K-shot), and
 with circle inference first predicts each support from itself, then the query from that
-predicted support mask — as it was trained (:mod:`pipeline.train`).
+predicted support mask — as it was trained (:mod:`pipeline.fewshot.train`).
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.masks import masked_average_pooling
+from pipeline.core.params import ModelParams
+from pipeline.core.tensors import cosine, masked_average_pooling
 from pipeline.model.ccm import attended_prototype, correlation_maps
 from pipeline.model.decoder import Decoder
 from pipeline.model.dps import association_map, dps_prototypes
-from pipeline.model.similarity import cosine
-from pipeline.params import ModelParams
 from pipeline.priors.vvp import vvp
 
 
@@ -73,7 +72,7 @@ class LFSS(nn.Module):
     def __init__(self, feat_channels: int, cfg: ModelParams) -> None:
         super().__init__()
         self.cfg = cfg
-        self.decoder = Decoder(feat_channels, guide_channels(cfg), cfg.hidden, cfg.dropout)
+        self.decoder = Decoder(feat_channels, guide_channels(cfg), hidden=cfg.hidden, dropout=cfg.dropout)
 
     def guides(self, x: Episodes) -> torch.Tensor:
         """``(B, guide_channels, h, w)`` guidance maps."""
@@ -87,17 +86,17 @@ class LFSS(nn.Module):
                 x.support,
                 x.support_mask,
                 query_prototype,
-                cfg.seeds,
-                cfg.window,
-                cfg.spatial_r,
-                cfg.cluster_iterations,
+                count=cfg.seeds,
+                window=cfg.window,
+                r=cfg.spatial_r,
+                iterations=cfg.cluster_iterations,
             )
             maps = [association_map(prototypes, x.query)]
         else:
             maps = [cosine(x.query, support_prototype[..., None, None], dim=1)[:, None]]
         if cfg.rcm or cfg.fcm:
             attended = attended_prototype(
-                x.query, x.query_mask, x.support, x.support_mask, cfg.ccm_temperature
+                x.query, x.query_mask, x.support, x.support_mask, temperature=cfg.ccm_temperature
             )
             ccm = correlation_maps(x.query, x.query_mask, attended)
             maps.append(ccm[:, [i for i, on in enumerate((cfg.rcm, cfg.fcm)) if on]])
@@ -131,7 +130,7 @@ def circle(model: nn.Module, x: Episodes) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, shots: list[Episodes], circle_inference: bool = True) -> torch.Tensor:
+def predict(model: nn.Module, shots: list[Episodes], *, circle_inference: bool) -> torch.Tensor:
     """K-shot foreground probabilities ``(B, h, w)``: the mean over shots of the 1-shot
     prediction from each support."""
     probs = [torch.sigmoid((circle(model, x)[1] if circle_inference else model(x)).float()) for x in shots]

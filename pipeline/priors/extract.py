@@ -43,7 +43,7 @@ class ImagePriors:
 def extract_priors(
     model, images: torch.Tensor, pair_image: torch.Tensor, pair_class: Sequence[int],
     image_labels: Sequence[Sequence[int]], bank: PromptBank, class_text: torch.Tensor, *,
-    prompt_set: PromptSet = "target", pir_blocks: int = 8, pir_threshold: float = 0.4,
+    prompt_set: PromptSet, pir_blocks: int, pir_threshold: float,
 ) -> ImagePriors:
     """Priors of ``(B, 3, S, S)`` normalised images.
 
@@ -53,7 +53,7 @@ def extract_priors(
         class_text: ``(C, E)`` MaskCLIP class embeddings (85 templates).
     """
     visual = model.visual
-    feats = image_features(visual, images, pir_blocks)
+    feats = image_features(visual, images, attention_blocks=pir_blocks)
     scores = scores_from_trunk(visual, feats.trunk, feats.grid, class_text)
     present = torch.zeros(len(images), len(class_text), dtype=torch.bool)
     for i, classes in enumerate(image_labels):
@@ -73,5 +73,5 @@ def extract_priors(
     if (~first).any():
         vtp[~first] = gradcam_from_trunk(visual, feats.trunk, feats.grid, pair_image[~first], prompts[~first],
                                          target[~first], scale, mask[~first])
-    pir = refine(high_order_affinity(feats.affinity)[pair_image], vtp, pir_threshold)
+    pir = refine(high_order_affinity(feats.affinity)[pair_image], vtp, threshold=pir_threshold)
     return ImagePriors(vtp, pir, scores, labels_from_scores(scores).to(torch.uint8) + 1, feats.tokens)

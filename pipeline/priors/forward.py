@@ -53,7 +53,7 @@ def block_with_attention(block: torch.nn.Module, x: torch.Tensor) -> tuple[torch
 
 
 @torch.no_grad()
-def image_features(visual: torch.nn.Module, images: torch.Tensor, attention_blocks: int = 8) -> ImageFeatures:
+def image_features(visual: torch.nn.Module, images: torch.Tensor, *, attention_blocks: int) -> ImageFeatures:
     """Run ``(B, 3, H, W)`` normalised images once; ``attention_blocks``: how many of the last
     blocks' attention maps PIR averages (all blocks if the tower has fewer)."""
     if isinstance(visual, ModifiedResNet):

@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-EPS = 1e-12
+from pipeline.core.tensors import minmax
+
+EPS = 1e-12  # smallest column / row sum divided by
 
 
 def high_order_affinity(affinity: torch.Tensor) -> torch.Tensor:
@@ -60,14 +62,7 @@ def box_mask(maps: torch.Tensor, threshold: float) -> torch.Tensor:
     return corners.view(p, h + 1, w + 1).cumsum(1).cumsum(2)[:, :h, :w] > 0.5
 
 
-def minmax(maps: torch.Tensor) -> torch.Tensor:
-    """Min-max normalise each ``(..., h, w)`` map to [0, 1] (a constant map becomes 0)."""
-    flat = maps.flatten(-2)
-    low, high = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)
-    return ((flat - low) / (high - low).clamp(min=EPS)).view_as(maps)
-
-
-def refine(t_star: torch.Tensor, vtp: torch.Tensor, threshold: float = 0.4) -> torch.Tensor:
+def refine(t_star: torch.Tensor, vtp: torch.Tensor, *, threshold: float) -> torch.Tensor:
     """Refined VTP.
 
     Args:

@@ -41,7 +41,7 @@ def render(priors: PriorStore, examples: list[tuple[str, pd.Series]], index: pd.
         masks = {i: np.asarray(Image.open(index.at[i, "mask_path"])) == c for i in (support, query)}
         size = images[query].shape[:2]
         maps = [priors.vtp(query, c), priors.vtp(query, c, refined=True),
-                priors.vvp(manifest, int(episode["episode"]))[0].mean(0)]
+                priors.vvp(query, [support], masks[support][None])[0].mean(0)]
         axes[r, 0].imshow(images[support])
         axes[r, 0].imshow(np.ma.masked_where(~masks[support], masks[support]), cmap="autumn", alpha=0.5)
         axes[r, 1].imshow(images[query])

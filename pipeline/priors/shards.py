@@ -1,27 +1,27 @@
-"""The two units of work of the priors stage, each writing whole Zarr shards.
+"""The unit of work of the priors stage: a range of image rows, writing whole Zarr shards.
 
-* :func:`extract_image_shard`: a range of image rows — load, forward once, write MaskCLIP
-  scores and labels, VVP token features, and VTP / PIR of every pair slot.
-* :func:`vvp_episode_shard`: a range of one manifest's episodes — VVP from the cached token
-  features and the support masks.
+:func:`extract_image_shard` loads the images, forwards each once, and writes MaskCLIP scores and
+labels, VVP token features, and VTP / PIR of every pair slot. :func:`load_extractor` builds what
+it needs from a CLIP folder and the ``priors`` params.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import zarr
 
-from pipeline.clip.loader import ClipBundle
-from pipeline.images import load_normalized
+from pipeline.clip.loader import ClipBundle, load_local_dir
+from pipeline.clip.prompts import text_embeddings
+from pipeline.core.images import load_normalized
+from pipeline.core.params import PriorsParams
 from pipeline.priors.extract import extract_priors
-from pipeline.priors.vtp import PromptBank
-from pipeline.priors.vvp import mask_to_grid, vvp
+from pipeline.priors.vtp import PromptBank, PromptSet, prompt_bank
 
 
 @dataclass
@@ -32,11 +32,11 @@ class Extractor:
     bank: PromptBank
     class_text: torch.Tensor  # (C, E) MaskCLIP class embeddings
     image_size: int
-    prompt_set: str = "target"
-    pir_blocks: int = 8
-    pir_threshold: float = 0.4
-    batch_size: int = 64
-    autocast: bool = False
+    prompt_set: PromptSet
+    pir_blocks: int
+    pir_threshold: float
+    batch_size: int
+    autocast: bool
 
     @property
     def device(self) -> torch.device:
@@ -64,6 +64,19 @@ class Extractor:
                 pir_threshold=self.pir_threshold)
 
 
+def load_extractor(clip_dir: Path, cfg: PriorsParams, names: Sequence[str]) -> Extractor:
+    """The CLIP of ``clip_dir`` (on CUDA when present) with the prompt embeddings of ``names``."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bundle = load_local_dir(clip_dir, device)
+    tokenizer = bundle.tokenizer()
+    return Extractor(
+        bundle,
+        prompt_bank(bundle.model, tokenizer, names, cfg.foreground_template, cfg.background_template),
+        text_embeddings(bundle.model, tokenizer, names), cfg.image_size or bundle.image_size,
+        prompt_set=cfg.prompt_set, pir_blocks=cfg.pir_blocks, pir_threshold=cfg.pir_threshold,
+        batch_size=cfg.batch_size, autocast=cfg.autocast)
+
+
 def extract_image_shard(
     root: zarr.Group, rows: range, paths: Sequence[str], pair_classes: Sequence[Sequence[int]],
     image_labels: Sequence[Sequence[int]], ex: Extractor,
@@ -89,35 +102,3 @@ def extract_image_shard(
                 p += 1
     for name, values in out.items():
         root[name][rows.start: rows.stop] = values
-
-
-def vvp_episode_shard(
-    root: zarr.Group, manifest: str, episodes: pd.DataFrame, support_mask: Callable[[str, int], np.ndarray],
-    mean_over_shots: bool,
-) -> None:
-    """Fill the VVP rows of ``episodes`` (consecutive rows of one manifest).
-
-    ``support_mask(image_id, class_id)`` gives the ``(H, W)`` binary mask of a support.
-    """
-    grid = tuple(root.attrs["grid"])
-    rows = {image: i for i, image in enumerate(root.attrs["image_ids"])}
-    needed = sorted({rows[i] for i in episodes["query"]}
-                    | {rows[s] for ss in episodes["supports"] for s in ss})
-    local = {r: j for j, r in enumerate(needed)}
-    tokens = [torch.from_numpy(root[f"images/tokens_{b}"].oindex[needed, :, :].astype(np.float32))
-              for b in (0, 1)]
-    grids: dict[tuple[str, int], torch.Tensor] = {}
-    maps = []
-    for row in episodes.itertuples():
-        for s in row.supports:
-            if (s, row.class_id) not in grids:
-                mask = torch.from_numpy(np.asarray(support_mask(s, int(row.class_id)), np.float32))
-                grids[s, row.class_id] = mask_to_grid(mask, grid).flatten()
-        q = local[rows[row.query]]
-        sup = [local[rows[s]] for s in row.supports]
-        masks = torch.stack([grids[s, row.class_id] for s in row.supports])[None]
-        per_block = [vvp(t[q][None], t[sup][None], masks, grid)[0] for t in tokens]  # 2 x (K, h, w)
-        episode = torch.stack(per_block, dim=1)  # (K, 2, h, w)
-        maps.append(episode.mean(0, keepdim=True) if mean_over_shots else episode)
-    start = int(episodes["episode"].iloc[0])
-    root[f"episodes/{manifest}/vvp"][start: start + len(maps)] = torch.stack(maps).numpy().astype(np.float16)

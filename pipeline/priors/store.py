@@ -8,16 +8,17 @@
     images/tokens_0, _1      (I, N, D)        float16  VVP token features (earlier block first)
     pairs/class_id           (I, S)           int16    class of each pair slot, 0 = empty
     pairs/vtp, pairs/pir     (I, S, h, w)     float16  raw and PIR-refined VTP
-    episodes/<manifest>/vvp  (E, K', 2, h, w) float16  per episode: per shot (K' = K) or mean (1)
 
-Image row i is ``image_ids[i]``; an (image, class) pair lives at ``(row, slot)``; episode e of
-manifest ``test/fold0/shot1_seed0`` is row e of its ``vvp``. Every per-image array shares one
-shard grid (``shard_size`` images) and every episode array another, so each writer task owns
-whole Zarr shards: parallel writers never share one.
+Image row i is ``image_ids[i]``; an (image, class) pair lives at ``(row, slot)``. Every array
+shares one shard grid (``shard_size`` images), so each writer task owns whole Zarr shards:
+parallel writers never share one. VVP is not stored: it depends on the support mask the model is
+given (a pseudo-mask, a ground-truth mask, or circle inference's predicted mask), so the model
+computes it from the stored token features (:meth:`PriorStore.vvp` does the same for one episode).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -29,9 +30,9 @@ import torch
 import zarr
 
 from pipeline.clip.dense import labels_from_scores
-from pipeline.errors import PipelineError
-
-EPISODE_SHARD = 1000  # episodes per shard of an episode array
+from pipeline.core.errors import PipelineError
+from pipeline.core.tensors import mask_to_grid
+from pipeline.priors.vvp import vvp
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,6 @@ class Layout:
     grid: tuple[int, int]
     token_dims: tuple[int, int]
     shard_size: int
-    episodes: dict[str, tuple[int, int]]  # manifest -> (episodes, maps per episode)
 
 
 def create(path: Path, layout: Layout, attrs: dict[str, Any]) -> zarr.Group:
@@ -66,16 +66,13 @@ def create(path: Path, layout: Layout, attrs: dict[str, Any]) -> zarr.Group:
     array("pairs/class_id", (n, s), "int16", shard)
     array("pairs/vtp", (n, s, h, w), "float16", shard)
     array("pairs/pir", (n, s, h, w), "float16", shard)
-    for manifest, (count, maps) in layout.episodes.items():
-        array(f"episodes/{manifest}/vvp", (count, maps, 2, h, w), "float16", EPISODE_SHARD)
     root.attrs.update({**attrs, "grid": list(layout.grid), "slots": s, "shard_size": shard,
-                       "episode_shard": EPISODE_SHARD, "manifests": sorted(layout.episodes),
                        "layout_done": True})
     return root
 
 
 class PriorStore:
-    """Read access to ``data/priors.zarr`` by image id, (image, class) pair and episode."""
+    """Read access to ``data/priors.zarr`` by image id and (image, class) pair."""
 
     def __init__(self, path: Path) -> None:
         try:
@@ -84,11 +81,18 @@ class PriorStore:
             raise PipelineError(f"{path}: missing (run the priors stage)") from None
         self.attrs = dict(self.root.attrs)
         self.rows = {image: i for i, image in enumerate(self.attrs["image_ids"])}
+        self._whole: dict[str, np.ndarray] = {}
+
+    def _read_whole(self, name: str) -> np.ndarray:
+        """Array ``name`` read whole, once (far faster than many row selections)."""
+        if name not in self._whole:
+            self._whole[name] = self.root[name][:]
+        return self._whole[name]
 
     @cached_property
     def pairs(self) -> pd.DataFrame:
         """One row per (image, class) pair: ``image_id, class_id, row, slot``."""
-        classes = self.root["pairs/class_id"][:]
+        classes = self._read_whole("pairs/class_id")
         rows, slots = np.nonzero(classes)
         ids = np.asarray(self.attrs["image_ids"], dtype=object)
         return pd.DataFrame({"image_id": ids[rows], "class_id": classes[rows, slots],
@@ -121,10 +125,29 @@ class PriorStore:
         scores = torch.from_numpy(self.root["images/maskclip_scores"][self.row(image_id)].astype(np.float32))
         return (labels_from_scores(scores[None], size)[0] + 1).numpy().astype(np.uint8)
 
-    def tokens(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
-        row = self.row(image_id)
-        return self.root["images/tokens_0"][row], self.root["images/tokens_1"][row]
+    def maskclip_scores(self, image_ids: Sequence[str]) -> np.ndarray:
+        """``(I, C, h, w)`` float16 MaskCLIP scores of ``image_ids``."""
+        return self.root["images/maskclip_scores"].oindex[[self.row(i) for i in image_ids]]
 
-    def vvp(self, manifest: str, episode: int) -> np.ndarray:
-        """``(K', 2, h, w)`` float32 VVP of one episode."""
-        return self.root[f"episodes/{manifest}/vvp"][episode].astype(np.float32)
+    def tokens(self, image_ids: Sequence[str]) -> np.ndarray:
+        """``(I, 2, N, D)`` float16 VVP token features of two blocks (earlier first)."""
+        rows = [self.row(i) for i in image_ids]
+        return np.stack([self._read_whole(f"images/tokens_{b}")[rows] for b in (0, 1)], 1)
+
+    def vtp_of(self, image_ids: Sequence[str], class_ids: Sequence[int], refined: bool) -> np.ndarray:
+        """``(P, h, w)`` float16 VTP of P (image, class) pairs (``refined``: after PIR)."""
+        rows = np.asarray([self.row(i) for i in image_ids])
+        classes = self._read_whole("pairs/class_id")[rows]
+        hit = classes == np.asarray(class_ids)[:, None]
+        if not hit.any(1).all():
+            bad = int(np.flatnonzero(~hit.any(1))[0])
+            raise PipelineError(f"priors: no VTP for class {class_ids[bad]} of image {image_ids[bad]!r}")
+        return self._read_whole("pairs/pir" if refined else "pairs/vtp")[rows, hit.argmax(1)]
+
+    def vvp(self, query: str, supports: Sequence[str], support_masks: np.ndarray) -> np.ndarray:
+        """``(K, 2, h, w)`` float32 VVP of one episode: ``support_masks`` ``(K, H, W)`` binary."""
+        grid = tuple(self.attrs["grid"])
+        tokens = torch.from_numpy(self.tokens([query, *supports]).astype(np.float32))  # (1 + K, 2, N, D)
+        masks = mask_to_grid(torch.from_numpy(np.asarray(support_masks)), grid).flatten(1)[None]
+        maps = [vvp(tokens[:1, b], tokens[None, 1:, b], masks, grid)[0] for b in (0, 1)]
+        return torch.stack(maps, 1).numpy()

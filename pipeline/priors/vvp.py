@@ -10,14 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.priors.pir import minmax
-
-
-def mask_to_grid(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """``(..., H, W)`` binary masks -> ``(..., h, w)`` fraction of each cell inside the mask."""
-    lead = masks.shape[:-2]
-    pooled = F.adaptive_avg_pool2d(masks.float().reshape(-1, 1, *masks.shape[-2:]), grid)
-    return pooled.view(*lead, *grid)
+from pipeline.core.tensors import minmax
 
 
 def vvp(query: torch.Tensor, support: torch.Tensor, support_mask: torch.Tensor,

@@ -22,11 +22,12 @@ from typing import Any
 import torch
 
 from pipeline.clip.loader import ClipBundle, load_local_dir, save_local_dir
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 PROVENANCE = "provenance.json"
 CORPUS_KEYS = ("seed", "image_size", "caption_images", "max_objects", "boundary_width")
-TRAINING_CODE = ("tiny.py", "train_tiny.py", "loader.py")
+#: the code that decides the trained weights, under pipeline/
+TRAINING_CODE = ("tinyclip/model.py", "tinyclip/train.py", "clip/loader.py", "clip/towers.py")
 
 
 def corpus_params(generator: dict[str, Any]) -> dict[str, Any]:
@@ -35,7 +36,7 @@ def corpus_params(generator: dict[str, Any]) -> dict[str, Any]:
 
 
 def training_code_sha() -> str:
-    here = Path(__file__).parent
+    here = Path(__file__).parents[1]
     blob = b"".join((here / name).read_bytes() for name in TRAINING_CODE)
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -16,31 +16,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.model.similarity import EPS, cosine, unit
-from pipeline.priors.vvp import mask_to_grid
+from pipeline.core.tensors import cosine, mask_to_grid, masked_average_pooling, unit
 
 
 def initial_masks(
-    labels: torch.Tensor, classes: torch.Tensor, vtp: torch.Tensor | None = None, vtp_threshold: float = 0.5
+    labels: torch.Tensor, classes: torch.Tensor, vtp: torch.Tensor | None, *, vtp_threshold: float | None
 ) -> torch.Tensor:
     """``(B, H, W)`` MaskCLIP label maps (class ids) and ``(B,)`` classes -> ``(B, H, W)`` bool;
-    with ``vtp`` ``(B, h, w)`` also require VTP (upsampled bilinearly) >= ``vtp_threshold``."""
+    with ``vtp`` ``(B, h, w)`` and a ``vtp_threshold``, also require VTP (upsampled bilinearly)
+    >= ``vtp_threshold``."""
     masks = labels == classes.view(-1, 1, 1)
-    if vtp is not None:
+    if vtp is not None and vtp_threshold is not None:
         up = F.interpolate(vtp[:, None].float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
         masks &= up[:, 0] >= vtp_threshold
     return masks
 
 
-def masked_average_pooling(feats: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Eq. 2: ``(B, C, h, w)`` features, ``(B, h, w)`` weights in [0, 1] -> ``(B, C)``
-    (zero where a mask is empty)."""
-    weights = masks.float().flatten(1)
-    return torch.einsum("bcn,bn->bc", feats.flatten(2), weights) / weights.sum(1, keepdim=True).clamp(min=EPS)
-
-
 def background_prototypes(
-    feats: torch.Tensor, masks: torch.Tensor, temperature: float | None = None
+    feats: torch.Tensor, masks: torch.Tensor, temperature: float | None
 ) -> torch.Tensor:
     """Eq. 4: ``softmax(F_b Fᵀ) F_b`` per image and position, ``F_b = F ⊙ (1 − M)``.
 
@@ -62,7 +55,7 @@ def background_prototypes(
 
 
 def background_similarity(
-    feats: torch.Tensor, grids: torch.Tensor, temperature: float | None = None
+    feats: torch.Tensor, grids: torch.Tensor, temperature: float | None
 ) -> torch.Tensor:
     """``(P, C, h, w)`` features and ``(P, h, w)`` mask grids -> ``(P, h, w)`` cosine of each cell with
     its background prototype. It depends on the image and its own mask only, so an (image, class)
@@ -72,7 +65,7 @@ def background_similarity(
 
 def refine_masks(
     support_feats: torch.Tensor, support_masks: torch.Tensor, query_feats: torch.Tensor,
-    query_masks: torch.Tensor, alpha: float = 0.5, temperature: float | None = None,
+    query_masks: torch.Tensor, *, alpha: float, temperature: float | None,
     background: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-supported refinement of B episodes with K shots.

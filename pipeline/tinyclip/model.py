@@ -1,11 +1,11 @@
 """The tiny CLIP of the synthetic benchmark: a real ``open_clip.CLIP`` with a conv stem.
 
-The ViT's patchify ``conv1`` is replaced by 3x3 stride-2 convolutions with BatchNorm and GELU
-— the same ``(B, width, H/p, W/p)`` output as a patch-p patchify, so attention maps and the
-MaskCLIP value path work unchanged — which learns shape far faster from scratch than a linear
-patchify. tiny-vit reads the benchmark's own 128 px through four of them (patch 16, an 8x8
-token grid): at 64 px with patch 8 (same grid, same cost) objects of radius 6-9 px were
-classified 74 % right against 95 % for large ones.
+The ViT's patchify ``conv1`` is replaced (:func:`pipeline.clip.towers.conv_stem`) by 3x3
+stride-2 convolutions with BatchNorm and GELU — the same ``(B, width, H/p, W/p)`` output as a
+patch-p patchify, so attention maps and the MaskCLIP value path work unchanged — which learns
+shape far faster from scratch than a linear patchify. tiny-vit reads the benchmark's own 128 px
+through four of them (patch 16, an 8x8 token grid): at 64 px with patch 8 (same grid, same
+cost) objects of radius 6-9 px were classified 74 % right against 95 % for large ones.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
-from pipeline.clip.loader import ClipBundle, build_model, register_change
+from pipeline.clip.loader import ClipBundle, build_model
 
 TINY_VIT: dict[str, Any] = {
     "embed_dim": 64,
@@ -33,20 +32,6 @@ SYNTHETIC_MEAN, SYNTHETIC_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
 STEM_CHANNELS = (24, 48, 96)  # tiny-vit: 4 stride-2 convolutions, 128 px -> 8x8
-
-
-def conv_stem(width: int, channels: tuple[int, ...] = (32, 64)) -> nn.Sequential:
-    """``(B, 3, H, W) -> (B, width, H/2^k, W/2^k)`` with ``k = len(channels) + 1`` convolutions."""
-    layers: list[nn.Module] = []
-    for c_in, c_out in zip((3, *channels), (*channels, width), strict=True):
-        conv = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False)
-        layers += [conv, nn.BatchNorm2d(c_out), nn.GELU()]
-    return nn.Sequential(*layers)
-
-
-@register_change("conv_stem")
-def _use_conv_stem(model: nn.Module, channels: tuple[int, ...] = (32, 64)) -> None:
-    model.visual.conv1 = conv_stem(model.visual.transformer.width, tuple(channels))
 
 
 def build_tiny(name: str, seed: int) -> ClipBundle:

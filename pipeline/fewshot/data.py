@@ -1,5 +1,7 @@
 """Everything a fold's training or evaluation reads, loaded once into memory.
 
+* :class:`FoldInputs` — the three stores (features, priors, pseudo-masks) and the bank of the
+  images of the manifests a run reads (:func:`open_fold_inputs`).
 * :class:`ImageBank` — per image: backbone features (``data/features.zarr``), the CLIP tokens of
   two blocks (``data/priors.zarr``, for VVP) and the label map.
 * :class:`EpisodeTable` — per episode of one manifest: image rows, class, the masks at the
@@ -12,22 +14,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-import zarr
 from PIL import Image
 
-from pipeline.errors import PipelineError
-from pipeline.features import FeatureStore
-from pipeline.metrics import binary_target
+from pipeline.core.params import ModelParams
+from pipeline.core.tensors import mask_to_grid
+from pipeline.datasets.episodes import episode_images
+from pipeline.features.store import FeatureStore
+from pipeline.fewshot.metrics import binary_target
 from pipeline.model.lfss import Episodes
-from pipeline.params import ModelParams
 from pipeline.priors.store import PriorStore
-from pipeline.priors.vvp import mask_to_grid
+from pipeline.pseudomasks.store import PseudoMaskStore
 
 CHUNK = 500  # episodes per pseudo-mask conversion
 
@@ -68,16 +70,33 @@ def load_bank(
     image_ids: Sequence[str], features: FeatureStore, priors: PriorStore, label_paths: dict[str, str]
 ) -> ImageBank:
     ids = sorted(set(image_ids))
-    prior_rows = [priors.row(i) for i in ids]
-    tokens = np.stack(
-        [priors.root[f"images/tokens_{b}"][:][prior_rows] for b in (0, 1)], 1
-    )  # whole reads are fastest
     labels = [np.asarray(Image.open(label_paths[i])) for i in ids]
-    return ImageBank({i: r for r, i in enumerate(ids)}, features.read(ids), torch.from_numpy(tokens), labels)
+    tokens = torch.from_numpy(priors.tokens(ids))
+    return ImageBank({i: r for r, i in enumerate(ids)}, features.read(ids), tokens, labels)
 
 
-def episode_images(table: pd.DataFrame) -> set[str]:
-    return set(table["query"]) | set(table["supports"].explode())
+@dataclass
+class FoldInputs:
+    """The stores a fold's training or evaluation reads, and the bank of its images."""
+
+    features: FeatureStore
+    priors: PriorStore
+    pseudo: PseudoMaskStore
+    bank: ImageBank
+
+    def episodes(self, name: str, table: pd.DataFrame, cfg: ModelParams) -> EpisodeTable:
+        return load_episodes(name, table, self.bank, self.pseudo, self.priors, cfg)
+
+
+def open_fold_inputs(
+    index: pd.DataFrame, manifests: dict[str, pd.DataFrame], names: Sequence[str],
+    features: Path, priors: Path, pseudo_masks: Path,
+) -> FoldInputs:
+    """Open the stores and load the bank of every image of the manifests ``names``."""
+    stores = FeatureStore(features), PriorStore(priors), PseudoMaskStore(pseudo_masks)
+    labels = dict(zip(index.image_id, index.mask_path, strict=True))
+    bank = load_bank(episode_images(manifests[n] for n in names), stores[0], stores[1], labels)
+    return FoldInputs(*stores, bank)
 
 
 @dataclass
@@ -121,32 +140,11 @@ class EpisodeTable:
         )
 
 
-@cache
-def _pair_arrays(priors: PriorStore, refined: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Every pair's class and VTP map, read once per store (each manifest of a fold needs them)."""
-    return priors.root["pairs/class_id"][:], priors.root["pairs/pir" if refined else "pairs/vtp"][:]
-
-
-def _vtp_lookup(priors: PriorStore, refined: bool):
-    classes, maps = _pair_arrays(priors, refined)
-
-    def lookup(image_ids: Sequence[str], class_ids: np.ndarray) -> torch.Tensor:
-        rows = np.asarray([priors.row(i) for i in image_ids])
-        hit = classes[rows] == np.asarray(class_ids)[:, None]
-        if not hit.any(1).all():
-            bad = int(np.flatnonzero(~hit.any(1))[0])
-            raise PipelineError(f"priors: no VTP for class {class_ids[bad]} of image {image_ids[bad]!r}")
-        return torch.from_numpy(maps[rows, hit.argmax(1)])
-
-    return lookup
-
-
 def load_episodes(
-    name: str, table: pd.DataFrame, bank: ImageBank, pseudo: zarr.Group, priors: PriorStore, cfg: ModelParams
+    name: str, table: pd.DataFrame, bank: ImageBank, pseudo: PseudoMaskStore, priors: PriorStore,
+    cfg: ModelParams,
 ) -> EpisodeTable:
     """The tensors of manifest ``name`` (rows of ``table``, in order)."""
-    if name not in pseudo:
-        raise PipelineError(f"pseudo-masks: no masks for manifest {name!r} (re-run the pseudo_masks stage)")
     shots = len(table["supports"].iloc[0])
     query = torch.tensor([bank.rows[i] for i in table["query"]])
     supports = torch.tensor([[bank.rows[s] for s in ss] for ss in table["supports"]]).view(-1, shots)
@@ -154,15 +152,15 @@ def load_episodes(
     grid = bank.grid
     kind = cfg.pseudo_masks
 
-    def to_grid(array: zarr.Array) -> torch.Tensor:
-        masks = torch.from_numpy(array[:])  # one whole read: much faster than row slices
+    def to_grid(masks: np.ndarray) -> torch.Tensor:
+        masks = torch.from_numpy(masks)
         return torch.cat(
             [mask_to_grid(masks[s : s + CHUNK], grid).half() for s in range(0, len(masks), CHUNK)]
         )
 
-    query_mask = to_grid(pseudo[f"{name}/query_{kind}"])
+    query_mask = to_grid(pseudo.masks(name, "query", kind))
     if cfg.supervision == "text":
-        support_mask = to_grid(pseudo[f"{name}/support_{kind}"])
+        support_mask = to_grid(pseudo.masks(name, "support", kind))
     else:
         truth = [
             mask_to_grid(torch.from_numpy(bank.labels[r] == c), grid)  # each label at its own size
@@ -171,10 +169,10 @@ def load_episodes(
             )
         ]
         support_mask = torch.stack(truth).half().view(len(table), shots, *grid)
-    lookup = _vtp_lookup(priors, cfg.pir)
-    query_vtp = lookup(list(table["query"]), table["class_id"].to_numpy())
+    query_vtp = torch.from_numpy(priors.vtp_of(list(table["query"]), table["class_id"].to_numpy(), cfg.pir))
     support_ids = [s for ss in table["supports"] for s in ss]
-    support_vtp = lookup(support_ids, np.repeat(table["class_id"].to_numpy(), shots))
+    support_vtp = torch.from_numpy(priors.vtp_of(support_ids, np.repeat(table["class_id"].to_numpy(), shots),
+                                                 cfg.pir))
     return EpisodeTable(
         name,
         query,

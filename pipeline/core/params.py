@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 SYNTHETIC_ROOT = "data/synthetic"
 
@@ -150,7 +150,6 @@ class PriorsParams(Section):
     background_template: str = "a photo without {}."
     pir_blocks: PositiveInt = 8  # attention of the last blocks averaged for PIR
     pir_threshold: Annotated[float, Field(ge=0, le=1)] = 0.4  # boxes of VTP >= threshold * max
-    vvp_shots: Literal["each", "mean"] = "each"  # K-shot VVP: one map per shot, or their mean
     image_size: PositiveInt | None = None  # CLIP input side; None: the CLIP's own
     shard_size: PositiveInt = 256  # images per shard (the unit of work, resume and Zarr shard)
     batch_size: PositiveInt = 64

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.clip.loader import ClipBundle
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
+from pipeline.priors.forward import image_features
 
 BackboneName = Literal["resnet50", "vgg16", "clip"]
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -78,16 +79,15 @@ class VGG16Features(Backbone):
 class ClipTrunk(Backbone):
     def __init__(self, bundle: ClipBundle) -> None:
         super().__init__()
-        from pipeline.priors.forward import image_features
-
-        self.visual, self._features = bundle.model.visual, image_features
+        self.visual = bundle.model.visual
         self.mean, self.std = bundle.mean, bundle.std
-        probe = image_features(self.visual, torch.zeros(1, 3, bundle.image_size, bundle.image_size))
+        probe = image_features(self.visual, torch.zeros(1, 3, bundle.image_size, bundle.image_size),
+                               attention_blocks=1)
         self.channels = sum(t.shape[-1] for t in probe.tokens)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        feats = self._features(self.visual, images, attention_blocks=1)
+        feats = image_features(self.visual, images, attention_blocks=1)
         tokens = torch.cat([t.float() for t in feats.tokens], dim=-1)  # (B, N, C)
         return tokens.transpose(1, 2).reshape(len(images), -1, *feats.grid)
 

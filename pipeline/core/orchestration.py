@@ -16,9 +16,9 @@ from typing import Any
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from tqdm import tqdm
 
-from pipeline.errors import PipelineError
-from pipeline.params import OrchestrationParams
-from pipeline.store import Staging
+from pipeline.core.artifacts import Staging
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import OrchestrationParams
 
 
 def task_runner(cfg: OrchestrationParams) -> TaskRunner:

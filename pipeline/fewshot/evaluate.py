@@ -1,7 +1,8 @@
 """Scoring few-shot predictions at each label's own resolution (DESIGN §4).
 
 :func:`evaluate_table` scores the model on one manifest; :func:`prior_meter` scores the
-priors alone (the query's VTP thresholded, no decoder), so every run shows what training adds.
+priors alone (the query's VTP thresholded, no decoder), so every run shows what training adds;
+:func:`sample_predictions` keeps a few episodes for the report's qualitative figure.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
-from pipeline.fold_data import EpisodeTable, ImageBank, upsample
-from pipeline.metrics import FewShotMeter, binary_target
+from pipeline.core.params import ModelParams
+from pipeline.fewshot.data import EpisodeTable, ImageBank, upsample
+from pipeline.fewshot.metrics import FewShotMeter, binary_target
 from pipeline.model.lfss import predict
+from pipeline.pseudomasks.store import PseudoMaskStore
 
 
 def batches(n: int, size: int) -> Iterator[torch.Tensor]:
@@ -49,8 +53,9 @@ def evaluate_table(
     table: EpisodeTable,
     bank: ImageBank,
     num_classes: int,
-    circle_inference: bool = True,
-    batch_size: int = 64,
+    *,
+    circle_inference: bool,
+    batch_size: int,
     device: str | torch.device = "cpu",
     autocast: Callable[[], object] | None = None,
     on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
@@ -65,7 +70,7 @@ def evaluate_table(
     for index in batches(len(table), batch_size):
         shots = [table.batch(bank, index, k).to(device) for k in range(table.shots)]
         with autocast() if autocast else contextlib.nullcontext():
-            probs = predict(model, shots, circle_inference).float().cpu()
+            probs = predict(model, shots, circle_inference=circle_inference).float().cpu()
         score(meter, probs, table, bank, index)
         if on_batch:
             on_batch(index, probs)
@@ -92,3 +97,36 @@ def best_prior_threshold(
     scored = [(prior_meter(table, bank, num_classes, t).miou(), t) for t in candidates]
     miou, threshold = max(scored)
     return float(threshold), miou
+
+
+def sample_predictions(
+    name: str,
+    table: EpisodeTable,
+    bank: ImageBank,
+    pseudo: PseudoMaskStore,
+    cfg: ModelParams,
+    index: torch.Tensor,
+    probs: torch.Tensor,
+    manifest: pd.DataFrame,
+) -> dict[str, np.ndarray]:
+    """What the report's qualitative figure shows of episodes ``index``: ids, class, the support
+    mask the model was given, and the prediction (probability x 255 at the label's size)."""
+    rows = manifest.iloc[index.numpy()]
+    if cfg.supervision == "text":
+        support_mask = pseudo.masks(name, "support", cfg.pseudo_masks, index.numpy())[:, 0]
+    else:
+        support_mask = np.stack(
+            [
+                bank.labels[r] == c
+                for r, c in zip(table.supports[index, 0].tolist(), table.classes[index].tolist(), strict=True)
+            ]
+        )
+    size = bank.labels[int(table.query[index[0]])].shape
+    prediction = (upsample(probs.float(), size).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    return {
+        "query": rows["query"].to_numpy(str),
+        "support": np.array([s[0] for s in rows["supports"]], str),
+        "class_id": rows["class_id"].to_numpy(np.int16),
+        "support_mask": support_mask,
+        "prediction": prediction,
+    }

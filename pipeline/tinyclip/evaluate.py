@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from pipeline.clip.dense import maskclip_labels
 from pipeline.clip.loader import ClipBundle
 from pipeline.clip.prompts import text_embeddings
-from pipeline.clip.train_tiny import Phase1Heads, image_embeddings, image_outputs, normalize
 from pipeline.datasets.shapes import SHAPE_NAMES
 from pipeline.datasets.synthetic import IGNORE, render_scene, scene_rng
+from pipeline.tinyclip.train import Phase1Heads, image_embeddings, image_outputs, normalize
 
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
 

@@ -29,6 +29,7 @@ inputs give byte-identical files.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -37,7 +38,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 EPISODE_SCHEMA = pa.schema([
     ("episode", pa.int32()),
@@ -121,6 +122,25 @@ def draw_pool_episodes(
     """A fixed pool of ``n`` episodes with uniformly random queries (training / validation)."""
     rng = _rng(seed, fold, shot, purpose)
     return sample_episodes(pairs, rng.integers(0, len(pairs), n), fold, shot, seed, rng)
+
+
+def episode_images(manifests: Iterable[pd.DataFrame]) -> list[str]:
+    """Every image (query or support) of the given manifests, sorted."""
+    ids: set[str] = set()
+    for table in manifests:
+        ids.update(table["query"])
+        ids.update(s for supports in table["supports"] for s in supports)
+    return sorted(ids)
+
+
+def image_classes(manifests: Iterable[pd.DataFrame]) -> dict[str, list[int]]:
+    """Image id -> the sorted class ids some episode asks of it (as query or support), by image id."""
+    pairs: dict[str, set[int]] = {}
+    for table in manifests:
+        for row in table.itertuples():
+            for image in (row.query, *row.supports):
+                pairs.setdefault(image, set()).add(int(row.class_id))
+    return {image: sorted(pairs[image]) for image in sorted(pairs)}
 
 
 def read_manifests(episodes_dir: Path) -> dict[str, pd.DataFrame]:

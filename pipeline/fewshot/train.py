@@ -27,12 +27,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.evaluate import evaluate_table
-from pipeline.fold_data import EpisodeTable, ImageBank, upsample
-from pipeline.metrics import IGNORE
+from pipeline.core.artifacts import write_atomic
+from pipeline.core.params import TrainParams
+from pipeline.fewshot.data import EpisodeTable, ImageBank, upsample
+from pipeline.fewshot.evaluate import evaluate_table
+from pipeline.fewshot.metrics import IGNORE
 from pipeline.model.lfss import circle
-from pipeline.params import TrainParams
-from pipeline.store import write_atomic
+
+VALIDATION_BATCH = 64  # episodes per validation forward pass
 
 
 def bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -138,7 +140,8 @@ def fit(
             if progress:
                 progress(epoch * steps + step + 1, cfg.epochs * steps)
         val_miou = evaluate_table(
-            model, val, bank, num_classes, cfg.circle, device=device, autocast=autocast
+            model, val, bank, num_classes, circle_inference=cfg.circle, batch_size=VALIDATION_BATCH,
+            device=device, autocast=autocast,
         ).miou()
         record = {
             "epoch": epoch + 1,

@@ -28,9 +28,9 @@ from tqdm import tqdm
 from pipeline.clip.dense import resnet_features, resnet_value_path, vit_tokens
 from pipeline.clip.gradcam import attention_pool
 from pipeline.clip.loader import ClipBundle
+from pipeline.core.params import TinyClipParams
 from pipeline.datasets.shapes import SHAPE_NAMES
 from pipeline.datasets.synthetic import IGNORE, caption
-from pipeline.params import TinyClipParams
 
 NUM_SHAPES = 20
 

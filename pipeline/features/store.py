@@ -6,7 +6,8 @@
     features   (I, C, h, w)  float16   row i is image_ids[i]
 
 The backbone is frozen, so its features are computed once and shared by training and
-evaluation of every fold. Work is split into shards of ``SHARD`` images (one Zarr shard each).
+evaluation of every fold. Work is split into shards of ``SHARD`` images (one Zarr shard each),
+each filled by :func:`pipeline.features.extract.extract_shard`.
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline.errors import PipelineError
-from pipeline.images import load_normalized
-from pipeline.model.backbone import Backbone
+from pipeline.core.errors import PipelineError
 
 SHARD = 256  # images per shard
 
@@ -39,19 +38,6 @@ def create(root: zarr.Group, count: int, channels: int, grid: tuple[int, int], a
             fill_value=0,
         )
     root.attrs.update({**attrs, "channels": channels, "grid": list(grid)})
-
-
-@torch.no_grad()
-def extract_shard(
-    root: zarr.Group, rows: range, paths: Sequence[str], backbone: Backbone, size: int, batch_size: int = 64
-) -> None:
-    """Fill ``features[rows]`` from the images at ``paths`` (one per row)."""
-    device = next(backbone.parameters()).device
-    out = []
-    for start in range(0, len(paths), batch_size):
-        images = load_normalized(paths[start : start + batch_size], size, backbone.mean, backbone.std, device)
-        out.append(backbone(images).to(torch.float16).cpu())
-    root["features"][rows.start : rows.stop] = torch.cat(out).numpy()
 
 
 class FeatureStore:

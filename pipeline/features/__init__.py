@@ -1,0 +1,1 @@
+"""Frozen backbone features: the backbones and ``data/features.zarr`` (layout, writer, reader)."""

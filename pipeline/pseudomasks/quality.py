@@ -1,0 +1,35 @@
+"""How good the pseudo-masks are: their mIoU against the ground truth (the LFSS paper's Table 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.fewshot.metrics import FewShotMeter, binary_target
+from pipeline.pseudomasks.store import ARRAYS, PseudoMaskStore
+
+
+def evaluate(
+    store: PseudoMaskStore, manifest: str, episodes: pd.DataFrame, label_path: Callable[[str], str],
+    num_classes: int,
+) -> dict[str, FewShotMeter]:
+    """Meters of the four mask kinds against the ground truth, at each label's own size."""
+    meters = {name: FewShotMeter(num_classes) for name in ARRAYS}
+    arrays = {name: store.masks(manifest, *name.split("_")) for name in ARRAYS}
+    for row in episodes.itertuples():
+        e, c = int(row.episode), torch.tensor([int(row.class_id)])
+        for role, images in (("support", row.supports), ("query", [row.query])):
+            for k, image in enumerate(images):
+                truth = binary_target(torch.from_numpy(np.array(Image.open(label_path(image))))[None], c)
+                for kind in ("initial", "refined"):
+                    masks = arrays[f"{role}_{kind}"][e]
+                    mask = masks[k] if role == "support" else masks
+                    pred = F.interpolate(torch.from_numpy(mask)[None, None].float(), size=truth.shape[-2:],
+                                         mode="nearest")[0].to(torch.uint8)
+                    meters[f"{role}_{kind}"].update(pred, truth, c)
+    return meters

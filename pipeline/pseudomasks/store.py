@@ -1,0 +1,66 @@
+"""``data/pseudo_masks.zarr``: language-guided pseudo-masks of every episode, and its reader.
+
+::
+
+    attrs: the pseudo_masks and backbone params, the sources' hashes
+    <manifest>/support_initial   (E, K, S, S) bool   MaskCLIP label == class (∧ VTP >= threshold)
+    <manifest>/support_refined   (E, K, S, S) bool   after the self-supported refiner
+    <manifest>/query_initial     (E, S, S)    bool
+    <manifest>/query_refined     (E, S, S)    bool
+
+S is ``backbone.image_size``; episode e of ``test/fold0/shot1_seed0`` is row e. Each array is
+sharded by ``SHARD`` episodes, the unit of work of :func:`pipeline.pseudomasks.shards.refine_shard`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from pipeline.core.errors import PipelineError
+
+SHARD = 1000  # episodes per shard
+ARRAYS = ("support_initial", "support_refined", "query_initial", "query_refined")
+Role = Literal["support", "query"]
+Kind = Literal["initial", "refined"]
+
+
+def create(root: zarr.Group, manifests: dict[str, pd.DataFrame], size: int) -> None:
+    """The empty arrays of every manifest (kept when a resumed run already made them)."""
+    for name, table in manifests.items():
+        shot = int(table["shot"].max())
+        for array in ARRAYS:
+            if f"{name}/{array}" in root:
+                continue
+            per_episode = (shot, size, size) if array.startswith("support") else (size, size)
+            shape = (len(table), *per_episode)
+            root.create_array(f"{name}/{array}", shape=shape, dtype="bool", chunks=(1, *shape[1:]),
+                              shards=(SHARD, *shape[1:]), fill_value=False)
+
+
+class PseudoMaskStore:
+    """Read access to ``data/pseudo_masks.zarr`` by manifest, role and kind."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self.root = zarr.open_group(Path(path), mode="r")
+        except FileNotFoundError:
+            raise PipelineError(f"{path}: missing (run the pseudo_masks stage)") from None
+        self.attrs = dict(self.root.attrs)
+
+    def masks(
+        self, manifest: str, role: Role, kind: Kind, episodes: Sequence[int] | None = None
+    ) -> np.ndarray:
+        """``(E, K, S, S)`` support or ``(E, S, S)`` query masks (bool) of ``manifest``: every
+        episode (one whole read: much faster than row slices), or the rows ``episodes``."""
+        key = f"{manifest}/{role}_{kind}"
+        if key not in self.root:
+            raise PipelineError(f"pseudo-masks: no masks for manifest {manifest!r} "
+                                "(re-run the pseudo_masks stage)")
+        array = self.root[key]
+        return array[:] if episodes is None else array.oindex[np.asarray(episodes)]
