@@ -151,17 +151,40 @@ def test_box_mask_is_the_union_of_region_boxes():
     assert torch.equal(box_mask(maps, 0.4)[0], expected)
 
 
+def test_box_mask_joins_diagonal_neighbours_as_pi_clip_does():
+    """PI-CLIP boxes the contours of the thresholded CAM (8-connected): two blobs touching at a
+    corner are one region with one box, not two boxes."""
+    maps = torch.zeros(1, 6, 6)
+    maps[0, 0:2, 0:2] = 1
+    maps[0, 2:4, 2:4] = 1  # touches the first blob only at the corner (1, 1) - (2, 2)
+    expected = torch.zeros(6, 6, dtype=torch.bool)
+    expected[0:4, 0:4] = True  # 4-connected regions would leave (0:2, 2:4) and (2:4, 0:2) out
+    assert torch.equal(box_mask(maps, 0.4)[0], expected)
+
+
+def scipy_boxes(maps: torch.Tensor, threshold: float) -> np.ndarray:
+    """The reference: scipy's 8-connected components (3x3 structure) and their bounding boxes."""
+    expected = np.zeros(maps.shape, bool)
+    for p, m in enumerate(maps.numpy()):
+        regions, _ = ndimage.label(m >= threshold * m.max(), structure=np.ones((3, 3)))
+        for box in ndimage.find_objects(regions):
+            expected[p][box] = True
+    return expected
+
+
 def test_box_mask_equals_scipy_on_random_maps():
-    """Label propagation + prefix sums against scipy's connected components and find_objects."""
+    """Label propagation + prefix sums against scipy's connected components and find_objects,
+    on sparse random maps (many diagonal contacts) and on diagonal chains of single cells."""
     torch.manual_seed(0)
     maps = torch.rand(40, 7, 9) ** 3
     maps[0] = 0.5  # one region covering everything
-    expected = np.zeros(maps.shape, bool)
-    for p, m in enumerate(maps.numpy()):
-        regions, _ = ndimage.label(m >= 0.4 * m.max())
-        for box in ndimage.find_objects(regions):
-            expected[p][box] = True
-    assert np.array_equal(box_mask(maps, 0.4).numpy(), expected)
+    chains = torch.zeros(8, 7, 9)
+    for p in range(8):  # a staircase of cells touching only at corners, and a stray cell
+        for i in range(p % 6 + 2):
+            chains[p, i, (i + p) % 9] = 1
+        chains[p, 6, 8 - p] = 0.8
+    maps = torch.cat([maps, chains])
+    assert np.array_equal(box_mask(maps, 0.4).numpy(), scipy_boxes(maps, 0.4))
 
 
 def test_vvp_equals_a_brute_force_cosine_max():

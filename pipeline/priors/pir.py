@@ -2,8 +2,9 @@
 
 With Ā the ``(N, N)`` affinity (CLS dropped): ``T = row_norm(col_norm(Ā))``,
 ``T_h = max(T, T Tᵀ)``, ``T* = T_h T_h``; only the columns inside the bounding boxes of the
-connected regions of ``VTP >= threshold * max`` are kept, and the refined VTP is
-``T* vec(VTP)``, min-max normalised.
+connected regions of ``VTP >= threshold * max`` are kept (8-connected, as PI-CLIP's
+``cv2.findContours`` on the thresholded CAM), and the refined VTP is ``T* vec(VTP)``, min-max
+normalised.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def high_order_affinity(affinity: torch.Tensor) -> torch.Tensor:
 
 def box_mask(maps: torch.Tensor, threshold: float) -> torch.Tensor:
     """``(P, h, w)`` maps -> ``(P, h, w)`` bool: the union of the bounding boxes of the
-    connected regions (4-connected) where a map is at least ``threshold`` times its max.
+    connected regions (8-connected: diagonal neighbours join) where a map is at least
+    ``threshold`` times its max.
 
     Vectorised over maps, on their device: regions by label propagation (every cell of a region
     ends with the region's largest flat index), boxes by scatter min/max, their union by a 2-D
@@ -38,7 +40,8 @@ def box_mask(maps: torch.Tensor, threshold: float) -> torch.Tensor:
     label = torch.where(on, torch.arange(1, h * w + 1, device=maps.device).view(1, h, w), 0)
     while True:
         pad = F.pad(label, (1, 1, 1, 1))
-        neighbours = (pad[:, :-2, 1:-1], pad[:, 2:, 1:-1], pad[:, 1:-1, :-2], pad[:, 1:-1, 2:])
+        neighbours = [pad[:, 1 + dy : h + 1 + dy, 1 + dx : w + 1 + dx]
+                      for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
         spread = torch.stack([label, *neighbours])
         grown = torch.where(on, spread.amax(0), 0)
         if torch.equal(grown, label):
