@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup repro test lint lock tiny-clip ablation clean-venv
+.PHONY: setup repro test lint lock tiny-clip ablation dvc-deps clean-venv
 
 setup: $(STAMP)
 
@@ -16,9 +16,14 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
 
-# Stage commands call `python`: put the venv first on PATH.
-repro: setup
+# Stage commands call `python`: put the venv first on PATH. dvc.yaml's source deps and fold
+# matrices are derived from the code and params first (a no-op when they are current).
+repro: setup dvc-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+# Rewrite dvc.yaml's source deps (each stage's import closure) and fold matrices (split.num_folds).
+dvc-deps: setup
+	$(BIN)/python -m stages._deps
 
 # Retrain the shipped tiny CLIP from scratch (~15 min on 2 cores) and rewrite fixtures/tiny-vit;
 # fails, keeping the shipped one, unless the zero-shot accuracy is reproduced within 2 points.

@@ -9,6 +9,16 @@ from collections.abc import Callable, Sequence
 from pipeline.core.errors import PipelineError
 from pipeline.core.params import Params, load_params
 
+#: The inputs of a fold's training and evaluation (``--name`` options and their defaults).
+FOLD_INPUTS = {
+    "index": "data/index",
+    "episodes": "data/episodes",
+    "features": "data/features.zarr",
+    "priors": "data/priors.zarr",
+    "pseudo_masks": "data/pseudo_masks.zarr",
+    "models": "data/models",
+}
+
 
 def stage_main(
     name: str, run: Callable[[Params, argparse.Namespace], None],

@@ -29,7 +29,7 @@ from pipeline.datasets.index import read_index_dir
 from pipeline.fewshot.checkpoint import MODEL_FILE, load_model
 from pipeline.fewshot.data import EpisodeTable, open_fold_inputs
 from pipeline.fewshot.evaluate import best_prior_threshold, evaluate_table, prior_meter, sample_predictions
-from stages._common import stage_main
+from stages._common import FOLD_INPUTS, stage_main
 
 TEST = re.compile(r"test/fold(?P<fold>\d+)/shot(?P<shot>\d+)_seed(?P<seed>\d+)$")
 
@@ -128,16 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     return stage_main(
         "evaluate",
         run,
-        {
-            "index": "data/index",
-            "episodes": "data/episodes",
-            "features": "data/features.zarr",
-            "priors": "data/priors.zarr",
-            "pseudo_masks": "data/pseudo_masks.zarr",
-            "models": "data/models",
-            "metrics": "data/metrics",
-            "predictions": "data/predictions",
-        },
+        {**FOLD_INPUTS, "metrics": "data/metrics", "predictions": "data/predictions"},
         argv,
         options=lambda p: p.add_argument("--fold", type=int, required=True, help="the fold to evaluate"),
     )

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import pandas as pd
 import yaml
 from PIL import Image
 
-from pipeline.core.artifacts import Staging, fingerprint, write_atomic, write_json
+from pipeline.core.artifacts import Staging, fingerprint, git_state, write_atomic, write_json
 from pipeline.core.errors import PipelineError
 from pipeline.core.params import Params
 from pipeline.datasets.index import read_index_dir
@@ -39,20 +38,11 @@ def read_json(path: Path) -> dict | None:
 def git_commit(root: Path = Path(".")) -> str:
     """HEAD's short hash, marked when code or params differ from it. dvc.lock is left out: every
     `dvc repro` that re-ran a stage rewrites it before this stage runs, and it is committed after."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        return commit + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
+    state = git_state(root, ignore=("dvc.lock",))
+    if state is None:
         return "unknown (not a git checkout)"
+    commit, dirty = state
+    return commit[:7] + (" (with uncommitted changes)" if dirty else "")
 
 
 def load_samples(predictions: Path, index: pd.DataFrame, class_names: list[str]) -> list[Sample]:

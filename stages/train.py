@@ -33,7 +33,7 @@ from pipeline.fewshot.checkpoint import MODEL_FILE, save_model
 from pipeline.fewshot.data import open_fold_inputs
 from pipeline.fewshot.train import fit
 from pipeline.model.lfss import LFSS
-from stages._common import stage_main
+from stages._common import FOLD_INPUTS, stage_main
 
 
 def setup_device() -> tuple[torch.device, int]:
@@ -120,15 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     return stage_main(
         "train",
         run,
-        {
-            "index": "data/index",
-            "episodes": "data/episodes",
-            "features": "data/features.zarr",
-            "priors": "data/priors.zarr",
-            "pseudo_masks": "data/pseudo_masks.zarr",
-            "models": "data/models",
-            "plots": "data/plots/train",
-        },
+        {**FOLD_INPUTS, "plots": "data/plots/train"},
         argv,
         options=lambda p: p.add_argument("--fold", type=int, required=True, help="the fold to train"),
     )

@@ -14,7 +14,8 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable
+import subprocess
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +90,17 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 def write_json(path: Path, obj: Any) -> None:
     """Write pretty, key-sorted JSON atomically (stable bytes for DVC)."""
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+
+
+def git_state(root: Path = Path("."), ignore: Sequence[str] = ()) -> tuple[str, bool] | None:
+    """HEAD's full hash and whether tracked files other than ``ignore`` differ from it (for
+    provenance); None outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        exclude = [f":(exclude){path}" for path in ignore]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *exclude],
+                               cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit, bool(dirty)

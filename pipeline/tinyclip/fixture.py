@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from pipeline.clip.loader import ClipBundle, load_local_dir, save_local_dir
+from pipeline.core.artifacts import git_state
 from pipeline.core.errors import PipelineError
 
 PROVENANCE = "provenance.json"
@@ -42,13 +42,8 @@ def training_code_sha() -> str:
 
 
 def git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit.stdout.strip() + ("+dirty" if dirty else "")
+    state = git_state()
+    return "unknown" if state is None else state[0] + ("+dirty" if state[1] else "")
 
 
 def round_to_fp16(bundle: ClipBundle) -> None:

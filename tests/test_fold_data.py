@@ -1,0 +1,130 @@
+"""``load_episodes`` on tiny stores written in ``tmp_path``: which arrays feed the model.
+
+* ``pseudo_masks: initial | refined`` reads ``<manifest>/{query,support}_{initial,refined}``;
+* ``supervision: mask`` gives the ground-truth support masks (label == class, each label map at
+  its own size, pooled to the feature grid) while the query keeps its pseudo-mask;
+* ``pir: false | true`` reads the VTP from ``pairs/vtp`` or ``pairs/pir``.
+
+Every array holds different random contents, so reading the wrong one fails the test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import zarr
+from PIL import Image
+
+from pipeline.core.params import ModelParams
+from pipeline.core.tensors import mask_to_grid
+from pipeline.features import store as features_store
+from pipeline.fewshot.data import EpisodeTable, load_bank, load_episodes
+from pipeline.priors import store as priors_store
+from pipeline.pseudomasks import store as pseudo_store
+
+GRID, SIZE, NAME = (4, 4), 8, "test/fold0/shot2_seed0"
+IDS = ["a", "b", "c", "d", "e", "f"]
+LABEL_SIZES = [(16, 16), (12, 20), (20, 12), (24, 24), (10, 14), (16, 16)]  # mixed, as in real data
+EPISODES = [(1, "a", ["b", "c"]), (2, "d", ["e", "a"]), (1, "f", ["c", "d"]), (2, "b", ["f", "e"])]
+
+
+@dataclass
+class Fold:
+    path: Path
+    labels: dict[str, np.ndarray]
+    pseudo: dict[str, np.ndarray]  # "query_initial" -> (E, S, S), ...
+    pairs: dict[str, np.ndarray]  # "class_id" (I, 2), "vtp" / "pir" (I, 2, h, w), rows of PRIOR_IDS
+
+
+PRIOR_IDS = IDS[::-1]  # the prior store's rows need not follow the bank's (sorted) order
+
+
+def write_fold(path: Path) -> Fold:
+    """Label PNGs, features, priors and pseudo-masks of one 2-shot manifest, all random."""
+    rng = np.random.default_rng(0)
+    labels = {i: rng.integers(0, 3, size, dtype=np.uint8) for i, size in zip(IDS, LABEL_SIZES, strict=True)}
+    for i, label in labels.items():
+        Image.fromarray(label).save(path / f"{i}.png")
+    features_store.create(zarr.open_group(path / "features.zarr", mode="w"), len(IDS), 3, GRID,
+                          {"image_ids": IDS})
+    layout = priors_store.Layout(len(IDS), 2, 2, GRID, (5, 5), shard_size=8)
+    root = priors_store.create(path / "priors.zarr", layout, {"image_ids": PRIOR_IDS})
+    pairs = {"class_id": np.array([[1, 2] if r % 2 else [2, 1] for r in range(len(IDS))], np.int16),
+             "vtp": rng.random((len(IDS), 2, *GRID)).astype(np.float16),
+             "pir": rng.random((len(IDS), 2, *GRID)).astype(np.float16)}
+    for key, value in pairs.items():
+        root[f"pairs/{key}"][:] = value
+    table = manifest()
+    masks = zarr.open_group(path / "pseudo_masks.zarr", mode="w")
+    pseudo_store.create(masks, {NAME: table}, SIZE)
+    pseudo = {a: rng.random(masks[f"{NAME}/{a}"].shape) < 0.5 for a in pseudo_store.ARRAYS}
+    for array, value in pseudo.items():
+        masks[f"{NAME}/{array}"][:] = value
+    return Fold(path, labels, pseudo, pairs)
+
+
+def manifest() -> pd.DataFrame:
+    c, q, s = zip(*EPISODES, strict=True)
+    n = len(EPISODES)
+    return pd.DataFrame({"episode": range(n), "fold": 0, "shot": 2, "seed": 0, "class_id": c,
+                         "query": q, "supports": s})
+
+
+def load(fold: Fold, cfg: ModelParams) -> EpisodeTable:
+    labels = {i: str(fold.path / f"{i}.png") for i in IDS}
+    features = features_store.FeatureStore(fold.path / "features.zarr")
+    priors = priors_store.PriorStore(fold.path / "priors.zarr")
+    bank = load_bank(IDS, features, priors, labels)
+    pseudo = pseudo_store.PseudoMaskStore(fold.path / "pseudo_masks.zarr")
+    return load_episodes(NAME, manifest(), bank, pseudo, priors, cfg)
+
+
+def grid(masks: np.ndarray) -> torch.Tensor:
+    return mask_to_grid(torch.from_numpy(masks), GRID).half()
+
+
+def vtp(fold: Fold, image: str, class_id: int, key: str) -> torch.Tensor:
+    row = PRIOR_IDS.index(image)
+    slot = list(fold.pairs["class_id"][row]).index(class_id)
+    return torch.from_numpy(fold.pairs[key][row, slot])
+
+
+@pytest.fixture
+def fold(tmp_path: Path) -> Fold:
+    return write_fold(tmp_path)
+
+
+@pytest.mark.parametrize("kind, other", [("refined", "initial"), ("initial", "refined")])
+def test_pseudo_mask_kind_selects_its_own_query_and_support_arrays(fold: Fold, kind: str, other: str):
+    table = load(fold, ModelParams(pseudo_masks=kind))
+    assert torch.equal(table.query_mask, grid(fold.pseudo[f"query_{kind}"]))
+    assert torch.equal(table.support_mask, grid(fold.pseudo[f"support_{kind}"]))
+    assert table.support_mask.shape == (len(EPISODES), 2, *GRID)
+    assert not torch.equal(table.query_mask, grid(fold.pseudo[f"query_{other}"]))
+    assert not torch.equal(table.support_mask, grid(fold.pseudo[f"support_{other}"]))
+
+
+@pytest.mark.parametrize("kind", ["refined", "initial"])
+def test_mask_supervision_gives_ground_truth_supports_at_each_labels_size(fold: Fold, kind: str):
+    table = load(fold, ModelParams(supervision="mask", pseudo_masks=kind))
+    truth = torch.stack([torch.stack([grid(fold.labels[s] == c) for s in ss]) for c, _, ss in EPISODES])
+    assert torch.equal(table.support_mask, truth)
+    assert not torch.equal(table.support_mask, grid(fold.pseudo[f"support_{kind}"]))
+    assert torch.equal(table.query_mask, grid(fold.pseudo[f"query_{kind}"]))  # the query stays pseudo
+
+
+@pytest.mark.parametrize("pir, key, other", [(False, "vtp", "pir"), (True, "pir", "vtp")])
+def test_pir_setting_reads_vtp_of_each_image_and_class_from_its_array(
+    fold: Fold, pir: bool, key: str, other: str
+):
+    table = load(fold, ModelParams(pir=pir))
+    query = torch.stack([vtp(fold, q, c, key) for c, q, _ in EPISODES])
+    support = torch.stack([torch.stack([vtp(fold, s, c, key) for s in ss]) for c, _, ss in EPISODES])
+    assert torch.equal(table.query_vtp, query)
+    assert torch.equal(table.support_vtp, support)
+    assert not torch.equal(table.query_vtp, torch.stack([vtp(fold, q, c, other) for c, q, _ in EPISODES]))
