@@ -18,11 +18,15 @@ import torch.nn.functional as F
 
 from pipeline.clip.loader import load_local_dir
 from pipeline.clip.prompts import text_embeddings
+from pipeline.core.params import PriorsParams
 from pipeline.datasets.shapes import SHAPE_NAMES
 from pipeline.datasets.synthetic import render_scene, scene_rng
 from pipeline.priors.extract import extract_priors
 from pipeline.priors.vtp import prompt_bank
 from pipeline.tinyclip.model import build_tiny
+
+CFG = PriorsParams()  # the schema's defaults
+OPTIONS = {"prompt_set": CFG.prompt_set, "pir_blocks": CFG.pir_blocks, "pir_threshold": CFG.pir_threshold}
 
 
 def scenes(n: int, size: int, mean, std) -> tuple[torch.Tensor, list[list[int]]]:
@@ -60,7 +64,7 @@ def main() -> None:
         m = model.to(device)
         with torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
             return extract_priors(m, images.to(device), pair_image.to(device), pair_class, labels,
-                                  bank, class_text, prompt_set="target")
+                                  bank, class_text, **OPTIONS)
 
     cpu = run("cpu")
     for autocast in (False, True):
@@ -75,7 +79,7 @@ def main() -> None:
     x, p = images.cuda(), pair_image.cuda()
     for autocast in (False, True):
         with torch.autocast("cuda", dtype=torch.float16, enabled=autocast), torch.no_grad():
-            ours = timed(lambda: extract_priors(model, x, p, pair_class, labels, bank, class_text))
+            ours = timed(lambda: extract_priors(model, x, p, pair_class, labels, bank, class_text, **OPTIONS))
             plain = timed(lambda: model.encode_image(x))
         name = "fp16_autocast" if autocast else "fp32"
         print(f"cuda_{name}_per_image_us: {1e6 * ours / len(x):.1f}  encode_image_per_image_us: "
