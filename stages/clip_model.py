@@ -1,7 +1,7 @@
 """`clip_model`: the CLIP every later stage uses, as an open_clip local-dir folder.
 
 * ``tiny-vit`` / ``tiny-resnet``: installed from the shipped fixture (``fixtures/<model>``, see
-  ``pipeline/clip/fixture.py``) when it was made with the same params and caption corpus, else
+  ``pipeline/tinyclip/fixture.py``) when it was made with the same params and caption corpus, else
   trained here on the synthetic caption corpus (two phases, checkpointed: a crashed run
   resumes); then evaluated: zero-shot top-1 on held-out single-object images and MaskCLIP dense
   mIoU on benchmark val images, with chance levels. ``--retrain --write-fixture`` (``make

@@ -7,7 +7,7 @@ Writes under ``data/episodes/``::
     val/fold{k}.parquet                    validation pool (base classes, held-out images)
     meta.json                              protocol, files, episode counts
 
-Schema and protocols: ``pipeline/episodes.py``. A rebuild gives byte-identical files.
+Schema and protocols: ``pipeline/datasets/episodes.py``. A rebuild gives byte-identical files.
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ class EpisodesParams(Section):
 
 
 class TinyClipParams(Section):
-    """Training of the tiny CLIP on the synthetic caption corpus (pipeline/clip/train_tiny.py)."""
+    """Training of the tiny CLIP on the synthetic caption corpus (pipeline/tinyclip/train.py)."""
 
     seed: int = 0
     batch_size: PositiveInt = 32
