@@ -6,6 +6,9 @@ so an interrupted stage never leaves a half artifact that DVC could take for a f
 Work inside is split into shards, each finished by an explicit ``.done`` marker: a re-run
 with the same fingerprint (the params that decide the content) skips finished shards;
 a different fingerprint starts over.
+
+Also here: JSON written atomically, the read-only opening every store reader shares
+(:func:`open_store`), and the git state provenance records (:func:`git_state`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+import zarr
+
+from pipeline.core.errors import PipelineError
 
 _FINGERPRINT = ".fingerprint"
 
@@ -104,3 +111,11 @@ def git_state(root: Path = Path("."), ignore: Sequence[str] = ()) -> tuple[str, 
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit, bool(dirty)
+
+
+def open_store(path: Path, stage: str) -> zarr.Group:
+    """The Zarr store at ``path`` opened read-only; missing: one line naming the stage that writes it."""
+    try:
+        return zarr.open_group(Path(path), mode="r")
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: missing (run the {stage} stage)") from None

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import zarr
 
+from pipeline.core.artifacts import open_store
 from pipeline.core.errors import PipelineError
 
 SHARD = 256  # images per shard
@@ -44,10 +45,7 @@ class FeatureStore:
     """Read access to ``data/features.zarr`` by image id."""
 
     def __init__(self, path: Path) -> None:
-        try:
-            self.root = zarr.open_group(Path(path), mode="r")
-        except FileNotFoundError:
-            raise PipelineError(f"{path}: missing (run the features stage)") from None
+        self.root = open_store(path, "features")
         self.attrs = dict(self.root.attrs)
         self.rows = {image: i for i, image in enumerate(self.attrs["image_ids"])}
 

@@ -30,6 +30,7 @@ import torch
 import zarr
 
 from pipeline.clip.dense import labels_from_scores
+from pipeline.core.artifacts import open_store
 from pipeline.core.errors import PipelineError
 from pipeline.core.tensors import mask_to_grid
 from pipeline.priors.vvp import vvp
@@ -75,10 +76,7 @@ class PriorStore:
     """Read access to ``data/priors.zarr`` by image id and (image, class) pair."""
 
     def __init__(self, path: Path) -> None:
-        try:
-            self.root = zarr.open_group(Path(path), mode="r")
-        except FileNotFoundError:
-            raise PipelineError(f"{path}: missing (run the priors stage)") from None
+        self.root = open_store(path, "priors")
         self.attrs = dict(self.root.attrs)
         self.rows = {image: i for i, image in enumerate(self.attrs["image_ids"])}
         self._whole: dict[str, np.ndarray] = {}

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from pipeline.core.artifacts import open_store
 from pipeline.core.errors import PipelineError
 
 SHARD = 1000  # episodes per shard
@@ -47,10 +48,7 @@ class PseudoMaskStore:
     """Read access to ``data/pseudo_masks.zarr`` by manifest, role and kind."""
 
     def __init__(self, path: Path) -> None:
-        try:
-            self.root = zarr.open_group(Path(path), mode="r")
-        except FileNotFoundError:
-            raise PipelineError(f"{path}: missing (run the pseudo_masks stage)") from None
+        self.root = open_store(path, "pseudo_masks")
         self.attrs = dict(self.root.attrs)
 
     def masks(
