@@ -73,3 +73,23 @@ def test_check_exits_nonzero_with_one_line_per_problem(tmp_path):
                            "--params", str(ROOT / "params.yaml")], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 1
     assert done.stderr.splitlines()[0] == "dvc.yaml: stage 'prepare' misses pipeline/core/params.py"
+
+
+def test_the_library_has_no_import_cycles():
+    """Module imports (function-local ones included) of pipeline/ form a DAG."""
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in (ROOT / "pipeline").rglob("*.py")}
+    graph = {m: {i for i in _deps.imported_modules(p) if i in modules and i != m} for m, p in modules.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for nxt in sorted(graph[module]):
+            assert state.get(nxt) != 1, "import cycle: " + " -> ".join([*path, module, nxt])
+            if nxt not in state:
+                visit(nxt, [*path, module])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
