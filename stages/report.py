@@ -57,10 +57,10 @@ def load_samples(predictions: Path, index: pd.DataFrame, class_names: list[str])
                 Sample(
                     title=f"{path.stem}: {class_names[c - 1]}",
                     support=np.asarray(Image.open(index.at[support, "image_path"]).convert("RGB")),
-                    support_mask=got["support_mask"][j],
+                    support_mask=got[f"support_mask_{j}"],
                     query=np.asarray(Image.open(index.at[query, "image_path"]).convert("RGB")),
                     truth=label == c,
-                    prediction=got["prediction"][j] >= 128,
+                    prediction=got[f"prediction_{j}"] >= 128,
                 )
             )
     return samples

@@ -24,6 +24,7 @@ from pipeline.core.params import ModelParams
 from pipeline.core.tensors import mask_to_grid
 from pipeline.features import store as features_store
 from pipeline.fewshot.data import EpisodeTable, load_bank, load_episodes
+from pipeline.fewshot.evaluate import sample_predictions
 from pipeline.priors import store as priors_store
 from pipeline.pseudomasks import store as pseudo_store
 
@@ -128,3 +129,27 @@ def test_pir_setting_reads_vtp_of_each_image_and_class_from_its_array(
     assert torch.equal(table.query_vtp, query)
     assert torch.equal(table.support_vtp, support)
     assert not torch.equal(table.query_vtp, torch.stack([vtp(fold, q, c, other) for c, q, _ in EPISODES]))
+
+
+@pytest.mark.parametrize("supervision", ["text", "mask"])
+def test_sample_predictions_keep_each_episode_at_its_own_size(fold: Fold, supervision: str, tmp_path: Path):
+    """Real images differ in size: every kept support mask and prediction has its own image's size
+    (stacking them crashed under supervision: mask), and they survive an npz round trip."""
+    cfg = ModelParams(supervision=supervision)
+    table = load(fold, cfg)
+    pseudo = pseudo_store.PseudoMaskStore(fold.path / "pseudo_masks.zarr")
+    bank = load_bank(IDS, features_store.FeatureStore(fold.path / "features.zarr"),
+                     priors_store.PriorStore(fold.path / "priors.zarr"),
+                     {i: str(fold.path / f"{i}.png") for i in IDS})
+    index, probs = torch.tensor([0, 1, 3]), torch.rand(3, *GRID)
+    kept = sample_predictions(NAME, table, bank, pseudo, cfg, index, probs, manifest())
+    np.savez(tmp_path / "samples.npz", **kept)
+    got = np.load(tmp_path / "samples.npz")
+    assert list(got["query"]) == [EPISODES[e][1] for e in index.tolist()]
+    for j, e in enumerate(index.tolist()):
+        c, query, supports = EPISODES[e]
+        assert got[f"prediction_{j}"].shape == fold.labels[query].shape
+        truth = fold.labels[supports[0]] == c
+        expected = fold.pseudo["support_refined"][e, 0] if supervision == "text" else truth
+        assert np.array_equal(got[f"support_mask_{j}"], expected)
+    assert [got[f"prediction_{j}"].shape for j in range(3)] == [(16, 16), (24, 24), (12, 20)]  # a, d, b

@@ -109,24 +109,26 @@ def sample_predictions(
     probs: torch.Tensor,
     manifest: pd.DataFrame,
 ) -> dict[str, np.ndarray]:
-    """What the report's qualitative figure shows of episodes ``index``: ids, class, the support
-    mask the model was given, and the prediction (probability x 255 at the label's size)."""
+    """What the report's qualitative figure shows of episodes ``index`` (given their ``(B, h, w)``
+    probabilities): ids and class (``query``, ``support``, ``class_id``), and per sample ``j`` the
+    first support's mask the model was given (``support_mask_{j}``: the pseudo-mask, or the label
+    at its own size) and the prediction (``prediction_{j}``: probability x 255 at the query label's
+    size). Images differ in size, so each sample's maps have keys of their own."""
     rows = manifest.iloc[index.numpy()]
-    if cfg.supervision == "text":
-        support_mask = pseudo.masks(name, "support", cfg.pseudo_masks, index.numpy())[:, 0]
-    else:
-        support_mask = np.stack(
-            [
-                bank.labels[r] == c
-                for r, c in zip(table.supports[index, 0].tolist(), table.classes[index].tolist(), strict=True)
-            ]
-        )
-    size = bank.labels[int(table.query[index[0]])].shape
-    prediction = (upsample(probs.float(), size).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    return {
+    out = {
         "query": rows["query"].to_numpy(str),
         "support": np.array([s[0] for s in rows["supports"]], str),
         "class_id": rows["class_id"].to_numpy(np.int16),
-        "support_mask": support_mask,
-        "prediction": prediction,
     }
+    if cfg.supervision == "text":
+        pseudo_masks = pseudo.masks(name, "support", cfg.pseudo_masks, index.numpy())[:, 0]
+    for j, episode in enumerate(index.tolist()):
+        if cfg.supervision == "text":
+            out[f"support_mask_{j}"] = pseudo_masks[j]
+        else:
+            label = bank.labels[int(table.supports[episode, 0])]
+            out[f"support_mask_{j}"] = label == int(table.classes[episode])
+        size = bank.labels[int(table.query[episode])].shape
+        prob = upsample(probs[j : j + 1].float(), size).clamp(0, 1)[0]
+        out[f"prediction_{j}"] = (prob * 255).round().to(torch.uint8).numpy()
+    return out
