@@ -18,7 +18,7 @@ from prefect import flow, task
 
 from pipeline.clip.loader import SHA_FILE, load_local_dir
 from pipeline.core.artifacts import Staging, fingerprint
-from pipeline.core.orchestration import run_flow, run_shards
+from pipeline.core.orchestration import concurrency, run_flow, run_shards
 from pipeline.core.params import BackboneParams, Params
 from pipeline.datasets.episodes import episode_images, read_manifests
 from pipeline.datasets.index import read_index_dir
@@ -97,16 +97,17 @@ def build_features(
 
 
 def run(params: Params, args: argparse.Namespace) -> None:
-    workers = params.orchestration.max_workers or os.cpu_count() or 1
+    n = concurrency(params.orchestration, on_device=True)
     summary = run_flow(
         build_features,
         params.orchestration,
+        on_device=True,
         cfg=params.backbone,
         index_dir=Path(args.index),
         episodes_dir=Path(args.episodes),
         clip_dir=Path(args.clip),
         out=Path(args.out),
-        workers=workers,
+        workers=n,
     )
     print(f"features: {summary} in {args.out}")
 

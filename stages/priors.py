@@ -21,7 +21,7 @@ from prefect import flow, task
 from pipeline.clip.prompts import VOCABULARIES
 from pipeline.core.artifacts import Staging, fingerprint, write_atomic
 from pipeline.core.errors import PipelineError
-from pipeline.core.orchestration import run_flow, run_shards
+from pipeline.core.orchestration import concurrency, run_flow, run_shards
 from pipeline.core.params import Params, PriorsParams
 from pipeline.datasets.episodes import image_classes, read_manifests
 from pipeline.datasets.index import read_index_dir
@@ -93,10 +93,11 @@ def build_priors(cfg: PriorsParams, dataset: str, index_dir: Path, episodes_dir:
 
 
 def run(params: Params, args: argparse.Namespace) -> None:
-    workers = params.orchestration.max_workers or os.cpu_count() or 1
-    summary = run_flow(build_priors, params.orchestration, cfg=params.priors, dataset=params.dataset.name,
+    n = concurrency(params.orchestration, on_device=True)
+    summary = run_flow(build_priors, params.orchestration, on_device=True, cfg=params.priors,
+                       dataset=params.dataset.name,
                        index_dir=Path(args.index), episodes_dir=Path(args.episodes), clip_dir=Path(args.clip),
-                       out=Path(args.out), preview_path=Path(args.preview), workers=workers)
+                       out=Path(args.out), preview_path=Path(args.preview), workers=n)
     print(f"priors: {json.dumps(summary)} in {args.out}")
 
 

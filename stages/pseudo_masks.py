@@ -20,7 +20,7 @@ import zarr
 from prefect import flow, task
 
 from pipeline.core.artifacts import Staging, fingerprint, write_json
-from pipeline.core.orchestration import gather, run_flow, run_shards
+from pipeline.core.orchestration import concurrency, gather, run_flow, run_shards
 from pipeline.core.params import BackboneParams, Params, PseudoMaskParams
 from pipeline.datasets.episodes import read_manifests
 from pipeline.datasets.index import read_index_dir
@@ -98,11 +98,11 @@ def build_pseudo_masks(cfg: PseudoMaskParams, backbone: BackboneParams, index_di
 
 
 def run(params: Params, args: argparse.Namespace) -> None:
-    workers = params.orchestration.max_workers or os.cpu_count() or 1
-    metrics = run_flow(build_pseudo_masks, params.orchestration, cfg=params.pseudo_masks,
+    n = concurrency(params.orchestration, on_device=True)
+    metrics = run_flow(build_pseudo_masks, params.orchestration, on_device=True, cfg=params.pseudo_masks,
                        backbone=params.backbone, index_dir=Path(args.index), episodes_dir=Path(args.episodes),
                        priors=Path(args.priors), features=Path(args.features), out=Path(args.out),
-                       metrics_path=Path(args.metrics), workers=workers)
+                       metrics_path=Path(args.metrics), workers=n)
     print(f"pseudo_masks: mean over folds {json.dumps(metrics['mean'])}")
 
 

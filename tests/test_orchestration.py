@@ -5,7 +5,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.orchestration import _HideExpectedErrors, task_runner
+from pipeline.core.orchestration import _HideExpectedErrors, concurrency, task_runner
 from pipeline.core.params import OrchestrationParams
 
 
@@ -13,12 +13,27 @@ from pipeline.core.params import OrchestrationParams
                                            ("processes", ProcessPoolTaskRunner),
                                            ("dask", DaskTaskRunner)])
 def test_task_runner_follows_params(kind, cls):
-    runner = task_runner(OrchestrationParams(task_runner=kind, max_workers=2))
+    runner = task_runner(OrchestrationParams(task_runner=kind), 2)
     assert isinstance(runner, cls)
 
 
+def test_a_device_stage_runs_one_task_at_a_time_on_cuda_unless_told(monkeypatch):
+    """Never N shards on one GPU by default; CPU stages (and every stage without CUDA) use the cores."""
+    import os
+
+    import torch
+
+    cpus = os.cpu_count()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert concurrency(OrchestrationParams(), on_device=True) == 1
+    assert concurrency(OrchestrationParams(), on_device=False) == cpus
+    assert concurrency(OrchestrationParams(max_workers=3), on_device=True) == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert concurrency(OrchestrationParams(), on_device=True) == cpus
+
+
 def test_dask_address_connects_to_an_existing_cluster():
-    runner = task_runner(OrchestrationParams(task_runner="dask", dask_address="tcp://10.0.0.1:8786"))
+    runner = task_runner(OrchestrationParams(task_runner="dask", dask_address="tcp://10.0.0.1:8786"), 2)
     assert runner.address == "tcp://10.0.0.1:8786"
 
 

@@ -2,7 +2,8 @@
 
 DVC decides *whether* a stage runs; Prefect runs its tasks (shards, folds, seeds) with the
 runner chosen by the ``orchestration`` params. ``dask`` connects to ``dask_address`` (the path
-to many machines) or starts a LocalCluster.
+to many machines) or starts a LocalCluster. How many tasks run at once is :func:`concurrency`: a
+stage that computes on a CUDA device runs one at a time there unless told otherwise.
 """
 
 from __future__ import annotations
@@ -21,8 +22,21 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.params import OrchestrationParams
 
 
-def task_runner(cfg: OrchestrationParams) -> TaskRunner:
-    workers = cfg.max_workers or os.cpu_count() or 1
+def concurrency(cfg: OrchestrationParams, *, on_device: bool) -> int:
+    """Tasks a stage runs at once: ``max_workers`` when set; otherwise one for a stage that
+    computes on a CUDA device (each task holds its own model and batches on the one device: N at
+    once only contend for its memory), else the CPU count."""
+    if cfg.max_workers:
+        return cfg.max_workers
+    if on_device:
+        import torch
+
+        if torch.cuda.is_available():
+            return 1
+    return os.cpu_count() or 1
+
+
+def task_runner(cfg: OrchestrationParams, workers: int) -> TaskRunner:
     if cfg.task_runner == "threads":
         return ThreadPoolTaskRunner(max_workers=workers)
     if cfg.task_runner == "processes":
@@ -59,10 +73,12 @@ def configure_logging(cfg: OrchestrationParams) -> None:
                 handler.addFilter(_HideExpectedErrors())
 
 
-def run_flow(flow: Any, orchestration: OrchestrationParams, /, **kwargs: Any) -> Any:
-    """Run a Prefect flow with the configured task runner."""
+def run_flow(flow: Any, orchestration: OrchestrationParams, /, on_device: bool = False, **kwargs: Any) -> Any:
+    """Run a Prefect flow with the configured task runner and :func:`concurrency` tasks at once
+    (``on_device``: the flow's tasks compute on the accelerator when there is one)."""
     configure_logging(orchestration)
-    return flow.with_options(task_runner=task_runner(orchestration))(**kwargs)
+    runner = task_runner(orchestration, concurrency(orchestration, on_device=on_device))
+    return flow.with_options(task_runner=runner)(**kwargs)
 
 
 def gather(futures: Iterable[Any], on_done: Callable[[Any], None] | None = None) -> list[Any]:

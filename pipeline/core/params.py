@@ -235,7 +235,7 @@ class OrchestrationParams(Section):
     """How stages run their Prefect tasks. Changes *how*, never *what*: not a DVC param."""
 
     task_runner: Literal["threads", "processes", "dask"] = "threads"
-    max_workers: PositiveInt | None = None
+    max_workers: PositiveInt | None = None  # None: the CPU count, or 1 for a stage on a CUDA device
     dask_address: str | None = None  # an existing cluster; None starts a LocalCluster
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 
