@@ -69,7 +69,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
         raise PipelineError(f"{args.episodes}: no test manifests for fold {fold}")
     val_name = f"val/fold{fold}"
     inputs = open_fold_inputs(index, manifests, [*tests, val_name], Path(args.features), Path(args.priors),
-                              Path(args.pseudo_masks))
+                              Path(args.pseudo_masks), cache_bytes=params.orchestration.cache_bytes)
     bank, num_classes = inputs.bank, len(names)
     val = inputs.episodes(val_name, manifests[val_name], cfg)
     threshold, _ = best_prior_threshold(val, bank, num_classes)

@@ -32,11 +32,14 @@ from stages._common import stage_main
 
 
 @cache
-def refiner(features: str, priors: str, backbone: BackboneParams, cfg: PseudoMaskParams) -> Refiner:
+def refiner(features: str, priors: str, backbone: BackboneParams, cfg: PseudoMaskParams,
+            cache_bytes: int) -> Refiner:
     """The features and the priors, opened once per process."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     temperature = cfg.temperature if cfg.attention == "cosine" else None
-    return Refiner(FeatureStore(Path(features)), PriorStore(Path(priors)), backbone.image_size,
+    stores = (FeatureStore(Path(features), cache_bytes=cache_bytes),
+              PriorStore(Path(priors), cache_bytes=cache_bytes))
+    return Refiner(*stores, backbone.image_size,
                    alpha=cfg.alpha, temperature=temperature, vtp_threshold=cfg.vtp_threshold,
                    batch_size=cfg.batch_size, device=device)
 
@@ -66,7 +69,8 @@ def evaluated_manifests(manifests: dict) -> dict[int, str]:
 
 @flow(name="pseudo-masks")
 def build_pseudo_masks(cfg: PseudoMaskParams, backbone: BackboneParams, index_dir: Path, episodes_dir: Path,
-                       priors: Path, features: Path, out: Path, metrics_path: Path, workers: int) -> dict:
+                       priors: Path, features: Path, out: Path, metrics_path: Path, workers: int,
+                       cache_bytes: int) -> dict:
     index, meta = read_index_dir(index_dir)
     manifests = read_manifests(episodes_dir)
     priors_attrs = PriorStore(priors).attrs
@@ -76,7 +80,7 @@ def build_pseudo_masks(cfg: PseudoMaskParams, backbone: BackboneParams, index_di
                                         features_attrs["clip_sha256"],
                                         (episodes_dir / "meta.json").read_text()]))
     store.create(zarr.open_group(staging.path, mode="a"), manifests, backbone.image_size)
-    context = (str(features), str(priors), backbone, cfg)
+    context = (str(features), str(priors), backbone, cfg, cache_bytes)
     threads = max(1, (os.cpu_count() or 1) // workers)
     jobs = {f"{m.replace('/', '-')}-{s:06d}": (m, t.iloc[s: s + store.SHARD])
             for m, t in manifests.items() for s in range(0, len(t), store.SHARD)}
@@ -102,7 +106,8 @@ def run(params: Params, args: argparse.Namespace) -> None:
     metrics = run_flow(build_pseudo_masks, params.orchestration, on_device=True, cfg=params.pseudo_masks,
                        backbone=params.backbone, index_dir=Path(args.index), episodes_dir=Path(args.episodes),
                        priors=Path(args.priors), features=Path(args.features), out=Path(args.out),
-                       metrics_path=Path(args.metrics), workers=n)
+                       metrics_path=Path(args.metrics), workers=n,
+                       cache_bytes=params.orchestration.cache_bytes)
     print(f"pseudo_masks: mean over folds {json.dumps(metrics['mean'])}")
 
 

@@ -62,7 +62,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
             f"{args.episodes}: no {missing[0]} manifest (fold {fold} of {params.split.num_folds}?)"
         )
     inputs = open_fold_inputs(index, manifests, names, Path(args.features), Path(args.priors),
-                              Path(args.pseudo_masks))
+                              Path(args.pseudo_masks), cache_bytes=params.orchestration.cache_bytes)
     train, val = (inputs.episodes(n, manifests[n], params.model) for n in names)
     bank = inputs.bank
     out = Path(args.models) / f"fold{fold}"

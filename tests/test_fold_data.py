@@ -153,3 +153,42 @@ def test_sample_predictions_keep_each_episode_at_its_own_size(fold: Fold, superv
         expected = fold.pseudo["support_refined"][e, 0] if supervision == "text" else truth
         assert np.array_equal(got[f"support_mask_{j}"], expected)
     assert [got[f"prediction_{j}"].shape for j in range(3)] == [(16, 16), (24, 24), (12, 20)]  # a, d, b
+
+
+def test_a_bank_read_by_rows_trains_exactly_like_one_held_in_memory(fold: Fold):
+    """Past ``cache_bytes`` the bank reads each batch's rows from the stores (memory O(batch)):
+    same inputs, same labels, and the same trained weights as the in-memory bank."""
+    from pipeline.core.params import TrainParams
+    from pipeline.fewshot.data import StoredLabels, StoredRows
+    from pipeline.fewshot.train import fit
+    from pipeline.model.lfss import LFSS
+
+    rng = np.random.default_rng(1)
+    features = zarr.open_group(fold.path / "features.zarr", mode="r+")["features"]
+    features[:] = rng.standard_normal(features.shape).astype(np.float16)
+    for b in (0, 1):
+        tokens = zarr.open_group(fold.path / "priors.zarr", mode="r+")[f"images/tokens_{b}"]
+        tokens[:] = rng.standard_normal(tokens.shape).astype(np.float16)
+    cfg = ModelParams(hidden=8, seeds=2, cluster_iterations=2)
+    train = TrainParams(epochs=2, batch_size=2, lr=1e-2, label_size=12, autocast=False)
+    labels = {i: str(fold.path / f"{i}.png") for i in IDS}
+    trained = {}
+    for budget in (2**30, 0):
+        features_in = features_store.FeatureStore(fold.path / "features.zarr", cache_bytes=budget)
+        priors = priors_store.PriorStore(fold.path / "priors.zarr", cache_bytes=budget)
+        bank = load_bank(IDS, features_in, priors, labels)
+        assert isinstance(bank.features, StoredRows) == (budget == 0)
+        assert isinstance(bank.labels, StoredLabels) == (budget == 0)
+        pseudo = pseudo_store.PseudoMaskStore(fold.path / "pseudo_masks.zarr")
+        table = load_episodes(NAME, manifest(), bank, pseudo, priors, cfg)
+        batch = table.batch(bank, torch.tensor([2, 0, 3]), shot=1)
+        trained[budget] = batch, bank.targets(table.query, table.classes, 12)
+        torch.manual_seed(0)
+        model = LFSS(3, cfg)
+        fit(model, table, table, bank, 2, train, log=lambda _: None)
+        trained[budget] += (model.state_dict(),)
+    (b1, t1, w1), (b0, t0, w0) = trained[2**30], trained[0]
+    for field in ("query", "support", "query_tokens", "support_tokens", "query_mask", "support_vtp"):
+        assert torch.equal(getattr(b1, field), getattr(b0, field)), field
+    assert torch.equal(t1, t0)
+    assert all(torch.equal(w1[k], w0[k]) for k in w1)

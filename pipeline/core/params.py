@@ -237,7 +237,15 @@ class OrchestrationParams(Section):
     task_runner: Literal["threads", "processes", "dask"] = "threads"
     max_workers: PositiveInt | None = None  # None: the CPU count, or 1 for a stage on a CUDA device
     dask_address: str | None = None  # an existing cluster; None starts a LocalCluster
+    # Per store a process opens: its arrays (features, priors tokens, ...) are held in memory when they
+    # fit, and so is a fold's image bank; otherwise only the rows a batch or shard needs are read.
+    # Changes speed and memory, never results.
+    cache_gb: Annotated[float, Field(ge=0)] = 4.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+
+    @property
+    def cache_bytes(self) -> int:
+        return int(self.cache_gb * 2**30)
 
 
 class Params(Section):

@@ -13,14 +13,12 @@ each filled by :func:`pipeline.features.extract.extract_shard`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import cached_property
 from pathlib import Path
 
-import numpy as np
 import torch
 import zarr
 
-from pipeline.core.artifacts import open_store
+from pipeline.core.artifacts import StoreReader
 from pipeline.core.errors import PipelineError
 
 SHARD = 256  # images per shard
@@ -41,12 +39,14 @@ def create(root: zarr.Group, count: int, channels: int, grid: tuple[int, int], a
     root.attrs.update({**attrs, "channels": channels, "grid": list(grid)})
 
 
-class FeatureStore:
-    """Read access to ``data/features.zarr`` by image id."""
+class FeatureStore(StoreReader):
+    """Read access to ``data/features.zarr`` by image id (rows read as asked, or the whole array
+    when it fits ``cache_bytes``)."""
 
-    def __init__(self, path: Path) -> None:
-        self.root = open_store(path, "features")
-        self.attrs = dict(self.root.attrs)
+    stage = "features"
+
+    def __init__(self, path: Path, *, cache_bytes: int = 0) -> None:
+        super().__init__(path, cache_bytes=cache_bytes)
         self.rows = {image: i for i, image in enumerate(self.attrs["image_ids"])}
 
     def read(self, image_ids: Sequence[str]) -> torch.Tensor:
@@ -55,9 +55,4 @@ class FeatureStore:
             rows = [self.rows[i] for i in image_ids]
         except KeyError as exc:
             raise PipelineError(f"features: image {exc.args[0]!r} is in no episode manifest") from None
-        return torch.from_numpy(self.all[rows])
-
-    @cached_property
-    def all(self) -> np.ndarray:
-        """``(I, C, h, w)`` float16: the whole array, read once (far faster than row selections)."""
-        return self.root["features"][:]
+        return torch.from_numpy(self.read_rows("features", rows))

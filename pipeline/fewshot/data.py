@@ -3,7 +3,9 @@
 * :class:`FoldInputs` — the three stores (features, priors, pseudo-masks) and the bank of the
   images of the manifests a run reads (:func:`open_fold_inputs`).
 * :class:`ImageBank` — per image: backbone features (``data/features.zarr``), the CLIP tokens of
-  two blocks (``data/priors.zarr``, for VVP) and the label map.
+  two blocks (``data/priors.zarr``, for VVP) and the label map; held in memory when the fold's
+  images fit the reader's ``cache_bytes``, else read by rows as batches ask (:class:`StoredRows`),
+  so memory stays in proportion to a batch whatever the dataset's size.
 * :class:`EpisodeTable` — per episode of one manifest: image rows, class, the masks at the
   feature grid (pseudo-masks from ``data/pseudo_masks.zarr``, or ground-truth support masks
   under ``supervision: mask``) and the VTP of query and supports; ``batch`` slices it into
@@ -12,7 +14,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,14 +31,43 @@ from pipeline.features.store import FeatureStore
 from pipeline.fewshot.metrics import binary_target
 from pipeline.model.lfss import Episodes
 from pipeline.priors.store import PriorStore
-from pipeline.pseudomasks.store import PseudoMaskStore
+from pipeline.pseudomasks.store import PseudoMaskStore, Role
 
 CHUNK = 500  # episodes per pseudo-mask conversion
 
 
 @dataclass
+class StoredRows:
+    """Bank rows of a store array, read when indexed: ``stored[rows]`` is ``(*rows.shape, ...)``
+    like indexing the in-memory tensor of ``shape`` would be."""
+
+    read: Callable[[list[str]], np.ndarray]  # image ids -> their rows
+    ids: list[str]  # bank row -> image id
+    shape: tuple[int, ...]
+
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        rows = torch.as_tensor(rows)
+        got = self.read([self.ids[r] for r in rows.flatten().tolist()])
+        return torch.from_numpy(got).view(*rows.shape, *self.shape[1:])
+
+
+class StoredLabels(Sequence):
+    """Label maps read from their PNG files when indexed by bank row."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        return np.array(Image.open(self.paths[row]))
+
+
+@dataclass
 class ImageBank:
-    """Per-image tensors, row ``rows[image_id]``.
+    """Per-image inputs, row ``rows[image_id]``: in-memory tensors, or :class:`StoredRows` and
+    :class:`StoredLabels` that read a batch's rows from the stores (same values, same indexing).
 
     Attributes:
         features: ``(I, C, h, w)`` float16; tokens: ``(I, 2, N, D)`` float16.
@@ -44,9 +75,9 @@ class ImageBank:
     """
 
     rows: dict[str, int]
-    features: torch.Tensor
-    tokens: torch.Tensor
-    labels: list[np.ndarray]
+    features: torch.Tensor | StoredRows
+    tokens: torch.Tensor | StoredRows
+    labels: Sequence[np.ndarray]
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -69,10 +100,18 @@ class ImageBank:
 def load_bank(
     image_ids: Sequence[str], features: FeatureStore, priors: PriorStore, label_paths: dict[str, str]
 ) -> ImageBank:
+    """The bank of ``image_ids``: loaded into memory when the stores hold their arrays in memory
+    (they fit the readers' ``cache_bytes``), else reading rows as batches ask for them."""
     ids = sorted(set(image_ids))
-    labels = [np.asarray(Image.open(label_paths[i])) for i in ids]
-    tokens = torch.from_numpy(priors.tokens(ids))
-    return ImageBank({i: r for r, i in enumerate(ids)}, features.read(ids), tokens, labels)
+    rows = {i: r for r, i in enumerate(ids)}
+    arrays = [(features, "features"), (priors, "images/tokens_0"), (priors, "images/tokens_1")]
+    if all(store.cached(name) is not None for store, name in arrays):
+        labels = [np.array(Image.open(label_paths[i])) for i in ids]
+        return ImageBank(rows, features.read(ids), torch.from_numpy(priors.tokens(ids)), labels)
+    feature_shape = (len(ids), *features.root["features"].shape[1:])
+    token_shape = (len(ids), 2, *priors.root["images/tokens_0"].shape[1:])
+    return ImageBank(rows, StoredRows(lambda i: features.read(i).numpy(), ids, feature_shape),
+                     StoredRows(priors.tokens, ids, token_shape), StoredLabels([label_paths[i] for i in ids]))
 
 
 @dataclass
@@ -90,10 +129,12 @@ class FoldInputs:
 
 def open_fold_inputs(
     index: pd.DataFrame, manifests: dict[str, pd.DataFrame], names: Sequence[str],
-    features: Path, priors: Path, pseudo_masks: Path,
+    features: Path, priors: Path, pseudo_masks: Path, *, cache_bytes: int,
 ) -> FoldInputs:
-    """Open the stores and load the bank of every image of the manifests ``names``."""
-    stores = FeatureStore(features), PriorStore(priors), PseudoMaskStore(pseudo_masks)
+    """Open the stores and load the bank of every image of the manifests ``names`` (in memory when
+    the stores' arrays fit ``cache_bytes``)."""
+    stores = (FeatureStore(features, cache_bytes=cache_bytes), PriorStore(priors, cache_bytes=cache_bytes),
+              PseudoMaskStore(pseudo_masks))
     labels = dict(zip(index.image_id, index.mask_path, strict=True))
     bank = load_bank(episode_images(manifests[n] for n in names), stores[0], stores[1], labels)
     return FoldInputs(*stores, bank)
@@ -152,15 +193,13 @@ def load_episodes(
     grid = bank.grid
     kind = cfg.pseudo_masks
 
-    def to_grid(masks: np.ndarray) -> torch.Tensor:
-        masks = torch.from_numpy(masks)
-        return torch.cat(
-            [mask_to_grid(masks[s : s + CHUNK], grid).half() for s in range(0, len(masks), CHUNK)]
-        )
+    def to_grid(role: Role) -> torch.Tensor:  # CHUNK episodes at a time: memory O(CHUNK)
+        return torch.cat([mask_to_grid(torch.from_numpy(pseudo.masks(name, role, kind, range(s, s + CHUNK))),
+                                       grid).half() for s in range(0, len(table), CHUNK)])
 
-    query_mask = to_grid(pseudo.masks(name, "query", kind))
+    query_mask = to_grid("query")
     if cfg.supervision == "text":
-        support_mask = to_grid(pseudo.masks(name, "support", kind))
+        support_mask = to_grid("support")
     else:
         truth = [
             mask_to_grid(torch.from_numpy(bank.labels[r] == c), grid)  # each label at its own size

@@ -30,7 +30,7 @@ import torch
 import zarr
 
 from pipeline.clip.dense import labels_from_scores
-from pipeline.core.artifacts import open_store
+from pipeline.core.artifacts import StoreReader
 from pipeline.core.errors import PipelineError
 from pipeline.core.tensors import mask_to_grid
 from pipeline.priors.vvp import vvp
@@ -72,25 +72,20 @@ def create(path: Path, layout: Layout, attrs: dict[str, Any]) -> zarr.Group:
     return root
 
 
-class PriorStore:
-    """Read access to ``data/priors.zarr`` by image id and (image, class) pair."""
+class PriorStore(StoreReader):
+    """Read access to ``data/priors.zarr`` by image id and (image, class) pair (rows read as
+    asked, or whole arrays when they fit ``cache_bytes``)."""
 
-    def __init__(self, path: Path) -> None:
-        self.root = open_store(path, "priors")
-        self.attrs = dict(self.root.attrs)
+    stage = "priors"
+
+    def __init__(self, path: Path, *, cache_bytes: int = 0) -> None:
+        super().__init__(path, cache_bytes=cache_bytes)
         self.rows = {image: i for i, image in enumerate(self.attrs["image_ids"])}
-        self._whole: dict[str, np.ndarray] = {}
-
-    def _read_whole(self, name: str) -> np.ndarray:
-        """Array ``name`` read whole, once (far faster than many row selections)."""
-        if name not in self._whole:
-            self._whole[name] = self.root[name][:]
-        return self._whole[name]
 
     @cached_property
     def pairs(self) -> pd.DataFrame:
         """One row per (image, class) pair: ``image_id, class_id, row, slot``."""
-        classes = self._read_whole("pairs/class_id")
+        classes = self.root["pairs/class_id"][:]  # (I, S) int16: small at any size
         rows, slots = np.nonzero(classes)
         ids = np.asarray(self.attrs["image_ids"], dtype=object)
         return pd.DataFrame({"image_id": ids[rows], "class_id": classes[rows, slots],
@@ -125,22 +120,23 @@ class PriorStore:
 
     def maskclip_scores(self, image_ids: Sequence[str]) -> np.ndarray:
         """``(I, C, h, w)`` float16 MaskCLIP scores of ``image_ids``."""
-        return self.root["images/maskclip_scores"].oindex[[self.row(i) for i in image_ids]]
+        return self.read_rows("images/maskclip_scores", [self.row(i) for i in image_ids])
 
     def tokens(self, image_ids: Sequence[str]) -> np.ndarray:
         """``(I, 2, N, D)`` float16 VVP token features of two blocks (earlier first)."""
         rows = [self.row(i) for i in image_ids]
-        return np.stack([self._read_whole(f"images/tokens_{b}")[rows] for b in (0, 1)], 1)
+        return np.stack([self.read_rows(f"images/tokens_{b}", rows) for b in (0, 1)], 1)
 
     def vtp_of(self, image_ids: Sequence[str], class_ids: Sequence[int], refined: bool) -> np.ndarray:
         """``(P, h, w)`` float16 VTP of P (image, class) pairs (``refined``: after PIR)."""
         rows = np.asarray([self.row(i) for i in image_ids])
-        classes = self._read_whole("pairs/class_id")[rows]
+        classes = self.read_rows("pairs/class_id", rows)
         hit = classes == np.asarray(class_ids)[:, None]
         if not hit.any(1).all():
             bad = int(np.flatnonzero(~hit.any(1))[0])
             raise PipelineError(f"priors: no VTP for class {class_ids[bad]} of image {image_ids[bad]!r}")
-        return self._read_whole("pairs/pir" if refined else "pairs/vtp")[rows, hit.argmax(1)]
+        maps = self.read_rows("pairs/pir" if refined else "pairs/vtp", rows)
+        return maps[np.arange(len(rows)), hit.argmax(1)]
 
     def vvp(self, query: str, supports: Sequence[str], support_masks: np.ndarray) -> np.ndarray:
         """``(K, 2, h, w)`` float32 VVP of one episode: ``support_masks`` ``(K, H, W)`` binary."""

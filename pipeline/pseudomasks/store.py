@@ -15,14 +15,13 @@ sharded by ``SHARD`` episodes, the unit of work of :func:`pipeline.pseudomasks.s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 import zarr
 
-from pipeline.core.artifacts import open_store
+from pipeline.core.artifacts import StoreReader
 from pipeline.core.errors import PipelineError
 
 SHARD = 1000  # episodes per shard
@@ -44,21 +43,30 @@ def create(root: zarr.Group, manifests: dict[str, pd.DataFrame], size: int) -> N
                               shards=(SHARD, *shape[1:]), fill_value=False)
 
 
-class PseudoMaskStore:
+class PseudoMaskStore(StoreReader):
     """Read access to ``data/pseudo_masks.zarr`` by manifest, role and kind."""
 
-    def __init__(self, path: Path) -> None:
-        self.root = open_store(path, "pseudo_masks")
-        self.attrs = dict(self.root.attrs)
+    stage = "pseudo_masks"
+
+    def episodes(self, manifest: str) -> int:
+        """How many episodes ``manifest`` has masks for."""
+        return self._array(manifest, "query", "initial").shape[0]
 
     def masks(
-        self, manifest: str, role: Role, kind: Kind, episodes: Sequence[int] | None = None
+        self, manifest: str, role: Role, kind: Kind, episodes: Sequence[int] | range | None = None
     ) -> np.ndarray:
         """``(E, K, S, S)`` support or ``(E, S, S)`` query masks (bool) of ``manifest``: every
-        episode (one whole read: much faster than row slices), or the rows ``episodes``."""
+        episode, a ``range`` of them (one contiguous read), or the rows ``episodes``."""
+        array = self._array(manifest, role, kind)
+        if episodes is None:
+            return array[:]
+        if isinstance(episodes, range) and episodes.step == 1:
+            return array[episodes.start: episodes.stop]
+        return array.oindex[np.asarray(episodes)]
+
+    def _array(self, manifest: str, role: Role, kind: Kind) -> zarr.Array:
         key = f"{manifest}/{role}_{kind}"
         if key not in self.root:
             raise PipelineError(f"pseudo-masks: no masks for manifest {manifest!r} "
                                 "(re-run the pseudo_masks stage)")
-        array = self.root[key]
-        return array[:] if episodes is None else array.oindex[np.asarray(episodes)]
+        return self.root[key]
