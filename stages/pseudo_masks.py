@@ -75,15 +75,18 @@ def build_pseudo_masks(cfg: PseudoMaskParams, backbone: BackboneParams, index_di
     manifests = read_manifests(episodes_dir)
     priors_attrs = PriorStore(priors).attrs
     features_attrs = FeatureStore(features).attrs
+    shots = max(int(t["shot"].max()) for t in manifests.values())
+    shard = store.shard_episodes(shots, (features_attrs["channels"], *features_attrs["grid"]),
+                                 backbone.image_size, cache_bytes)
     staging = Staging(out, fingerprint([cfg.model_dump(), backbone.model_dump(), priors_attrs["clip_sha256"],
                                         priors_attrs["params"], features_attrs["backbone"],
                                         features_attrs["clip_sha256"],
-                                        (episodes_dir / "meta.json").read_text()]))
-    store.create(zarr.open_group(staging.path, mode="a"), manifests, backbone.image_size)
+                                        (episodes_dir / "meta.json").read_text(), shard]))
+    store.create(zarr.open_group(staging.path, mode="a"), manifests, backbone.image_size, shard)
     context = (str(features), str(priors), backbone, cfg, cache_bytes)
     threads = max(1, (os.cpu_count() or 1) // workers)
-    jobs = {f"{m.replace('/', '-')}-{s:06d}": (m, t.iloc[s: s + store.SHARD])
-            for m, t in manifests.items() for s in range(0, len(t), store.SHARD)}
+    jobs = {f"{m.replace('/', '-')}-{s:06d}": (m, t.iloc[s: s + shard])
+            for m, t in manifests.items() for s in range(0, len(t), shard)}
     run_shards(staging, lambda name: refine_task.submit(staging.path, name, *jobs[name], context, threads),
                jobs, "pseudo-masks: episode shards")
     mask_paths = dict(zip(index.image_id, index.mask_path, strict=True))

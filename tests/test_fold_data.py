@@ -62,7 +62,7 @@ def write_fold(path: Path) -> Fold:
         root[f"pairs/{key}"][:] = value
     table = manifest()
     masks = zarr.open_group(path / "pseudo_masks.zarr", mode="w")
-    pseudo_store.create(masks, {NAME: table}, SIZE)
+    pseudo_store.create(masks, {NAME: table}, SIZE, shard=2)
     pseudo = {a: rng.random(masks[f"{NAME}/{a}"].shape) < 0.5 for a in pseudo_store.ARRAYS}
     for array, value in pseudo.items():
         masks[f"{NAME}/{array}"][:] = value

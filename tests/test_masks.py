@@ -100,3 +100,14 @@ def test_initial_masks_from_labels_and_vtp():
     vtp = torch.tensor([[[0.9, 0.1], [0.9, 0.1]], [[1.0, 1.0], [1.0, 1.0]]])
     with_vtp = initial_masks(labels, classes, vtp, vtp_threshold=0.5)
     assert with_vtp.tolist() == [[[False, False], [True, False]], [[True, True], [False, True]]]
+
+
+def test_pseudo_mask_shards_are_sized_by_memory():
+    from pipeline.pseudomasks.store import MAX_SHARD, shard_episodes
+
+    # the embedded benchmark (192 x 16 x 16 features, 256 px masks, 5 shots): the cap
+    assert shard_episodes(5, (192, 16, 16), 256, 4 * 2**30) == MAX_SHARD
+    # PASCAL-shaped (ResNet-50 1536 x 60 x 60 at 473 px): tens of episodes fit 4 GiB
+    pascal = shard_episodes(5, (1536, 60, 60), 473, 4 * 2**30)
+    assert 6 * (4 * 1536 * 3600 + 4 * 473**2) * pascal <= 4 * 2**30 and 30 <= pascal < 100
+    assert shard_episodes(5, (1536, 60, 60), 473, 0) == 1  # never less than one episode

@@ -9,7 +9,8 @@
     <manifest>/query_refined     (E, S, S)    bool
 
 S is ``backbone.image_size``; episode e of ``test/fold0/shot1_seed0`` is row e. Each array is
-sharded by ``SHARD`` episodes, the unit of work of :func:`pipeline.pseudomasks.shards.refine_shard`.
+sharded by ``attrs["shard"]`` episodes (:func:`shard_episodes`: as many as fit the memory
+budget, at most ``MAX_SHARD``), the unit of work of :func:`pipeline.pseudomasks.shards.refine_shard`.
 """
 
 from __future__ import annotations
@@ -24,14 +25,22 @@ import zarr
 from pipeline.core.artifacts import StoreReader
 from pipeline.core.errors import PipelineError
 
-SHARD = 1000  # episodes per shard
+MAX_SHARD = 1000  # episodes per shard at most
 ARRAYS = ("support_initial", "support_refined", "query_initial", "query_refined")
 Role = Literal["support", "query"]
 Kind = Literal["initial", "refined"]
 
 
-def create(root: zarr.Group, manifests: dict[str, pd.DataFrame], size: int) -> None:
-    """The empty arrays of every manifest (kept when a resumed run already made them)."""
+def shard_episodes(shots: int, feature_shape: Sequence[int], size: int, budget: int) -> int:
+    """Episodes per shard such that a shard's working memory fits ``budget`` bytes: per image of
+    an episode, its float32 features ``feature_shape`` ``(C, h, w)`` and four ``size²`` masks."""
+    per_episode = (shots + 1) * (4 * int(np.prod(feature_shape)) + 4 * size * size)
+    return max(1, min(MAX_SHARD, budget // per_episode))
+
+
+def create(root: zarr.Group, manifests: dict[str, pd.DataFrame], size: int, shard: int) -> None:
+    """The empty arrays of every manifest, ``shard`` episodes to a Zarr shard (kept when a resumed
+    run already made them)."""
     for name, table in manifests.items():
         shot = int(table["shot"].max())
         for array in ARRAYS:
@@ -40,7 +49,8 @@ def create(root: zarr.Group, manifests: dict[str, pd.DataFrame], size: int) -> N
             per_episode = (shot, size, size) if array.startswith("support") else (size, size)
             shape = (len(table), *per_episode)
             root.create_array(f"{name}/{array}", shape=shape, dtype="bool", chunks=(1, *shape[1:]),
-                              shards=(SHARD, *shape[1:]), fill_value=False)
+                              shards=(shard, *shape[1:]), fill_value=False)
+    root.attrs["shard"] = shard
 
 
 class PseudoMaskStore(StoreReader):
