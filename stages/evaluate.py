@@ -27,7 +27,7 @@ from pipeline.core.params import ModelParams, Params
 from pipeline.datasets.episodes import read_manifests
 from pipeline.datasets.index import read_index_dir
 from pipeline.fewshot.checkpoint import MODEL_FILE, load_model
-from pipeline.fewshot.data import EpisodeTable, open_fold_inputs
+from pipeline.fewshot.data import EpisodeTable, loader_workers, open_fold_inputs
 from pipeline.fewshot.evaluate import best_prior_threshold, evaluate_table, prior_meter, sample_predictions
 from stages._common import FOLD_INPUTS, stage_main
 
@@ -98,6 +98,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
             circle_inference=saved["circle"],
             batch_size=params.evaluate.batch_size,
             device=device,
+            loader_workers=loader_workers(bank, params.orchestration.loader_workers),
             on_batch=keep if name == sampled and params.evaluate.samples else None,
         )
         classes = sorted(set(table.classes.tolist()))

@@ -30,7 +30,7 @@ from pipeline.core.params import Params
 from pipeline.datasets.episodes import read_manifests
 from pipeline.datasets.index import read_index_dir
 from pipeline.fewshot.checkpoint import MODEL_FILE, save_model
-from pipeline.fewshot.data import open_fold_inputs
+from pipeline.fewshot.data import loader_workers, open_fold_inputs
 from pipeline.fewshot.train import fit
 from pipeline.model.lfss import LFSS
 from stages._common import FOLD_INPUTS, stage_main
@@ -103,6 +103,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
                 f"val mIoU {r['val_miou']:.2f} ({r['seconds']:.0f} s)"
             ),
             progress=progress,
+            loader_workers=loader_workers(bank, params.orchestration.loader_workers),
         )
     if rank != 0:
         return

@@ -156,8 +156,9 @@ def test_sample_predictions_keep_each_episode_at_its_own_size(fold: Fold, superv
 
 
 def test_a_bank_read_by_rows_trains_exactly_like_one_held_in_memory(fold: Fold):
-    """Past ``cache_bytes`` the bank reads each batch's rows from the stores (memory O(batch)):
-    same inputs, same labels, and the same trained weights as the in-memory bank."""
+    """Past ``cache_bytes`` the bank reads each batch's rows from the stores (memory O(batch)),
+    here or in DataLoader workers reading ahead: same inputs, same labels, and the same trained
+    weights as the in-memory bank."""
     from pipeline.core.params import TrainParams
     from pipeline.fewshot.data import StoredLabels, StoredRows
     from pipeline.fewshot.train import fit
@@ -173,7 +174,7 @@ def test_a_bank_read_by_rows_trains_exactly_like_one_held_in_memory(fold: Fold):
     train = TrainParams(epochs=2, batch_size=2, lr=1e-2, label_size=12, autocast=False)
     labels = {i: str(fold.path / f"{i}.png") for i in IDS}
     trained = {}
-    for budget in (2**30, 0):
+    for budget, workers in ((2**30, 0), (0, 0), (0, 2)):
         features_in = features_store.FeatureStore(fold.path / "features.zarr", cache_bytes=budget)
         priors = priors_store.PriorStore(fold.path / "priors.zarr", cache_bytes=budget)
         bank = load_bank(IDS, features_in, priors, labels)
@@ -182,13 +183,29 @@ def test_a_bank_read_by_rows_trains_exactly_like_one_held_in_memory(fold: Fold):
         pseudo = pseudo_store.PseudoMaskStore(fold.path / "pseudo_masks.zarr")
         table = load_episodes(NAME, manifest(), bank, pseudo, priors, cfg)
         batch = table.batch(bank, torch.tensor([2, 0, 3]), shot=1)
-        trained[budget] = batch, bank.targets(table.query, table.classes, 12)
+        targets = bank.targets(table.query, table.classes, 12)
         torch.manual_seed(0)
         model = LFSS(3, cfg)
-        fit(model, table, table, bank, 2, train, log=lambda _: None)
-        trained[budget] += (model.state_dict(),)
-    (b1, t1, w1), (b0, t0, w0) = trained[2**30], trained[0]
-    for field in ("query", "support", "query_tokens", "support_tokens", "query_mask", "support_vtp"):
-        assert torch.equal(getattr(b1, field), getattr(b0, field)), field
-    assert torch.equal(t1, t0)
-    assert all(torch.equal(w1[k], w0[k]) for k in w1)
+        fit(model, table, table, bank, 2, train, log=lambda _: None, loader_workers=workers)
+        trained[budget, workers] = batch, targets, model.state_dict()
+    b1, t1, w1 = trained[2**30, 0]
+    for b0, t0, w0 in (trained[0, 0], trained[0, 2]):
+        for field in ("query", "support", "query_tokens", "support_tokens", "query_mask", "support_vtp"):
+            assert torch.equal(getattr(b1, field), getattr(b0, field)), field
+        assert torch.equal(t1, t0)
+        assert all(torch.equal(w1[k], w0[k]) for k in w1)
+
+
+def test_prefetched_batches_are_the_same_with_workers_and_leave_the_rng_alone():
+    from pipeline.fewshot.data import prefetched
+
+    def make(i: int) -> torch.Tensor:
+        return torch.full((2,), i)
+
+    torch.manual_seed(0)
+    here = list(prefetched(make, 5, workers=0))
+    after_here = torch.rand(1)
+    torch.manual_seed(0)
+    ahead = list(prefetched(make, 5, workers=2))
+    assert torch.rand(1) == after_here  # dropout draws stay the same whatever the worker count
+    assert all(torch.equal(a, b) for a, b in zip(here, ahead, strict=True)) and len(ahead) == 5

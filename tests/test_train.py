@@ -121,9 +121,9 @@ def _distributed_worker(rank: int, world: int, port: int, out: str) -> None:
 
     real, seen = train.episode_loss, []
 
-    def counting(model, table, bank, index, *args):
-        seen.append(len(index))
-        return real(model, table, bank, index, *args)
+    def counting(model, step, *args):
+        seen.append(len(step.query_target))
+        return real(model, step, *args)
 
     train.episode_loss = counting
     try:

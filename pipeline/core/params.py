@@ -241,6 +241,9 @@ class OrchestrationParams(Section):
     # fit, and so is a fold's image bank; otherwise only the rows a batch or shard needs are read.
     # Changes speed and memory, never results.
     cache_gb: Annotated[float, Field(ge=0)] = 4.0
+    # Processes that read training / evaluation batches ahead; None: none when the fold's images are
+    # held in memory, else min(4, CPU count).
+    loader_workers: Annotated[int, Field(ge=0)] | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 
     @property

@@ -14,9 +14,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -34,6 +36,7 @@ from pipeline.priors.store import PriorStore
 from pipeline.pseudomasks.store import PseudoMaskStore, Role
 
 CHUNK = 500  # episodes per pseudo-mask conversion
+T = TypeVar("T")
 
 
 @dataclass
@@ -222,6 +225,40 @@ def load_episodes(
         query_vtp,
         support_vtp.view(len(table), shots, *query_vtp.shape[1:]),
     )
+
+
+class _Made(torch.utils.data.Dataset):
+    def __init__(self, make: Callable[[int], Any], n: int) -> None:
+        self.make, self.n = make, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        return self.make(i)
+
+
+def loader_workers(bank: ImageBank, requested: int | None) -> int:
+    """Processes that read batches ahead: ``requested``, or by default none for a bank in memory
+    (nothing to read) and up to four for one read from the stores."""
+    if requested is not None:
+        return requested
+    return 0 if isinstance(bank.features, torch.Tensor) else min(4, os.cpu_count() or 1)
+
+
+def _as_made(item: Any) -> Any:
+    return item  # no conversion: numpy label maps stay numpy
+
+
+def prefetched(make: Callable[[int], T], n: int, workers: int) -> Iterator[T]:
+    """``make(0), ..., make(n - 1)`` in order, made ahead by ``workers`` DataLoader processes (2
+    items each in flight) or, with none, here as they are needed. The global RNG is left alone
+    either way (the loader gets a generator of its own), so results never depend on ``workers``."""
+    if workers == 0:
+        return map(make, range(n))
+    loader = torch.utils.data.DataLoader(_Made(make, n), batch_size=None, num_workers=workers,
+                                         collate_fn=_as_made, prefetch_factor=2, generator=torch.Generator())
+    return iter(loader)
 
 
 def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

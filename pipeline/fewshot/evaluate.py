@@ -8,7 +8,7 @@ priors alone (the query's VTP thresholded, no decoder), so every run shows what 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from pipeline.core.params import ModelParams
-from pipeline.fewshot.data import EpisodeTable, ImageBank, upsample
+from pipeline.fewshot.data import EpisodeTable, ImageBank, prefetched, upsample
 from pipeline.fewshot.metrics import FewShotMeter, binary_target
-from pipeline.model.lfss import predict
+from pipeline.model.lfss import Episodes, predict
 from pipeline.pseudomasks.store import PseudoMaskStore
 
 
@@ -27,18 +27,20 @@ def batches(n: int, size: int) -> Iterator[torch.Tensor]:
         yield torch.arange(start, min(start + size, n))
 
 
+def query_labels(table: EpisodeTable, bank: ImageBank, index: torch.Tensor) -> list[np.ndarray]:
+    """The label maps of the queries of episodes ``index`` (each at its own size)."""
+    return [bank.labels[r] for r in table.query[index].tolist()]
+
+
 def score(
     meter: FewShotMeter,
     probs: torch.Tensor,
-    table: EpisodeTable,
-    bank: ImageBank,
-    index: torch.Tensor,
+    labels: Sequence[np.ndarray],
+    classes: torch.Tensor,
     threshold: float = 0.5,
 ) -> None:
-    """Add ``(B, h, w)`` foreground probabilities of episodes ``index``: each upsampled (bilinear)
-    to its label's own size, thresholded, compared with the label."""
-    classes = table.classes[index]
-    labels = [bank.labels[r] for r in table.query[index].tolist()]
+    """Add ``(B, h, w)`` foreground probabilities of B episodes of ``classes``: each upsampled
+    (bilinear) to its query label's own size, thresholded, compared with the label."""
     if len({lab.shape for lab in labels}) == 1:  # one size: one batched update
         target = binary_target(torch.from_numpy(np.stack(labels)), classes)
         meter.update(upsample(probs.float(), target.shape[-2:]) >= threshold, target, classes)
@@ -59,31 +61,49 @@ def evaluate_table(
     device: str | torch.device = "cpu",
     autocast: Callable[[], object] | None = None,
     on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    loader_workers: int = 0,
 ) -> FewShotMeter:
     """The meter of the model's K-shot predictions on every episode of ``table``.
 
-    ``on_batch(index, probs)`` sees each batch's ``(B, h, w)`` probabilities (e.g. to keep samples).
+    ``on_batch(index, probs)`` sees each batch's ``(B, h, w)`` probabilities (e.g. to keep samples);
+    ``loader_workers`` processes read batches ahead (:func:`~pipeline.fewshot.data.prefetched`).
     """
     meter = FewShotMeter(num_classes)
     was_training = model.training
     model.eval()
-    for index in batches(len(table), batch_size):
-        shots = [table.batch(bank, index, k).to(device) for k in range(table.shots)]
+    parts = list(batches(len(table), batch_size))
+
+    def make(i: int) -> tuple[list[Episodes], list[np.ndarray]]:
+        shots = [table.batch(bank, parts[i], k) for k in range(table.shots)]
+        return shots, query_labels(table, bank, parts[i])
+
+    for index, (shots, labels) in zip(parts, prefetched(make, len(parts), loader_workers), strict=True):
+        shots = [x.to(device) for x in shots]
         with autocast() if autocast else contextlib.nullcontext():
             probs = predict(model, shots, circle_inference=circle_inference).float().cpu()
-        score(meter, probs, table, bank, index)
+        score(meter, probs, labels, table.classes[index])
         if on_batch:
             on_batch(index, probs)
     model.train(was_training)
     return meter
 
 
-def prior_meter(table: EpisodeTable, bank: ImageBank, num_classes: int, threshold: float) -> FewShotMeter:
-    """The meter of thresholding the query's VTP (as the model receives it) at ``threshold``."""
-    meter = FewShotMeter(num_classes)
+def prior_meters(
+    table: EpisodeTable, bank: ImageBank, num_classes: int, thresholds: Sequence[float]
+) -> list[FewShotMeter]:
+    """The meters of thresholding the query's VTP (as the model receives it) at each threshold
+    (every label read once)."""
+    meters = [FewShotMeter(num_classes) for _ in thresholds]
     for index in batches(len(table), 256):
-        score(meter, table.query_vtp[index].float(), table, bank, index, threshold)
-    return meter
+        labels, vtp = query_labels(table, bank, index), table.query_vtp[index].float()
+        for meter, threshold in zip(meters, thresholds, strict=True):
+            score(meter, vtp, labels, table.classes[index], threshold)
+    return meters
+
+
+def prior_meter(table: EpisodeTable, bank: ImageBank, num_classes: int, threshold: float) -> FewShotMeter:
+    """The meter of thresholding the query's VTP at ``threshold``."""
+    return prior_meters(table, bank, num_classes, [threshold])[0]
 
 
 def best_prior_threshold(
@@ -94,7 +114,8 @@ def best_prior_threshold(
 ) -> tuple[float, float]:
     """``(threshold, mIoU)`` of the best VTP threshold on ``table`` (the fold's base-class
     validation episodes: never the test classes)."""
-    scored = [(prior_meter(table, bank, num_classes, t).miou(), t) for t in candidates]
+    meters = prior_meters(table, bank, num_classes, candidates)
+    scored = [(meter.miou(), t) for meter, t in zip(meters, candidates, strict=True)]
     miou, threshold = max(scored)
     return float(threshold), miou
 

@@ -29,10 +29,10 @@ from torch import nn
 
 from pipeline.core.artifacts import write_atomic
 from pipeline.core.params import TrainParams
-from pipeline.fewshot.data import EpisodeTable, ImageBank, upsample
+from pipeline.fewshot.data import EpisodeTable, ImageBank, prefetched, upsample
 from pipeline.fewshot.evaluate import evaluate_table
 from pipeline.fewshot.metrics import IGNORE
-from pipeline.model.lfss import circle
+from pipeline.model.lfss import Episodes, circle
 
 VALIDATION_BATCH = 64  # episodes per validation forward pass
 
@@ -45,20 +45,30 @@ def bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return loss / valid.sum().clamp(min=1)
 
 
-def episode_loss(
-    model: nn.Module,
-    table: EpisodeTable,
-    bank: ImageBank,
-    index: torch.Tensor,
-    cfg: TrainParams,
-    device: torch.device,
-) -> torch.Tensor:
-    x = table.batch(bank, index).to(device)
-    query_target = bank.targets(table.query[index], table.classes[index], cfg.label_size).to(device)
+@dataclass
+class Step:
+    """One training batch on the CPU: the episodes and the ``(B, H, W)`` uint8 targets of the
+    queries and (for circle training) of the supports, at ``label_size``."""
+
+    x: Episodes
+    query_target: torch.Tensor
+    support_target: torch.Tensor | None
+
+
+def make_step(table: EpisodeTable, bank: ImageBank, index: torch.Tensor, cfg: TrainParams) -> Step:
+    """The batch of episodes ``index`` (read from the bank: in memory, or from the stores)."""
+    query_target = bank.targets(table.query[index], table.classes[index], cfg.label_size)
+    support_target = (bank.targets(table.supports[index, 0], table.classes[index], cfg.label_size)
+                      if cfg.circle else None)
+    return Step(table.batch(bank, index), query_target, support_target)
+
+
+def episode_loss(model: nn.Module, step: Step, cfg: TrainParams, device: torch.device) -> torch.Tensor:
+    x, query_target = step.x.to(device), step.query_target.to(device)
     if not cfg.circle:
         return bce(model(x), query_target)
     support_logits, query_logits = circle(model, x)
-    support_target = bank.targets(table.supports[index, 0], table.classes[index], cfg.label_size).to(device)
+    support_target = step.support_target.to(device)
     return cfg.beta * bce(support_logits, support_target) + (1 - cfg.beta) * bce(query_logits, query_target)
 
 
@@ -101,9 +111,11 @@ def fit(
     device: torch.device | str = "cpu",
     log: Callable[[dict], None] = print,
     progress: Callable[[int, int], None] | None = None,
+    loader_workers: int = 0,
 ) -> State:
     """Train ``model`` in place for ``cfg.epochs`` epochs (resuming from ``checkpoint`` when it
-    exists); returns the final state, whose ``best_state`` holds the best validation epoch."""
+    exists); returns the final state, whose ``best_state`` holds the best validation epoch.
+    ``loader_workers`` processes read batches ahead (:func:`~pipeline.fewshot.data.prefetched`)."""
     device = torch.device(device)
     model.to(device)
     distributed = dist.is_available() and dist.is_initialized()
@@ -128,10 +140,14 @@ def fit(
         order = epoch_order(len(train), cfg.seed, epoch)
         model.train()
         start, total = time.perf_counter(), 0.0
-        for step in range(steps):
+
+        def batch(step: int, order: torch.Tensor = order) -> Step:
             index = order[step * cfg.batch_size : (step + 1) * cfg.batch_size][rank::world]
+            return make_step(train, bank, index, cfg)
+
+        for step, prepared in enumerate(prefetched(batch, steps, loader_workers)):
             with autocast():
-                loss = episode_loss(net, train, bank, index, cfg, device)
+                loss = episode_loss(net, prepared, cfg, device)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -141,7 +157,7 @@ def fit(
                 progress(epoch * steps + step + 1, cfg.epochs * steps)
         val_miou = evaluate_table(
             model, val, bank, num_classes, circle_inference=cfg.circle, batch_size=VALIDATION_BATCH,
-            device=device, autocast=autocast,
+            device=device, autocast=autocast, loader_workers=loader_workers,
         ).miou()
         record = {
             "epoch": epoch + 1,
