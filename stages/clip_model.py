@@ -37,12 +37,13 @@ from pipeline.tinyclip import train as train_tiny
 from stages._common import stage_main
 
 
-def _val_images(synthetic: Path, n: int) -> tuple[torch.Tensor, np.ndarray]:
+def _val_images(synthetic: Path, n: int) -> tuple[list[torch.Tensor], list[np.ndarray]]:
+    """The first ``n`` val images ``(3, H, W)`` uint8 and labels, each at its own size."""
     voc = synthetic / VOC_DIR
     ids = (voc / "ImageSets/Segmentation/val.txt").read_text().split()[:n]
-    images = np.stack([np.asarray(Image.open(voc / "JPEGImages" / f"{i}.jpg").convert("RGB")) for i in ids])
-    labels = np.stack([np.asarray(Image.open(voc / "SegmentationClassAug" / f"{i}.png")) for i in ids])
-    return torch.from_numpy(images).permute(0, 3, 1, 2), labels
+    rgb = [np.array(Image.open(voc / "JPEGImages" / f"{i}.jpg").convert("RGB")) for i in ids]
+    images = [torch.from_numpy(x).permute(2, 0, 1) for x in rgb]
+    return images, [np.asarray(Image.open(voc / "SegmentationClassAug" / f"{i}.png")) for i in ids]
 
 
 def train(cfg: ClipParams, corpus_dir: Path, staging: Staging) -> tuple[ClipBundle, dict, Any]:

@@ -29,7 +29,8 @@ from tests.test_adapters import make_voc
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_PARAMS = {
-    "prepare": {"synthetic": SMOKE.model_dump()},
+    # images of mixed sizes and aspect ratios, as VOC / COCO: every stage below runs on them
+    "prepare": {"synthetic": {**SMOKE.model_dump(), "mixed_sizes": True}},
     "clip": {"tiny": {"batch_size": 8, "phase1_steps": 12, "phase2_steps": 4, "warmup": 2, "bf16": False},
              "zero_shot_images": 40, "dense_eval_images": 20},
     "episodes": {"test_episodes": 60, "train_episodes": 50, "val_episodes": 20},
@@ -72,7 +73,9 @@ def test_pipeline_outputs(pipeline_run):
     assert (index["split"] == "train").sum() == SMOKE.train_images
     meta = json.loads((pipeline_run / "splits" / "meta.json").read_text())
     assert [f["novel"] for f in meta["folds"]] == [list(range(5 * i + 1, 5 * i + 6)) for i in range(4)]
-    assert meta["min_pixels"] == 45  # auto: 2048 * 64^2 / (500 * 375)
+    area = float((index["height"] * index["width"]).median())
+    assert meta["min_pixels"] == round(2048 * area / (500 * 375))  # auto: PFENet's 2048 px on 500 x 375
+    assert index[["height", "width"]].drop_duplicates().shape[0] > 20  # mixed sizes
     manifests = json.loads((pipeline_run / "episodes" / "meta.json").read_text())["files"]
     assert len(manifests) == 4 * (2 + 2)  # per fold: shot 1 and 5 test, train, val
     test = pq.read_table(pipeline_run / "episodes/test/fold2/shot5_seed0.parquet").to_pandas()
@@ -259,8 +262,7 @@ def test_priors_cover_every_episode_and_round_trip(priors_run, pipeline_run):
     assert not any(name.startswith("episodes") for name in store.root)  # VVP is the model's, not stored
     last = manifests["test/fold1/shot5_seed0"].iloc[-1]
     index = pq.read_table(pipeline_run / "index/index.parquet").to_pandas().set_index("image_id")
-    masks = np.stack([np.asarray(Image.open(index.at[s, "mask_path"])) == last["class_id"]
-                      for s in last["supports"]])
+    masks = [np.asarray(Image.open(index.at[s, "mask_path"])) == last["class_id"] for s in last["supports"]]
     maps = store.vvp(last["query"], list(last["supports"]), masks)
     assert maps.shape == (5, 2, 8, 8) and maps.max() == 1 and maps.min() == 0
     # what the store holds equals a direct extraction of the same images (float16 round trip)
@@ -452,3 +454,25 @@ def test_train_of_a_missing_fold_is_one_line(model_inputs, pipeline_run, tmp_pat
     assert train.main(args) == 1
     assert capsys.readouterr().err.strip() == (f"error: {pipeline_run / 'episodes'}: no train/fold7 manifest "
                                                "(fold 7 of 4?)")
+
+
+def test_mask_supervision_trains_and_keeps_samples_of_mixed_sizes(model_inputs, pipeline_run, tmp_path):
+    """Standard FSS (ground-truth support masks) end to end on mixed-size images; the kept samples
+    stacked support labels of different sizes and crashed before."""
+    from stages import evaluate, train
+
+    params = write_params(tmp_path / "params.yaml", {**TRAIN_SMOKE, "train": {"epochs": 1, "batch_size": 8},
+                                                     "model": {"hidden": 8, "supervision": "mask"},
+                                                     "evaluate": {"samples": 4}})
+    args = ["--params", str(params), *model_args(pipeline_run, model_inputs, tmp_path)[2:]]
+    assert train.main([*args, "--plots", str(tmp_path / "plots")]) == 0
+    assert evaluate.main([*args, "--metrics", str(tmp_path / "metrics"),
+                          "--predictions", str(tmp_path / "predictions")]) == 0
+    kept = np.load(tmp_path / "predictions/fold1.npz")
+    index = pq.read_table(pipeline_run / "index/index.parquet").to_pandas().set_index("image_id")
+    shapes = set()
+    for j, (query, support) in enumerate(zip(kept["query"], kept["support"], strict=True)):
+        assert kept[f"prediction_{j}"].shape == (index.at[query, "height"], index.at[query, "width"])
+        assert kept[f"support_mask_{j}"].shape == (index.at[support, "height"], index.at[support, "width"])
+        shapes.add(kept[f"prediction_{j}"].shape)
+    assert len(kept["query"]) == 4 and len(shapes) > 1

@@ -103,3 +103,29 @@ def test_boundary_width_param(width):
     scene = render_scene(scene_rng(0, "train", 3), 96, 4, width)
     ignored = (scene.label == IGNORE).sum()
     assert (ignored == 0) if width == 0 else ignored > (SCENES[3].label == IGNORE).sum()
+
+
+def test_mixed_sizes_give_each_image_its_own_shape_and_keep_the_captions_square(tmp_path):
+    import json
+
+    cfg = SMOKE.model_copy(update={"train_images": 6, "val_images": 6, "caption_images": 2,
+                                   "mixed_sizes": True})
+    synthetic_writer.write_benchmark_shard(tmp_path, "train", range(6), cfg)
+    synthetic_writer.write_caption_shard(tmp_path, range(2), cfg)
+    voc = tmp_path / synthetic_writer.VOC_DIR
+    shapes = set()
+    for i in range(6):
+        name = synthetic_writer.image_id("train", i)
+        image = np.asarray(Image.open(voc / "JPEGImages" / f"{name}.jpg"))
+        label = np.asarray(Image.open(voc / "SegmentationClassAug" / f"{name}.png"))
+        assert image.shape[:2] == label.shape and 0.7 < label.size / 64**2 < 1.3
+        assert set(np.unique(label)) - {0, IGNORE}  # the objects survive the resize
+        shapes.add(label.shape)
+    assert len(shapes) > 3  # sizes and aspect ratios of their own
+    coco = json.loads(next((tmp_path / "_shards").glob("train-*.json")).read_text())
+    assert {(r["height"], r["width"]) for r in coco["images"]} == shapes
+    captions = pq.read_table(tmp_path / synthetic_writer.CAPTIONS_DIR).to_pandas()
+    assert all(Image.open(io.BytesIO(b)).size == (64, 64) for b in captions["image"])
+    square = render_scene(scene_rng(0, "train", 0), 64, 4, 1)  # the scene is drawn as without
+    plain = cfg.model_copy(update={"mixed_sizes": False})
+    assert np.array_equal(synthetic_writer._render("train", 0, plain).image, square.image)

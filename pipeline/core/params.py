@@ -61,6 +61,9 @@ class SyntheticParams(Section):
     max_objects: Annotated[int, Field(ge=1, le=8)] = 4
     boundary_width: Annotated[int, Field(ge=0, le=4)] = 1
     shard_size: PositiveInt = 200
+    # Benchmark images resized to sizes of their own (scale 0.75-1.25 of image_size, aspect 3:4 to
+    # 4:3), as real datasets' are; the caption corpus stays square. Off: every image is square.
+    mixed_sizes: bool = False
 
 
 class PrepareParams(Section):

@@ -94,6 +94,23 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
+def mixed_shape(seed: int, split: str, index: int, size: int) -> tuple[int, int]:
+    """``(H, W)`` of image ``index`` in a mixed-size benchmark: area scale 0.75-1.25 of
+    ``size²`` and aspect 3:4 to 4:3, from a stream of its own (the scene itself is unchanged)."""
+    rng = np.random.default_rng([seed, SPLITS.index(split), index, 1])
+    side, aspect = size * float(np.sqrt(rng.uniform(0.75, 1.25))), float(np.exp(rng.uniform(-0.29, 0.29)))
+    return round(side / np.sqrt(aspect)), round(side * np.sqrt(aspect))
+
+
+def resized(scene: Scene, shape: tuple[int, int]) -> Scene:
+    """``scene`` at ``(H, W)``: the image bicubic, instances and ignore band nearest."""
+    h, w = shape
+    image = np.asarray(Image.fromarray(scene.image).resize((w, h), Image.BICUBIC))
+    instances = np.asarray(Image.fromarray(scene.instances).resize((w, h), Image.NEAREST))
+    band = np.asarray(Image.fromarray(scene.band).resize((w, h), Image.NEAREST))
+    return Scene(image, instances, band, scene.objects)
+
+
 def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
     """The generator of image ``index`` of ``split``: independent of every other image."""
     return np.random.default_rng([seed, SPLITS.index(split), index])

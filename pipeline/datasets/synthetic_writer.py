@@ -32,7 +32,7 @@ from pycocotools import mask as mask_utils
 
 from pipeline.core.params import SyntheticParams
 from pipeline.datasets.shapes import SHAPE_NAMES
-from pipeline.datasets.synthetic import IGNORE, Scene, render_scene, scene_rng
+from pipeline.datasets.synthetic import IGNORE, Scene, mixed_shape, render_scene, resized, scene_rng
 
 JPEG_QUALITY = 95
 VOC_DIR, COCO_DIR, CAPTIONS_DIR = "VOC2012", "COCO", "captions"
@@ -75,9 +75,12 @@ def _label_png(label: np.ndarray) -> bytes:
 
 
 def _render(split: str, index: int, cfg: SyntheticParams) -> Scene:
-    return render_scene(
+    scene = render_scene(
         scene_rng(cfg.seed, split, index), cfg.image_size, cfg.max_objects, cfg.boundary_width
     )
+    if cfg.mixed_sizes and split in ("train", "val"):
+        scene = resized(scene, mixed_shape(cfg.seed, split, index, cfg.image_size))
+    return scene
 
 
 def _rle(mask: np.ndarray) -> dict[str, Any]:
@@ -121,8 +124,8 @@ def write_benchmark_shard(root: Path, split: str, indices: range, cfg: Synthetic
         (mask_dir / f"{name}.png").write_bytes(_label_png(scene.label))
         _link(jpeg, coco_dir / f"{name}.jpg")
         img_id = index + 1
-        images.append({"id": img_id, "file_name": f"{name}.jpg",
-                       "height": cfg.image_size, "width": cfg.image_size})
+        height, width = scene.label.shape
+        images.append({"id": img_id, "file_name": f"{name}.jpg", "height": height, "width": width})
         annotations += coco_annotations(scene, img_id, first_ann_id=img_id * 100)
     shard = root / "_shards" / f"{split}-{indices.start:06d}.json"
     shard.write_text(json.dumps({"images": images, "annotations": annotations}))

@@ -138,10 +138,12 @@ class PriorStore(StoreReader):
         maps = self.read_rows("pairs/pir" if refined else "pairs/vtp", rows)
         return maps[np.arange(len(rows)), hit.argmax(1)]
 
-    def vvp(self, query: str, supports: Sequence[str], support_masks: np.ndarray) -> np.ndarray:
-        """``(K, 2, h, w)`` float32 VVP of one episode: ``support_masks`` ``(K, H, W)`` binary."""
+    def vvp(self, query: str, supports: Sequence[str], support_masks: Sequence[np.ndarray]) -> np.ndarray:
+        """``(K, 2, h, w)`` float32 VVP of one episode: one binary ``(H, W)`` mask per support, each
+        at its image's own size."""
         grid = tuple(self.attrs["grid"])
         tokens = torch.from_numpy(self.tokens([query, *supports]).astype(np.float32))  # (1 + K, 2, N, D)
-        masks = mask_to_grid(torch.from_numpy(np.asarray(support_masks)), grid).flatten(1)[None]
+        masks = torch.stack([mask_to_grid(torch.from_numpy(np.asarray(m)), grid).flatten()
+                             for m in support_masks])[None]
         maps = [vvp(tokens[:1, b], tokens[None, 1:, b], masks, grid)[0] for b in (0, 1)]
         return torch.stack(maps, 1).numpy()

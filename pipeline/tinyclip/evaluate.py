@@ -9,11 +9,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.clip.dense import maskclip_labels
+from pipeline.clip.dense import labels_from_scores, maskclip_scores
 from pipeline.clip.loader import ClipBundle
 from pipeline.clip.prompts import text_embeddings
 from pipeline.datasets.shapes import SHAPE_NAMES
@@ -68,14 +70,18 @@ def foreground_miou(pred: np.ndarray, label: np.ndarray, num_classes: int = 20) 
 
 @torch.no_grad()
 def dense_miou(
-    bundle: ClipBundle, images: torch.Tensor, labels: np.ndarray, seed: int = 0
+    bundle: ClipBundle, images: Sequence[torch.Tensor], labels: Sequence[np.ndarray], seed: int = 0
 ) -> dict[str, float]:
-    """MaskCLIP mIoU on ``(B, 3, H, W)`` uint8 images against ``(B, H, W)`` labels, and chance."""
+    """MaskCLIP mIoU on uint8 ``(3, H, W)`` images against their ``(H, W)`` labels (each image at
+    its own size: resized to the CLIP input, labels upsampled back to the image), and chance."""
     text = text_embeddings(bundle.model, bundle.tokenizer(), SHAPE_NAMES)
     preds = []
     for i in range(0, len(images), 64):
-        batch = normalize(_resize(images[i: i + 64], bundle.image_size), bundle)
-        preds.append(maskclip_labels(bundle.model.visual, batch, text, size=labels.shape[-2:]) + 1)
-    pred = torch.cat(preds).numpy()
-    chance = np.random.default_rng(seed).integers(1, 21, size=labels.shape)
-    return {"miou": foreground_miou(pred, labels), "chance": foreground_miou(chance, labels)}
+        resized = [_resize(x[None], bundle.image_size)[0] for x in images[i: i + 64]]
+        batch = normalize(torch.stack(resized), bundle)
+        scores = maskclip_scores(bundle.model.visual, batch, text)
+        preds += [labels_from_scores(scores[j: j + 1], label.shape)[0].numpy() + 1
+                  for j, label in enumerate(labels[i: i + 64])]
+    pred, truth = np.concatenate([p.ravel() for p in preds]), np.concatenate([t.ravel() for t in labels])
+    chance = np.random.default_rng(seed).integers(1, 21, size=truth.shape)
+    return {"miou": foreground_miou(pred, truth), "chance": foreground_miou(chance, truth)}
