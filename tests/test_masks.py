@@ -110,4 +110,5 @@ def test_pseudo_mask_shards_are_sized_by_memory():
     # PASCAL-shaped (ResNet-50 1536 x 60 x 60 at 473 px): tens of episodes fit 4 GiB
     pascal = shard_episodes(5, (1536, 60, 60), 473, 4 * 2**30)
     assert 6 * (4 * 1536 * 3600 + 4 * 473**2) * pascal <= 4 * 2**30 and 30 <= pascal < 100
-    assert shard_episodes(5, (1536, 60, 60), 473, 0) == 1  # never less than one episode
+    assert shard_episodes(5, (1536, 60, 60), 473, 0) == 2**30 // (6 * (4 * 1536 * 3600 + 4 * 473**2))  # 1 GiB
+    assert shard_episodes(5, (1536, 600, 600), 473, 0) == 1  # never less than one episode

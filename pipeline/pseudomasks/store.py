@@ -26,16 +26,18 @@ from pipeline.core.artifacts import StoreReader
 from pipeline.core.errors import PipelineError
 
 MAX_SHARD = 1000  # episodes per shard at most
+MIN_SHARD_BYTES = 2**30  # a shard may always use this much working memory (cache_gb 0 included)
 ARRAYS = ("support_initial", "support_refined", "query_initial", "query_refined")
 Role = Literal["support", "query"]
 Kind = Literal["initial", "refined"]
 
 
 def shard_episodes(shots: int, feature_shape: Sequence[int], size: int, budget: int) -> int:
-    """Episodes per shard such that a shard's working memory fits ``budget`` bytes: per image of
-    an episode, its float32 features ``feature_shape`` ``(C, h, w)`` and four ``size²`` masks."""
+    """Episodes per shard such that a shard's working memory fits ``budget`` bytes (at least
+    ``MIN_SHARD_BYTES``): per image of an episode, its float32 features ``feature_shape``
+    ``(C, h, w)`` and four ``size²`` masks."""
     per_episode = (shots + 1) * (4 * int(np.prod(feature_shape)) + 4 * size * size)
-    return max(1, min(MAX_SHARD, budget // per_episode))
+    return max(1, min(MAX_SHARD, max(budget, MIN_SHARD_BYTES) // per_episode))
 
 
 def create(root: zarr.Group, manifests: dict[str, pd.DataFrame], size: int, shard: int) -> None:
