@@ -13,8 +13,10 @@ and 4N and their ratio, seconds per image, and store bytes per image; then ``mem
 store by rows, the path a dataset larger than the budget takes; peak memory must then not grow
 with the dataset. The weights are random: this measures memory and throughput, not accuracy.
 
-    .venv/bin/python benchmarks/scale.py                   # N = 16 on the CPU: minutes
-    .venv/bin/python benchmarks/scale.py --images 64 --device cuda
+    .venv/bin/python benchmarks/scale.py                   # N = 64 on the CPU: ~25 min on 2 cores
+    .venv/bin/python benchmarks/scale.py --images 256 --device cuda
+
+N is at least ~64: every one of the 20 shape classes needs two images in each role of each fold.
 """
 
 from __future__ import annotations
@@ -66,8 +68,8 @@ def params(n: int, vit: Path, resnet: Path, cache_gb: float) -> dict:
     out = yaml.safe_load((REPO / "params.yaml").read_text())
     out["prepare"]["synthetic"].update(image_size=432, train_images=n, val_images=n, caption_images=0,
                                        mixed_sizes=True, shard_size=50)
-    out["episodes"].update(test_episodes=2 * n, train_episodes=2 * n, val_episodes=max(4, n // 2),
-                           shots=[1], seeds=[0])
+    out["episodes"].update(test_episodes=n, train_episodes=n, val_episodes=max(4, n // 4), shots=[1],
+                           seeds=[0])
     out["clip"].update(model="ViT-B-16", pretrained=str(vit))
     out["priors"].update(image_size=473, shard_size=8, batch_size=4)
     out["backbone"].update(name="resnet50", weights=str(resnet), image_size=400)
@@ -136,7 +138,7 @@ def measure(n: int, root: Path, vit: Path, resnet: Path, cache_gb: float, env: d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=16, help="N: train and val images of the small run")
+    parser.add_argument("--images", type=int, default=64, help="N: train and val images of the small run")
     parser.add_argument("--cache-gb", type=float, default=0.0, help="orchestration.cache_gb of the runs")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--keep", type=Path, help="keep the runs here (default: a temporary folder)")
