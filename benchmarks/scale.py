@@ -68,8 +68,10 @@ def params(n: int, vit: Path, resnet: Path, cache_gb: float) -> dict:
     out = yaml.safe_load((REPO / "params.yaml").read_text())
     out["prepare"]["synthetic"].update(image_size=432, train_images=n, val_images=n, caption_images=0,
                                        mixed_sizes=True, shard_size=50)
-    out["episodes"].update(test_episodes=n, train_episodes=n, val_episodes=max(4, n // 4), shots=[1],
-                           seeds=[0])
+    out["split"].update(min_pixels=1, novel_in_train="mask")  # every class in every role: about scale
+    # test and validation manifests have a fixed size (1000 episodes in the papers), the training
+    # pool grows with the images: the stores then hold every image the run has
+    out["episodes"].update(test_episodes=64, val_episodes=16, train_episodes=2 * n, shots=[1], seeds=[0])
     out["clip"].update(model="ViT-B-16", pretrained=str(vit))
     out["priors"].update(image_size=473, shard_size=8, batch_size=4)
     out["backbone"].update(name="resnet50", weights=str(resnet), image_size=400)

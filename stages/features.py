@@ -66,7 +66,7 @@ def build_features(
     clip_sha = (clip_dir / SHA_FILE).read_text().split()[0] if cfg.name == "clip" else None
     attrs = {"image_ids": image_ids, "backbone": cfg.model_dump(), "clip_sha256": clip_sha}
     staging = Staging(out, fingerprint([attrs, (episodes_dir / "meta.json").read_text()]))
-    features.create(
+    shard = features.create(
         zarr.open_group(staging.path, mode="a"),
         len(image_ids),
         probe.shape[1],
@@ -75,8 +75,8 @@ def build_features(
     )
     threads = max(1, (os.cpu_count() or 1) // workers)
     shards = {
-        f"images-{s:07d}": range(s, min(s + features.SHARD, len(image_ids)))
-        for s in range(0, len(image_ids), features.SHARD)
+        f"images-{s:07d}": range(s, min(s + shard, len(image_ids)))
+        for s in range(0, len(image_ids), shard)
     }
     run_shards(
         staging,

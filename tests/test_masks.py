@@ -112,3 +112,11 @@ def test_pseudo_mask_shards_are_sized_by_memory():
     assert 6 * (4 * 1536 * 3600 + 4 * 473**2) * pascal <= 4 * 2**30 and 30 <= pascal < 100
     assert shard_episodes(5, (1536, 60, 60), 473, 0) == 2**30 // (6 * (4 * 1536 * 3600 + 4 * 473**2))  # 1 GiB
     assert shard_episodes(5, (1536, 600, 600), 473, 0) == 1  # never less than one episode
+
+
+def test_feature_shards_are_sized_by_memory():
+    from pipeline.features.store import MAX_SHARD, SHARD_BYTES, shard_images
+
+    assert shard_images(192, (16, 16)) == MAX_SHARD  # the embedded benchmark: unchanged layout
+    pascal = shard_images(1536, (60, 60))  # ResNet-50 at 473 px: 10.6 MB per image
+    assert pascal * 2 * 1536 * 3600 <= SHARD_BYTES < (pascal + 1) * 2 * 1536 * 3600

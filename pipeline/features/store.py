@@ -6,8 +6,9 @@
     features   (I, C, h, w)  float16   row i is image_ids[i]
 
 The backbone is frozen, so its features are computed once and shared by training and
-evaluation of every fold. Work is split into shards of ``SHARD`` images (one Zarr shard each),
-each filled by :func:`pipeline.features.extract.extract_shard`.
+evaluation of every fold. Work is split into shards of :func:`shard_images` images (one Zarr
+shard each, ``attrs["shard"]``), each filled by :func:`pipeline.features.extract.extract_shard`,
+which holds a whole shard in memory before writing it.
 """
 
 from __future__ import annotations
@@ -21,11 +22,19 @@ import zarr
 from pipeline.core.artifacts import StoreReader
 from pipeline.core.errors import PipelineError
 
-SHARD = 256  # images per shard
+MAX_SHARD = 256  # images per shard at most
+SHARD_BYTES = 2**28  # float16 features a shard holds at most (256 MiB)
 
 
-def create(root: zarr.Group, count: int, channels: int, grid: tuple[int, int], attrs: dict) -> None:
-    """The empty array (kept when a resumed run already made it)."""
+def shard_images(channels: int, grid: tuple[int, int]) -> int:
+    """Images per shard: as many as fit ``SHARD_BYTES`` (256 for the embedded benchmark's
+    192 x 16 x 16, 24 for ResNet-50's 1536 x 60 x 60 at 473 px), at most ``MAX_SHARD``."""
+    return max(1, min(MAX_SHARD, SHARD_BYTES // (2 * channels * grid[0] * grid[1])))
+
+
+def create(root: zarr.Group, count: int, channels: int, grid: tuple[int, int], attrs: dict) -> int:
+    """The empty array (kept when a resumed run already made it); returns the images per shard."""
+    shard = shard_images(channels, grid)
     if "features" not in root:
         shape = (count, channels, *grid)
         root.create_array(
@@ -33,10 +42,11 @@ def create(root: zarr.Group, count: int, channels: int, grid: tuple[int, int], a
             shape=shape,
             dtype="float16",
             chunks=(1, *shape[1:]),
-            shards=(SHARD, *shape[1:]),
+            shards=(shard, *shape[1:]),
             fill_value=0,
         )
-    root.attrs.update({**attrs, "channels": channels, "grid": list(grid)})
+    root.attrs.update({**attrs, "channels": channels, "grid": list(grid), "shard": shard})
+    return shard
 
 
 class FeatureStore(StoreReader):
