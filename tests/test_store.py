@@ -1,6 +1,8 @@
+import numpy as np
 import pytest
+import zarr
 
-from pipeline.core.artifacts import Staging, fingerprint, write_atomic, write_json
+from pipeline.core.artifacts import Staging, StoreReader, fingerprint, read_rows, write_atomic, write_json
 
 
 def test_commit_is_atomic_and_replaces_the_old_artifact(tmp_path):
@@ -40,3 +42,16 @@ def test_a_failed_write_leaves_neither_file_nor_temporary(tmp_path):
     with pytest.raises(RuntimeError):
         write_atomic(tmp_path / "y.json", half_then_crash)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 2**20])
+def test_rows_come_in_the_order_asked_with_repeats_streamed_or_cached(tmp_path, cache_bytes):
+    values = np.arange(13 * 3 * 2, dtype=np.float32).reshape(13, 3, 2)
+    root = zarr.open_group(tmp_path / "s.zarr", mode="w")
+    array = root.create_array("x", shape=values.shape, dtype="float32", chunks=(1, 3, 2), shards=(4, 3, 2))
+    array[:] = values
+    reader = StoreReader(tmp_path / "s.zarr", cache_bytes=cache_bytes)
+    for rows in ([7, 2, 3, 4, 12, 2, 0], [5], list(range(13)), [12, 11, 12]):
+        np.testing.assert_array_equal(reader.read_rows("x", rows), values[rows])
+    assert read_rows(root["x"], []).shape == (0, 3, 2)
+    assert (reader.cached("x") is not None) == bool(cache_bytes)

@@ -122,6 +122,19 @@ def open_store(path: Path, stage: str) -> zarr.Group:
         raise PipelineError(f"{path}: missing (run the {stage} stage)") from None
 
 
+def read_rows(array: zarr.Array, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+    """``(len(rows), ...)`` rows of ``array``, in the order asked (repeats allowed), read as one
+    slice per run of consecutive rows. Zarr's ``oindex`` is not used: on a sharded array with
+    large chunks (3.8 MB feature rows) it took 46x the time and 16x the memory (5.9 GB to read
+    20 rows, zarr 3.1)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    unique, inverse = np.unique(rows, return_inverse=True)
+    if not len(unique):
+        return np.empty((0, *array.shape[1:]), dtype=array.dtype)
+    runs = np.split(unique, np.flatnonzero(np.diff(unique) != 1) + 1)
+    return np.concatenate([array[int(run[0]): int(run[-1]) + 1] for run in runs])[inverse]
+
+
 class StoreReader:
     """Read-only access to one Zarr store whose arrays have one row per item on their first axis.
 
@@ -154,5 +167,4 @@ class StoreReader:
         whole = self.cached(name)
         if whole is not None:
             return whole[rows]
-        unique, inverse = np.unique(rows, return_inverse=True)
-        return self.root[name].oindex[unique][inverse]
+        return read_rows(self.root[name], rows)

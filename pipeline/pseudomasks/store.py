@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from pipeline.core.artifacts import StoreReader
+from pipeline.core.artifacts import StoreReader, read_rows
 from pipeline.core.errors import PipelineError
 
 MAX_SHARD = 1000  # episodes per shard at most
@@ -74,7 +74,7 @@ class PseudoMaskStore(StoreReader):
             return array[:]
         if isinstance(episodes, range) and episodes.step == 1:
             return array[episodes.start: episodes.stop]
-        return array.oindex[np.asarray(episodes)]
+        return read_rows(array, episodes)
 
     def _array(self, manifest: str, role: Role, kind: Kind) -> zarr.Array:
         key = f"{manifest}/{role}_{kind}"
