@@ -3,7 +3,8 @@
 Writes under ``data/episodes/``::
 
     test/fold{k}/shot{K}_seed{s}.parquet   test episodes (novel classes), per shot and seed
-    train/fold{k}.parquet                  training pool (base classes, training images)
+    train/fold{k}.parquet                  training episodes (base classes, training images): the
+                                           pool, or (train.sampling: epoch) every pair once
     val/fold{k}.parquet                    validation pool (base classes, held-out images)
     meta.json                              protocol, files, episode counts
 
@@ -23,7 +24,7 @@ from prefect import flow, task
 from pipeline.core.artifacts import Staging, fingerprint, write_json
 from pipeline.core.errors import PipelineError
 from pipeline.core.orchestration import gather, run_flow
-from pipeline.core.params import EpisodesParams, Params
+from pipeline.core.params import EpisodesParams, Params, Sampling
 from pipeline.datasets import episodes
 from stages._common import stage_main
 
@@ -48,7 +49,9 @@ def check_fold(pairs: pd.DataFrame, fold: dict, names: list[str], cfg: EpisodesP
 
 
 @task
-def fold_manifests(pairs: pd.DataFrame, fold: int, out: Path, cfg: EpisodesParams) -> dict:
+def fold_manifests(
+    pairs: pd.DataFrame, fold: int, out: Path, cfg: EpisodesParams, sampling: Sampling
+) -> dict:
     """Write every manifest of one fold; return the file -> episode count map."""
     written = {}
 
@@ -64,26 +67,32 @@ def fold_manifests(pairs: pd.DataFrame, fold: int, out: Path, cfg: EpisodesParam
         for seed in cfg.seeds:
             write(episodes.draw_test_episodes(of["test"], fold, shot, seed, cfg.test_episodes,
                                               cfg.protocol), f"test/fold{fold}/shot{shot}_seed{seed}.parquet")
-    write(episodes.draw_pool_episodes(of["train"], fold, cfg.train_shot, cfg.train_seed,
-                                      cfg.train_episodes, "train"), f"train/fold{fold}.parquet")
+    if sampling == "pool":
+        train = episodes.draw_pool_episodes(of["train"], fold, cfg.train_shot, cfg.train_seed,
+                                            cfg.train_episodes, "train")
+    else:  # every pair, epoch 0's draw: the training stage draws the later epochs
+        train = episodes.draw_epoch_episodes(of["train"], fold, cfg.train_shot, cfg.train_seed, 0)
+    write(train, f"train/fold{fold}.parquet")
     write(episodes.draw_pool_episodes(of["val"], fold, cfg.train_shot, cfg.train_seed,
                                       cfg.val_episodes, "val"), f"val/fold{fold}.parquet")
     return written
 
 
 @flow(name="episodes")
-def build_episodes(split_dir: Path, out: Path, cfg: EpisodesParams) -> dict:
+def build_episodes(split_dir: Path, out: Path, cfg: EpisodesParams, sampling: Sampling) -> dict:
     pairs, split_meta = read_splits(split_dir)
     for fold in split_meta["folds"]:
         check_fold(pairs, fold, split_meta["class_names"], cfg)
-    staging = Staging(out, fingerprint([cfg.model_dump(), split_meta]))
+    staging = Staging(out, fingerprint([cfg.model_dump(), split_meta, sampling]))
     files: dict[str, int] = {}
-    for written in gather([fold_manifests.submit(pairs, f["fold"], staging.path, cfg)
+    for written in gather([fold_manifests.submit(pairs, f["fold"], staging.path, cfg, sampling)
                            for f in split_meta["folds"]]):
         files |= written
     meta = {"protocol": cfg.protocol, "seeds": cfg.seeds, "shots": cfg.shots,
             "folds": len(split_meta["folds"]), "files": dict(sorted(files.items())),
             "schema": episodes.__doc__.split("Protocols")[0].strip()}
+    if sampling != "pool":  # (absent: pool, so that existing pool runs keep their hashes)
+        meta["train_sampling"] = sampling
     write_json(staging.path / "meta.json", meta)
     staging.commit()
     return meta
@@ -91,7 +100,7 @@ def build_episodes(split_dir: Path, out: Path, cfg: EpisodesParams) -> dict:
 
 def run(params: Params, args: argparse.Namespace) -> None:
     meta = run_flow(build_episodes, params.orchestration, split_dir=Path(args.splits),
-                    out=Path(args.out), cfg=params.episodes)
+                    out=Path(args.out), cfg=params.episodes, sampling=params.train.sampling)
     print(f"episodes: {len(meta['files'])} manifests, {sum(meta['files'].values())} episodes "
           f"({meta['protocol']} protocol) in {args.out}")
 

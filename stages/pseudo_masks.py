@@ -1,10 +1,12 @@
 """`pseudo_masks`: language-guided pseudo-masks of every episode and their quality.
 
 Reads ``data/index``, ``data/episodes``, ``data/priors.zarr`` (MaskCLIP scores, VTP) and
-``data/features.zarr`` (the frozen backbone's features); writes ``data/pseudo_masks.zarr`` (layout:
-``pipeline/pseudomasks/store.py``) and ``data/metrics/pseudo_masks.json``: per fold, the mIoU of the
-initial and refined support and query masks of the 1-shot test episodes against the ground
-truth (the LFSS paper's Table 3). Episode shards resume after a crash.
+``data/features.zarr`` (the frozen backbone's features); writes ``data/pseudo_masks.zarr``
+(layout: ``pipeline/pseudomasks/store.py``; every manifest but the training episodes under
+``train.sampling: epoch``, whose masks the training step makes) and
+``data/metrics/pseudo_masks.json``: per fold, the mIoU of the initial and refined support and
+query masks of the 1-shot test episodes against the ground truth (the LFSS paper's Table 3).
+Episode shards resume after a crash.
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ def build_pseudo_masks(cfg: PseudoMaskParams, backbone: BackboneParams, index_di
                        cache_bytes: int) -> dict:
     index, meta = read_index_dir(index_dir)
     manifests = read_manifests(episodes_dir)
+    if json.loads((episodes_dir / "meta.json").read_text()).get("train_sampling") == "epoch":
+        # fresh episodes every epoch: the training step computes their pseudo-masks
+        manifests = {name: table for name, table in manifests.items() if not name.startswith("train/")}
     priors_attrs = PriorStore(priors).attrs
     features_attrs = FeatureStore(features).attrs
     shots = max(int(t["shot"].max()) for t in manifests.values())

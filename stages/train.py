@@ -1,6 +1,7 @@
 """`train@fold`: train the LFSS model on one fold's base classes.
 
-Reads ``data/index``, ``data/episodes`` (the fold's training pool and validation episodes),
+Reads ``data/index``, ``data/episodes`` (the fold's training episodes (the pool, or under
+``train.sampling: epoch`` every training pair, redrawn every epoch) and validation episodes),
 ``data/features.zarr``, ``data/priors.zarr`` and ``data/pseudo_masks.zarr``; writes
 ``data/models/fold{k}/model.pt`` (the best validation epoch's weights, the model params and the
 training history) and ``data/plots/train/fold{k}.csv`` (loss and validation mIoU per epoch, for
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -27,12 +29,13 @@ from tqdm import tqdm
 from pipeline.core.artifacts import Staging, fingerprint, write_atomic
 from pipeline.core.errors import PipelineError
 from pipeline.core.params import Params
-from pipeline.datasets.episodes import read_manifests
+from pipeline.datasets.episodes import draw_epoch_episodes, query_pairs, read_manifests
 from pipeline.datasets.index import read_index_dir
 from pipeline.fewshot.checkpoint import MODEL_FILE, save_model
-from pipeline.fewshot.data import loader_workers, open_fold_inputs
+from pipeline.fewshot.data import EpisodeTable, FoldInputs, loader_workers, open_fold_inputs
 from pipeline.fewshot.train import fit
 from pipeline.model.lfss import LFSS
+from pipeline.pseudomasks.online import OnlineRefiner
 from stages._common import FOLD_INPUTS, stage_main
 
 
@@ -46,6 +49,27 @@ def setup_device() -> tuple[torch.device, int]:
             torch.cuda.set_device(local)
         return torch.device(f"cuda:{local}" if cuda else "cpu"), dist.get_rank()
     return torch.device("cuda" if torch.cuda.is_available() else "cpu"), 0
+
+
+def training_episodes(
+    inputs: FoldInputs, name: str, manifest: pd.DataFrame, params: Params
+) -> tuple[EpisodeTable | Callable[[int], EpisodeTable], OnlineRefiner | None]:
+    """The fold's training episodes: the stored pool (``train.sampling: pool``), or each epoch's
+    fresh draw over every training pair of the manifest, whose pseudo-masks the training step
+    makes with the returned refiner (``epoch``)."""
+    cfg = params.train
+    if cfg.sampling == "pool":
+        return inputs.episodes(name, manifest, params.model), None
+    first = manifest.iloc[0]
+    pairs = query_pairs(manifest)
+
+    def of_epoch(epoch: int) -> EpisodeTable:
+        table = draw_epoch_episodes(pairs, int(first["fold"]), int(first["shot"]), int(first["seed"]), epoch,
+                                    cfg.episodes_per_epoch).to_pandas()
+        return inputs.episodes(f"{name}/epoch{epoch}", table, params.model, online_masks=True,
+                               vtp_threshold=params.pseudo_masks.vtp_threshold)
+
+    return of_epoch, OnlineRefiner.from_params(params)
 
 
 def run(params: Params, args: argparse.Namespace) -> None:
@@ -63,7 +87,8 @@ def run(params: Params, args: argparse.Namespace) -> None:
         )
     inputs = open_fold_inputs(index, manifests, names, Path(args.features), Path(args.priors),
                               Path(args.pseudo_masks), cache_bytes=params.orchestration.cache_bytes)
-    train, val = (inputs.episodes(n, manifests[n], params.model) for n in names)
+    val = inputs.episodes(names[1], manifests[names[1]], params.model)
+    train, refiner = training_episodes(inputs, names[0], manifests[names[0]], params)
     bank = inputs.bank
     out = Path(args.models) / f"fold{fold}"
     staging = Staging(
@@ -104,6 +129,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
             ),
             progress=progress,
             loader_workers=loader_workers(bank, params.orchestration.loader_workers),
+            refiner=refiner,
         )
     if rank != 0:
         return

@@ -4,7 +4,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core.errors import PipelineError
-from pipeline.datasets.episodes import EPISODE_SCHEMA, check_shots, draw_pool_episodes, draw_test_episodes
+from pipeline.datasets.episodes import (
+    EPISODE_SCHEMA,
+    check_shots,
+    draw_epoch_episodes,
+    draw_pool_episodes,
+    draw_test_episodes,
+    query_pairs,
+)
 
 # 3 classes; class 2 has 3 images, the others 8. Images may hold two classes.
 PAIRS = pd.DataFrame(
@@ -67,3 +74,27 @@ def test_too_many_shots_names_param_and_class():
         "episodes.shots: 3-shot needs 4 images of class 'star' (fold 0 test) but only 3 have it")
     with pytest.raises(PipelineError, match="class 'void' .* only 0"):
         check_shots(PAIRS, [4], 1, ["a", "b", "c", "void"], "fold 0 test")
+
+
+def test_epoch_sampling_visits_every_pair_once_with_fresh_supports_each_epoch():
+    pairs = set(PAIRS.itertuples(index=False, name=None))
+    first, second = (draw_epoch_episodes(PAIRS, 2, 1, 0, epoch).to_pandas() for epoch in (0, 1))
+    for table in (first, second):
+        assert table.episode.tolist() == list(range(len(PAIRS)))
+        assert sorted(zip(table["query"], table["class_id"], strict=True)) == sorted(pairs)
+        assert all(q not in s for q, s in zip(table["query"], table["supports"], strict=True))
+    assert first["query"].tolist() != second["query"].tolist()  # a fresh order every epoch
+    by_pair = [{(q, c): s[0] for q, c, s in zip(t["query"], t["class_id"], t["supports"], strict=True)}
+               for t in (first, second)]
+    assert sum(by_pair[0][p] != by_pair[1][p] for p in pairs) > len(pairs) // 3  # and fresh supports
+    shuffled = PAIRS.sample(frac=1, random_state=1)  # the pairs' order does not matter: their set does
+    assert draw_epoch_episodes(shuffled, 2, 1, 0, 1).equals(draw_epoch_episodes(PAIRS, 2, 1, 0, 1))
+    assert draw_epoch_episodes(query_pairs(first), 2, 1, 0, 0).to_pandas().equals(first)  # manifest -> pairs
+
+
+@pytest.mark.parametrize("n", [5, 40])
+def test_epoch_sampling_takes_n_episodes_of_the_epochs_order(n):
+    every = draw_epoch_episodes(PAIRS, 0, 1, 0, 3).to_pandas()
+    table = draw_epoch_episodes(PAIRS, 0, 1, 0, 3, n).to_pandas()
+    assert len(table) == n
+    assert table["query"].tolist()[: min(n, len(PAIRS))] == every["query"].tolist()[:n]

@@ -476,3 +476,74 @@ def test_mask_supervision_trains_and_keeps_samples_of_mixed_sizes(model_inputs, 
         assert kept[f"support_mask_{j}"].shape == (index.at[support, "height"], index.at[support, "width"])
         shapes.add(kept[f"prediction_{j}"].shape)
     assert len(kept["query"]) == 4 and len(shapes) > 1
+
+
+@pytest.mark.parametrize("kind", ["refined", "initial"])
+def test_pseudo_masks_made_in_the_training_step_equal_the_stored_ones(model_inputs, pipeline_run, tmp_path,
+                                                                        kind):
+    from pipeline.datasets.episodes import read_manifests
+    from pipeline.datasets.index import read_index_dir
+    from pipeline.fewshot.data import open_fold_inputs
+    from pipeline.fewshot.train import with_pseudo_masks
+    from pipeline.pseudomasks.online import OnlineRefiner
+
+    overrides = {"model": {"hidden": 8, "pseudo_masks": kind}}
+    params = load_params(write_params(tmp_path / "params.yaml", overrides))
+    index, _ = read_index_dir(pipeline_run / "index")
+    manifests, name = read_manifests(pipeline_run / "episodes"), "train/fold1"
+    inputs = open_fold_inputs(index, manifests, [name], pipeline_run / "features.zarr",
+                              pipeline_run / "priors.zarr", pipeline_run / "pseudo_masks.zarr", cache_bytes=0)
+    stored = inputs.episodes(name, manifests[name], params.model)
+    online = inputs.episodes(name, manifests[name], params.model, online_masks=True)
+    assert online.online_masks and online.query_mask is None and not stored.online_masks
+    every = torch.arange(len(stored))
+    made = with_pseudo_masks(online.batch(inputs.bank, every), online.mask_inputs(inputs.bank, every),
+                             OnlineRefiner.from_params(params))
+    want = stored.batch(inputs.bank, every)
+    assert torch.equal(made.query_mask, want.query_mask.float())
+    assert torch.equal(made.support_mask, want.support_mask.float())
+    assert 0 < float(made.query_mask.mean()) < 1
+
+
+def test_epoch_sampling_draws_every_pair_and_trains_on_fresh_episodes(model_inputs, pipeline_run, tmp_path,
+                                                                      monkeypatch):
+    from pipeline.datasets.episodes import draw_epoch_episodes, read_manifests
+    from pipeline.fewshot import train as train_lib
+    from stages import train
+
+    epoch_params = {"train": {"epochs": 2, "batch_size": 8, "sampling": "epoch", "episodes_per_epoch": 16,
+                              "lr_schedule": "poly"}, "model": {"hidden": 8}}
+    params = write_params(tmp_path / "params.yaml", epoch_params)
+    assert episodes.main(["--params", str(params), "--splits", str(pipeline_run / "splits"),
+                          "--out", str(tmp_path / "episodes")]) == 0
+    assert json.loads((tmp_path / "episodes/meta.json").read_text())["train_sampling"] == "epoch"
+    manifest = read_manifests(tmp_path / "episodes")["train/fold1"]
+    pairs = pq.read_table(pipeline_run / "splits/pairs.parquet").to_pandas()
+    pairs = pairs[(pairs["fold"] == 1) & (pairs["role"] == "train")]
+    assert sorted(zip(manifest["query"], manifest["class_id"], strict=True)) == sorted(
+        zip(pairs["image_id"], pairs["class_id"], strict=True))  # every training pair, once
+
+    seen: dict[str, list[str]] = {}
+    real = train_lib.make_step
+
+    def spy(table, bank, index, cfg):
+        step = real(table, bank, index, cfg)
+        assert step.masks is not None and step.x.query_mask is None  # made in the training step
+        seen.setdefault(table.name, []).extend(table.query[index].tolist())
+        return step
+
+    monkeypatch.setattr(train_lib, "make_step", spy)
+    # the stores hold the smoke run's images: its pool's query and support pairs stand in for the fold's
+    pool = read_manifests(pipeline_run / "episodes")["train/fold1"]
+    stand_in = pd.DataFrame({"image_id": [*pool["query"], *(ss[0] for ss in pool["supports"])],
+                             "class_id": [*pool["class_id"]] * 2}).drop_duplicates()
+    shutil.copytree(pipeline_run / "episodes", tmp_path / "stand_in")
+    pq.write_table(draw_epoch_episodes(stand_in, 1, 1, 0, 0), tmp_path / "stand_in/train/fold1.parquet")
+    args = ["--params", str(params), *model_args(pipeline_run, model_inputs, tmp_path)[2:]]
+    args[args.index("--episodes") + 1] = str(tmp_path / "stand_in")
+    assert train.main([*args, "--plots", str(tmp_path / "plots")]) == 0
+    assert sorted(seen) == ["train/fold1/epoch0", "train/fold1/epoch1"]
+    assert all(len(rows) == 16 for rows in seen.values()) and seen["train/fold1/epoch0"] != seen[
+        "train/fold1/epoch1"]
+    history = torch.load(tmp_path / "models/fold1/model.pt", weights_only=False)["history"]
+    assert [r["epoch"] for r in history] == [1, 2]

@@ -59,12 +59,24 @@ CFG = ModelParams(hidden=8, seeds=3, cluster_iterations=2)
 TRAIN = TrainParams(epochs=3, batch_size=8, lr=1e-2, label_size=LABEL, autocast=False)
 
 
-def trained(checkpoint=None, epochs: int = 3, fold=None, cfg: ModelParams = CFG) -> tuple[LFSS, State]:
-    bank, train, val = fold or tiny_fold()
+class Crash(Exception):
+    pass
+
+
+def trained(checkpoint=None, epochs: int = 3, fold=None, cfg: ModelParams = CFG,
+            stop_after: int | None = None, **train: object) -> tuple[LFSS, State]:
+    """A model trained on ``fold``; ``stop_after``: crash in the first step after that many epochs."""
+    bank, train_table, val = fold or tiny_fold()
     torch.manual_seed(0)
     model = LFSS(C, cfg)
-    params = TRAIN.model_copy(update={"epochs": epochs})
-    return model, fit(model, train, val, bank, NUM_CLASSES, params, checkpoint=checkpoint, log=lambda r: None)
+    params = TRAIN.model_copy(update={"epochs": epochs, **train})
+
+    def progress(done: int, total: int) -> None:
+        if stop_after is not None and done > stop_after * total // epochs:
+            raise Crash
+
+    return model, fit(model, train_table, val, bank, NUM_CLASSES, params, checkpoint=checkpoint,
+                      log=lambda r: None, progress=progress)
 
 
 def test_a_tiny_run_lowers_the_loss_and_beats_its_priors():
@@ -80,10 +92,13 @@ def test_a_tiny_run_lowers_the_loss_and_beats_its_priors():
     assert model_miou > prior_meter(val, bank, NUM_CLASSES, threshold).miou() + 5
 
 
-def test_resume_continues_exactly_where_it_stopped(tmp_path):
-    straight, full = trained(tmp_path / "a.pt", epochs=2)
-    trained(tmp_path / "b.pt", epochs=1)  # "crashes" after one epoch, its checkpoint written
-    resumed, state = trained(tmp_path / "b.pt", epochs=2)  # a fresh process: same init, then the checkpoint
+@pytest.mark.parametrize("schedule", ["constant", "poly"])
+def test_resume_continues_exactly_where_it_stopped(tmp_path, schedule):
+    straight, full = trained(tmp_path / "a.pt", epochs=2, lr_schedule=schedule)
+    # "crashes" after one epoch of two, its checkpoint written (the schedule still spans two epochs)
+    with pytest.raises(Crash):
+        trained(tmp_path / "b.pt", epochs=2, lr_schedule=schedule, stop_after=1)
+    resumed, state = trained(tmp_path / "b.pt", epochs=2, lr_schedule=schedule)  # a fresh process
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
     assert full.history == state.history
@@ -154,3 +169,19 @@ def test_distributed_training_equals_one_process_on_the_same_batches(tmp_path):
     distributed = saved["state"]
     for key, value in single.state_dict().items():
         assert torch.allclose(value, distributed[key], atol=1e-5), key
+
+
+def test_poly_schedule_decays_the_lr_of_every_step_to_zero():
+    fold = tiny_fold(episodes=32)  # 4 steps per epoch
+    seen: list[float] = []
+    real = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.Adam, "step", spy)
+        trained(epochs=2, fold=fold, lr_schedule="poly", poly_power=0.9)
+    expected = [TRAIN.lr * (1 - step / 8) ** 0.9 for step in range(8)]
+    assert seen == pytest.approx(expected)

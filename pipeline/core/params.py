@@ -213,12 +213,23 @@ class ModelParams(Section):
         return self
 
 
+Sampling = Literal["pool", "epoch"]
+
+
 class TrainParams(Section):
     """Episodic training of one fold (LFSS §3.6)."""
 
-    epochs: PositiveInt = 3  # passes over the fold's training pool
+    # pool: the same fixed pool of episodes.train_episodes episodes every epoch; epoch (the papers'):
+    # every training (image, class) pair once per epoch as a query, fresh seeded order and supports
+    # (pseudo-masks of the training episodes then computed in the training step)
+    sampling: Sampling = "pool"
+    episodes_per_epoch: PositiveInt | None = None  # epoch sampling: this many episodes (None: every pair)
+    epochs: PositiveInt = 3  # passes over the fold's training episodes
     batch_size: PositiveInt = 16  # episodes per step
     lr: Annotated[float, Field(gt=0)] = 1e-3  # Adam
+    # constant, or poly (PFENet / PI-CLIP): lr * (1 - step / steps) ** poly_power, per step
+    lr_schedule: Literal["constant", "poly"] = "constant"
+    poly_power: Annotated[float, Field(gt=0)] = 0.9
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     beta: Annotated[float, Field(ge=0, le=1)] = 0.5  # weight of the support loss (Eq. 20)
     circle: bool = True  # circle training: support first, then the query from the predicted support mask

@@ -22,9 +22,17 @@ Protocols for the test manifests:
   (a seeded permutation, cycled) and its own supports; results are reported as mean ± std
   over seeds.
 
-The training pool takes uniformly random queries from the ``train`` pairs (base classes).
-Every draw comes from ``numpy.random.default_rng([seed, fold, shot, purpose])``: the same
-inputs give byte-identical files.
+Training episodes (base classes, ``train`` pairs) are drawn one of two ways (``train.sampling``):
+
+* ``pool``: a fixed pool of uniformly random queries, the same every epoch (the embedded
+  benchmark's default).
+* ``epoch`` (PFENet / HSNet / PI-CLIP): every epoch visits every training (image, class) pair
+  as a query, in a fresh seeded order, with fresh supports (:func:`draw_epoch_episodes`); the
+  ``train/fold{k}`` manifest then lists every pair once (epoch 0's draw), so the stages that
+  store per-image products cover every image and pair a later epoch can draw.
+
+Every draw comes from ``numpy.random.default_rng([seed, fold, shot, purpose(, epoch)])``: the
+same inputs give byte-identical files.
 """
 
 from __future__ import annotations
@@ -54,8 +62,8 @@ Protocol = Literal["hsnet", "pfenet"]
 _PURPOSE = {"test": 0, "train": 1, "val": 2}
 
 
-def _rng(seed: int, fold: int, shot: int, purpose: str) -> np.random.Generator:
-    return np.random.default_rng([seed, fold, shot, _PURPOSE[purpose]])
+def _rng(seed: int, fold: int, shot: int, purpose: str, *epoch: int) -> np.random.Generator:
+    return np.random.default_rng([seed, fold, shot, _PURPOSE[purpose], *epoch])
 
 
 def images_by_class(pairs: pd.DataFrame) -> dict[int, np.ndarray]:
@@ -122,6 +130,27 @@ def draw_pool_episodes(
     """A fixed pool of ``n`` episodes with uniformly random queries (training / validation)."""
     rng = _rng(seed, fold, shot, purpose)
     return sample_episodes(pairs, rng.integers(0, len(pairs), n), fold, shot, seed, rng)
+
+
+def draw_epoch_episodes(
+    pairs: pd.DataFrame, fold: int, shot: int, seed: int, epoch: int, n: int | None = None
+) -> pa.Table:
+    """Epoch ``epoch``'s training episodes: every pair of ``pairs`` as a query once, in a seeded
+    order, with fresh supports; ``n`` episodes instead (fewer: the first ``n`` of that order;
+    more: the order cycled). Episode ``e`` of the result is the ``e``-th of the epoch. The pairs
+    are put in (class, image) order first: any order of the same pairs gives the same draw."""
+    pairs = pairs.sort_values(["class_id", "image_id"], ignore_index=True)
+    rng = _rng(seed, fold, shot, "train", epoch)
+    order = rng.permutation(len(pairs))
+    if n is not None:
+        order = order[np.arange(n) % len(pairs)]
+    return sample_episodes(pairs, order, fold, shot, seed, rng)
+
+
+def query_pairs(table: pd.DataFrame) -> pd.DataFrame:
+    """The distinct ``(image_id, class_id)`` query pairs of a manifest, in first-seen order."""
+    pairs = pd.DataFrame({"image_id": table["query"].to_numpy(), "class_id": table["class_id"].to_numpy()})
+    return pairs.drop_duplicates(ignore_index=True)
 
 
 def episode_images(manifests: Iterable[pd.DataFrame]) -> list[str]:

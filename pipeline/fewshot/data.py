@@ -3,13 +3,14 @@
 * :class:`FoldInputs` — the three stores (features, priors, pseudo-masks) and the bank of the
   images of the manifests a run reads (:func:`open_fold_inputs`).
 * :class:`ImageBank` — per image: backbone features (``data/features.zarr``), the CLIP tokens of
-  two blocks (``data/priors.zarr``, for VVP) and the label map; held in memory when the fold's
+  two blocks and the MaskCLIP scores (``data/priors.zarr``, for VVP and for pseudo-masks made in
+  the training step) and the label map; held in memory when the fold's
   images fit the reader's ``cache_bytes``, else read by rows as batches ask (:class:`StoredRows`),
   so memory stays in proportion to a batch whatever the dataset's size.
 * :class:`EpisodeTable` — per episode of one manifest: image rows, class, the masks at the
   feature grid (pseudo-masks from ``data/pseudo_masks.zarr``, or ground-truth support masks
-  under ``supervision: mask``) and the VTP of query and supports; ``batch`` slices it into
-  :class:`~pipeline.model.lfss.Episodes`.
+  under ``supervision: mask``; none for pseudo-masks the training step makes) and the VTP of
+  query and supports; ``batch`` slices it into :class:`~pipeline.model.lfss.Episodes`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pipeline.features.store import FeatureStore
 from pipeline.fewshot.metrics import binary_target
 from pipeline.model.lfss import Episodes
 from pipeline.priors.store import PriorStore
+from pipeline.pseudomasks.online import MaskInputs
 from pipeline.pseudomasks.store import PseudoMaskStore, Role
 
 CHUNK = 500  # episodes per pseudo-mask conversion
@@ -75,12 +77,14 @@ class ImageBank:
     Attributes:
         features: ``(I, C, h, w)`` float16; tokens: ``(I, 2, N, D)`` float16.
         labels: ``I`` label maps (uint8, own size).
+        scores: ``(I, C', hp, wp)`` float16 MaskCLIP scores (None: a bank for stored pseudo-masks only).
     """
 
     rows: dict[str, int]
     features: torch.Tensor | StoredRows
     tokens: torch.Tensor | StoredRows
     labels: Sequence[np.ndarray]
+    scores: torch.Tensor | StoredRows | None = None
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -107,14 +111,18 @@ def load_bank(
     (they fit the readers' ``cache_bytes``), else reading rows as batches ask for them."""
     ids = sorted(set(image_ids))
     rows = {i: r for r, i in enumerate(ids)}
-    arrays = [(features, "features"), (priors, "images/tokens_0"), (priors, "images/tokens_1")]
+    arrays = [(features, "features"), (priors, "images/tokens_0"), (priors, "images/tokens_1"),
+              (priors, "images/maskclip_scores")]
     if all(store.cached(name) is not None for store, name in arrays):
         labels = [np.array(Image.open(label_paths[i])) for i in ids]
-        return ImageBank(rows, features.read(ids), torch.from_numpy(priors.tokens(ids)), labels)
+        return ImageBank(rows, features.read(ids), torch.from_numpy(priors.tokens(ids)), labels,
+                         torch.from_numpy(priors.maskclip_scores(ids)))
     feature_shape = (len(ids), *features.root["features"].shape[1:])
     token_shape = (len(ids), 2, *priors.root["images/tokens_0"].shape[1:])
+    score_shape = (len(ids), *priors.root["images/maskclip_scores"].shape[1:])
     return ImageBank(rows, StoredRows(lambda i: features.read(i).numpy(), ids, feature_shape),
-                     StoredRows(priors.tokens, ids, token_shape), StoredLabels([label_paths[i] for i in ids]))
+                     StoredRows(priors.tokens, ids, token_shape), StoredLabels([label_paths[i] for i in ids]),
+                     StoredRows(priors.maskclip_scores, ids, score_shape))
 
 
 @dataclass
@@ -126,8 +134,10 @@ class FoldInputs:
     pseudo: PseudoMaskStore
     bank: ImageBank
 
-    def episodes(self, name: str, table: pd.DataFrame, cfg: ModelParams) -> EpisodeTable:
-        return load_episodes(name, table, self.bank, self.pseudo, self.priors, cfg)
+    def episodes(self, name: str, table: pd.DataFrame, cfg: ModelParams, *, online_masks: bool = False,
+                 vtp_threshold: float | None = None) -> EpisodeTable:
+        return load_episodes(name, table, self.bank, self.pseudo, self.priors, cfg, online_masks=online_masks,
+                             vtp_threshold=vtp_threshold)
 
 
 def open_fold_inputs(
@@ -149,18 +159,26 @@ class EpisodeTable:
 
     Attributes:
         query: ``(E,)``, supports: ``(E, K)`` bank rows; classes: ``(E,)``.
-        query_mask: ``(E, h, w)``; support_mask: ``(E, K, h, w)`` float16 at the feature grid.
+        query_mask: ``(E, h, w)``; support_mask: ``(E, K, h, w)`` float16 at the feature grid; None
+            where the training step makes the pseudo-masks (:meth:`mask_inputs`).
         query_vtp: ``(E, hp, wp)``; support_vtp: ``(E, K, hp, wp)`` float16.
+        raw_vtp: the raw VTP ``(query, supports)`` that online pseudo-masks threshold, when they do.
     """
 
     name: str
     query: torch.Tensor
     supports: torch.Tensor
     classes: torch.Tensor
-    query_mask: torch.Tensor
-    support_mask: torch.Tensor
+    query_mask: torch.Tensor | None
+    support_mask: torch.Tensor | None
     query_vtp: torch.Tensor
     support_vtp: torch.Tensor
+    raw_vtp: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def online_masks(self) -> bool:
+        """Whether the pseudo-masks are made in the training step."""
+        return self.query_mask is None
 
     def __len__(self) -> int:
         return len(self.query)
@@ -174,9 +192,9 @@ class EpisodeTable:
         q, s = self.query[index], self.supports[index, shot]
         return Episodes(
             query=bank.features[q],
-            query_mask=self.query_mask[index],
+            query_mask=None if self.query_mask is None else self.query_mask[index],
             support=bank.features[s],
-            support_mask=self.support_mask[index, shot],
+            support_mask=None if self.support_mask is None else self.support_mask[index, shot],
             query_vtp=self.query_vtp[index],
             support_vtp=self.support_vtp[index, shot],
             query_tokens=bank.tokens[q],
@@ -184,11 +202,22 @@ class EpisodeTable:
         )
 
 
+    def mask_inputs(self, bank: ImageBank, index: torch.Tensor, shot: int = 0) -> MaskInputs:
+        """What the pseudo-masks of episodes ``index`` (support ``shot``) are made from."""
+        q, s = self.query[index], self.supports[index, shot : shot + 1]
+        vtp = (None, None)
+        if self.raw_vtp is not None:
+            vtp = (self.raw_vtp[0][index], self.raw_vtp[1][index, shot : shot + 1])
+        return MaskInputs(bank.scores[q], bank.scores[s], self.classes[index], *vtp)
+
+
 def load_episodes(
     name: str, table: pd.DataFrame, bank: ImageBank, pseudo: PseudoMaskStore, priors: PriorStore,
-    cfg: ModelParams,
+    cfg: ModelParams, *, online_masks: bool = False, vtp_threshold: float | None = None,
 ) -> EpisodeTable:
-    """The tensors of manifest ``name`` (rows of ``table``, in order)."""
+    """The tensors of manifest ``name`` (rows of ``table``, in order). ``online_masks``: its
+    pseudo-masks are not read from the store but made in the training step, from the raw VTP
+    too when ``vtp_threshold`` is set (:class:`~pipeline.pseudomasks.online.OnlineRefiner`)."""
     shots = len(table["supports"].iloc[0])
     query = torch.tensor([bank.rows[i] for i in table["query"]])
     supports = torch.tensor([[bank.rows[s] for s in ss] for ss in table["supports"]]).view(-1, shots)
@@ -200,9 +229,9 @@ def load_episodes(
         return torch.cat([mask_to_grid(torch.from_numpy(pseudo.masks(name, role, kind, range(s, s + CHUNK))),
                                        grid).half() for s in range(0, len(table), CHUNK)])
 
-    query_mask = to_grid("query")
+    query_mask = None if online_masks else to_grid("query")
     if cfg.supervision == "text":
-        support_mask = to_grid("support")
+        support_mask = None if online_masks else to_grid("support")
     else:
         truth = [
             mask_to_grid(torch.from_numpy(bank.labels[r] == c), grid)  # each label at its own size
@@ -213,8 +242,13 @@ def load_episodes(
         support_mask = torch.stack(truth).half().view(len(table), shots, *grid)
     query_vtp = torch.from_numpy(priors.vtp_of(list(table["query"]), table["class_id"].to_numpy(), cfg.pir))
     support_ids = [s for ss in table["supports"] for s in ss]
-    support_vtp = torch.from_numpy(priors.vtp_of(support_ids, np.repeat(table["class_id"].to_numpy(), shots),
-                                                 cfg.pir))
+    support_classes = np.repeat(table["class_id"].to_numpy(), shots)
+    support_vtp = torch.from_numpy(priors.vtp_of(support_ids, support_classes, cfg.pir))
+    raw_vtp = None
+    if online_masks and vtp_threshold is not None:
+        raw_vtp = (torch.from_numpy(priors.vtp_of(list(table["query"]), table["class_id"].to_numpy(), False)),
+                   torch.from_numpy(priors.vtp_of(support_ids, support_classes, False)).view(
+                       len(table), shots, *query_vtp.shape[1:]))
     return EpisodeTable(
         name,
         query,
@@ -224,6 +258,7 @@ def load_episodes(
         support_mask,
         query_vtp,
         support_vtp.view(len(table), shots, *query_vtp.shape[1:]),
+        raw_vtp,
     )
 
 

@@ -4,7 +4,10 @@
   is segmented from itself, then the query from that predicted support mask); without circle
   training, ``BCE(M̂_q, M_q)`` from the input support mask. Logits are upsampled to
   ``label_size`` and compared with the labels there; 255 pixels are ignored.
-* One epoch is one pass over the fold's training pool in a seeded order. After every epoch the
+* One epoch is one pass over the epoch's training episodes (the fixed pool, or the epoch's own
+  fresh draw under ``train.sampling: epoch``, whose pseudo-masks are then made here, on the
+  device, by :class:`~pipeline.pseudomasks.online.OnlineRefiner`) in a seeded order. The
+  learning rate is constant or decays per step as ``(1 - step / steps) ** poly_power``. After every epoch the
   model is scored on held-out base-class episodes (validation mIoU) and a checkpoint is written;
   :func:`fit` resumes from it, continuing exactly where it stopped. The best epoch's weights win.
 * CUDA: fp16 autocast with gradient scaling; CPU: optional bf16 autocast. Under ``torchrun``
@@ -19,7 +22,7 @@ import copy
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +36,7 @@ from pipeline.fewshot.data import EpisodeTable, ImageBank, prefetched, upsample
 from pipeline.fewshot.evaluate import evaluate_table
 from pipeline.fewshot.metrics import IGNORE
 from pipeline.model.lfss import Episodes, circle
+from pipeline.pseudomasks.online import MaskInputs, OnlineRefiner
 
 VALIDATION_BATCH = 64  # episodes per validation forward pass
 
@@ -47,12 +51,14 @@ def bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Step:
-    """One training batch on the CPU: the episodes and the ``(B, H, W)`` uint8 targets of the
-    queries and (for circle training) of the supports, at ``label_size``."""
+    """One training batch on the CPU: the episodes, the ``(B, H, W)`` uint8 targets of the
+    queries and (for circle training) of the supports, at ``label_size``, and what the
+    pseudo-masks are made from when the episodes come without them."""
 
     x: Episodes
     query_target: torch.Tensor
     support_target: torch.Tensor | None
+    masks: MaskInputs | None = None
 
 
 def make_step(table: EpisodeTable, bank: ImageBank, index: torch.Tensor, cfg: TrainParams) -> Step:
@@ -60,11 +66,27 @@ def make_step(table: EpisodeTable, bank: ImageBank, index: torch.Tensor, cfg: Tr
     query_target = bank.targets(table.query[index], table.classes[index], cfg.label_size)
     support_target = (bank.targets(table.supports[index, 0], table.classes[index], cfg.label_size)
                       if cfg.circle else None)
-    return Step(table.batch(bank, index), query_target, support_target)
+    masks = table.mask_inputs(bank, index) if table.online_masks else None
+    return Step(table.batch(bank, index), query_target, support_target, masks)
 
 
-def episode_loss(model: nn.Module, step: Step, cfg: TrainParams, device: torch.device) -> torch.Tensor:
+def with_pseudo_masks(x: Episodes, masks: MaskInputs, refiner: OnlineRefiner) -> Episodes:
+    """``x`` (on the device) with the pseudo-masks made from ``masks``, in float32 whatever the
+    autocast (the stored ones are); ground-truth support masks (``supervision: mask``) are kept."""
+    with torch.autocast(x.query.device.type, enabled=False):
+        query_mask, support_mask = refiner(x.query, x.support[:, None], masks.to(x.query.device))
+    return replace(x, query_mask=query_mask,
+                   support_mask=support_mask[:, 0] if x.support_mask is None else x.support_mask)
+
+
+def episode_loss(
+    model: nn.Module, step: Step, cfg: TrainParams, device: torch.device, refiner: OnlineRefiner | None = None
+) -> torch.Tensor:
     x, query_target = step.x.to(device), step.query_target.to(device)
+    if step.masks is not None:
+        if refiner is None:
+            raise ValueError("episodes without pseudo-masks need an OnlineRefiner")
+        x = with_pseudo_masks(x, step.masks, refiner)
     if not cfg.circle:
         return bce(model(x), query_target)
     support_logits, query_logits = circle(model, x)
@@ -100,9 +122,16 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
+def lr_factor(cfg: TrainParams, steps: int) -> Callable[[int], float]:
+    """The learning rate's factor at each of ``steps`` optimiser steps."""
+    if cfg.lr_schedule == "constant":
+        return lambda step: 1.0
+    return lambda step: max(0.0, 1 - step / steps) ** cfg.poly_power
+
+
 def fit(
     model: nn.Module,
-    train: EpisodeTable,
+    train: EpisodeTable | Callable[[int], EpisodeTable],
     val: EpisodeTable,
     bank: ImageBank,
     num_classes: int,
@@ -112,10 +141,15 @@ def fit(
     log: Callable[[dict], None] = print,
     progress: Callable[[int, int], None] | None = None,
     loader_workers: int = 0,
+    refiner: OnlineRefiner | None = None,
 ) -> State:
     """Train ``model`` in place for ``cfg.epochs`` epochs (resuming from ``checkpoint`` when it
     exists); returns the final state, whose ``best_state`` holds the best validation epoch.
+
+    ``train``: the fixed pool, or ``epoch -> that epoch's episodes`` (every epoch must have as
+    many); ``refiner`` makes the pseudo-masks of episodes that come without them.
     ``loader_workers`` processes read batches ahead (:func:`~pipeline.fewshot.data.prefetched`)."""
+    episodes_of = train if callable(train) else lambda epoch: train
     device = torch.device(device)
     model.to(device)
     distributed = dist.is_available() and dist.is_initialized()
@@ -126,32 +160,38 @@ def fit(
     )
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     autocast = autocast_for(device, cfg.autocast)
+    steps = (len(episodes_of(0)) + cfg.batch_size - 1) // cfg.batch_size
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, cfg.epochs * steps))
     state = State()
     if checkpoint is not None and checkpoint.exists():
         saved = torch.load(checkpoint, map_location=device, weights_only=False)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
+        schedule.load_state_dict(saved["schedule"])
         state = saved["state"]
         state.history = same_keys(state.history)
-    steps = (len(train) + cfg.batch_size - 1) // cfg.batch_size
     for epoch in range(state.epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout: a function of seed and epoch
-        order = epoch_order(len(train), cfg.seed, epoch)
+        table = episodes_of(epoch)
+        if (len(table) + cfg.batch_size - 1) // cfg.batch_size != steps:
+            raise ValueError(f"epoch {epoch} has {len(table)} episodes: every epoch needs {steps} steps")
+        order = epoch_order(len(table), cfg.seed, epoch)
         model.train()
         start, total = time.perf_counter(), 0.0
 
-        def batch(step: int, order: torch.Tensor = order) -> Step:
+        def batch(step: int, order: torch.Tensor = order, table: EpisodeTable = table) -> Step:
             index = order[step * cfg.batch_size : (step + 1) * cfg.batch_size][rank::world]
-            return make_step(train, bank, index, cfg)
+            return make_step(table, bank, index, cfg)
 
         for step, prepared in enumerate(prefetched(batch, steps, loader_workers)):
             with autocast():
-                loss = episode_loss(net, prepared, cfg, device)
+                loss = episode_loss(net, prepared, cfg, device, refiner)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            schedule.step()
             total += float(loss.detach())
             if progress:
                 progress(epoch * steps + step + 1, cfg.epochs * steps)
@@ -173,6 +213,7 @@ def fit(
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
+                "schedule": schedule.state_dict(),
                 "state": state,
             }
             write_atomic(checkpoint, lambda tmp, saved=saved: torch.save(saved, tmp))

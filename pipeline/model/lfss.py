@@ -34,7 +34,8 @@ class Episodes:
 
     Attributes:
         query, support: ``(B, C, h, w)`` backbone features.
-        query_mask, support_mask: ``(B, h, w)`` masks at the feature grid (fraction of each cell).
+        query_mask, support_mask: ``(B, h, w)`` masks at the feature grid (fraction of each cell);
+            None in a training batch whose pseudo-masks the training step has still to make.
         query_vtp, support_vtp: ``(B, hp, wp)`` VTP of each image for the episode's class.
         query_tokens, support_tokens: ``(B, 2, hp*wp, D)`` CLIP tokens of two blocks (for VVP).
     """
@@ -59,7 +60,8 @@ class Episodes:
         )
 
     def to(self, device: torch.device | str) -> Episodes:
-        return Episodes(**{k: v.to(device, non_blocking=True).float() for k, v in vars(self).items()})
+        return Episodes(**{k: None if v is None else v.to(device, non_blocking=True).float()
+                           for k, v in vars(self).items()})
 
 
 def guide_channels(cfg: ModelParams) -> int:
