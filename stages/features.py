@@ -16,14 +16,14 @@ import torch
 import zarr
 from prefect import flow, task
 
-from pipeline.clip.loader import SHA_FILE, load_local_dir
+from pipeline.clip.loader import SHA_FILE
 from pipeline.core.artifacts import Staging, fingerprint
 from pipeline.core.orchestration import concurrency, run_flow, run_shards
 from pipeline.core.params import BackboneParams, Params
 from pipeline.datasets.episodes import episode_images, read_manifests
 from pipeline.datasets.index import read_index_dir
 from pipeline.features import store as features
-from pipeline.features.backbone import Backbone, build_backbone
+from pipeline.features.backbone import Backbone, load_backbone
 from pipeline.features.extract import extract_shard
 from stages._common import stage_main
 
@@ -31,9 +31,7 @@ from stages._common import stage_main
 @cache
 def backbone_for(clip_dir: str, cfg: BackboneParams) -> Backbone:
     """The frozen backbone, loaded once per process."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    clip = load_local_dir(Path(clip_dir), device) if cfg.name == "clip" else None
-    return build_backbone(cfg.name, clip, cfg.weights).to(device)
+    return load_backbone(cfg, Path(clip_dir), "cuda" if torch.cuda.is_available() else "cpu")
 
 
 @task

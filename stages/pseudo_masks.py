@@ -3,7 +3,7 @@
 Reads ``data/index``, ``data/episodes``, ``data/priors.zarr`` (MaskCLIP scores, VTP) and
 ``data/features.zarr`` (the frozen backbone's features); writes ``data/pseudo_masks.zarr``
 (layout: ``pipeline/pseudomasks/store.py``; every manifest but the training episodes under
-``train.sampling: epoch``, whose masks the training step makes) and
+``train.sampling: epoch`` or ``train.features: online``, whose masks the training step makes) and
 ``data/metrics/pseudo_masks.json``: per fold, the mIoU of the initial and refined support and
 query masks of the 1-shot test episodes against the ground truth (the LFSS paper's Table 3).
 Episode shards resume after a crash.
@@ -72,11 +72,10 @@ def evaluated_manifests(manifests: dict) -> dict[int, str]:
 @flow(name="pseudo-masks")
 def build_pseudo_masks(cfg: PseudoMaskParams, backbone: BackboneParams, index_dir: Path, episodes_dir: Path,
                        priors: Path, features: Path, out: Path, metrics_path: Path, workers: int,
-                       cache_bytes: int) -> dict:
+                       cache_bytes: int, stored_training_masks: bool = True) -> dict:
     index, meta = read_index_dir(index_dir)
     manifests = read_manifests(episodes_dir)
-    if json.loads((episodes_dir / "meta.json").read_text()).get("train_sampling") == "epoch":
-        # fresh episodes every epoch: the training step computes their pseudo-masks
+    if not stored_training_masks:
         manifests = {name: table for name, table in manifests.items() if not name.startswith("train/")}
     priors_attrs = PriorStore(priors).attrs
     features_attrs = FeatureStore(features).attrs
@@ -86,7 +85,7 @@ def build_pseudo_masks(cfg: PseudoMaskParams, backbone: BackboneParams, index_di
     staging = Staging(out, fingerprint([cfg.model_dump(), backbone.model_dump(), priors_attrs["clip_sha256"],
                                         priors_attrs["params"], features_attrs["backbone"],
                                         features_attrs["clip_sha256"],
-                                        (episodes_dir / "meta.json").read_text(), shard]))
+                                        (episodes_dir / "meta.json").read_text(), shard, sorted(manifests)]))
     store.create(zarr.open_group(staging.path, mode="a"), manifests, backbone.image_size, shard)
     context = (str(features), str(priors), backbone, cfg, cache_bytes)
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -111,11 +110,13 @@ def build_pseudo_masks(cfg: PseudoMaskParams, backbone: BackboneParams, index_di
 
 def run(params: Params, args: argparse.Namespace) -> None:
     n = concurrency(params.orchestration, on_device=True)
+    training = params.train.sampling == "pool" and params.train.features == "precomputed"
     metrics = run_flow(build_pseudo_masks, params.orchestration, on_device=True, cfg=params.pseudo_masks,
                        backbone=params.backbone, index_dir=Path(args.index), episodes_dir=Path(args.episodes),
                        priors=Path(args.priors), features=Path(args.features), out=Path(args.out),
                        metrics_path=Path(args.metrics), workers=n,
-                       cache_bytes=params.orchestration.cache_bytes)
+                       cache_bytes=params.orchestration.cache_bytes,
+                       stored_training_masks=training)
     print(f"pseudo_masks: mean over folds {json.dumps(metrics['mean'])}")
 
 

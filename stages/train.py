@@ -2,6 +2,7 @@
 
 Reads ``data/index``, ``data/episodes`` (the fold's training episodes (the pool, or under
 ``train.sampling: epoch`` every training pair, redrawn every epoch) and validation episodes),
+``data/models/clip`` (the backbone, under ``train.features: online``),
 ``data/features.zarr``, ``data/priors.zarr`` and ``data/pseudo_masks.zarr``; writes
 ``data/models/fold{k}/model.pt`` (the best validation epoch's weights, the model params and the
 training history) and ``data/plots/train/fold{k}.csv`` (loss and validation mIoU per epoch, for
@@ -31,9 +32,11 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.params import Params
 from pipeline.datasets.episodes import draw_epoch_episodes, query_pairs, read_manifests
 from pipeline.datasets.index import read_index_dir
+from pipeline.features.backbone import load_backbone
 from pipeline.fewshot.checkpoint import MODEL_FILE, save_model
-from pipeline.fewshot.data import EpisodeTable, FoldInputs, loader_workers, open_fold_inputs
-from pipeline.fewshot.train import fit
+from pipeline.fewshot.data import EpisodeTable, FoldInputs, ImageBank, loader_workers, open_fold_inputs
+from pipeline.fewshot.online import ImageSource
+from pipeline.fewshot.train import Online, fit
 from pipeline.model.lfss import LFSS
 from pipeline.pseudomasks.online import OnlineRefiner
 from stages._common import FOLD_INPUTS, stage_main
@@ -53,13 +56,15 @@ def setup_device() -> tuple[torch.device, int]:
 
 def training_episodes(
     inputs: FoldInputs, name: str, manifest: pd.DataFrame, params: Params
-) -> tuple[EpisodeTable | Callable[[int], EpisodeTable], OnlineRefiner | None]:
+) -> EpisodeTable | Callable[[int], EpisodeTable]:
     """The fold's training episodes: the stored pool (``train.sampling: pool``), or each epoch's
-    fresh draw over every training pair of the manifest, whose pseudo-masks the training step
-    makes with the returned refiner (``epoch``)."""
+    fresh draw over every training pair of the manifest (``epoch``). Their pseudo-masks are made
+    in the training step (:func:`online_parts`) for fresh episodes or online features."""
     cfg = params.train
+    online = cfg.sampling == "epoch" or cfg.features == "online"
     if cfg.sampling == "pool":
-        return inputs.episodes(name, manifest, params.model), None
+        return inputs.episodes(name, manifest, params.model, online_masks=online,
+                               vtp_threshold=params.pseudo_masks.vtp_threshold)
     first = manifest.iloc[0]
     pairs = query_pairs(manifest)
 
@@ -69,7 +74,24 @@ def training_episodes(
         return inputs.episodes(f"{name}/epoch{epoch}", table, params.model, online_masks=True,
                                vtp_threshold=params.pseudo_masks.vtp_threshold)
 
-    return of_epoch, OnlineRefiner.from_params(params)
+    return of_epoch
+
+
+def online_parts(params: Params, index: pd.DataFrame, bank: ImageBank, clip_dir: Path,
+                 device: torch.device) -> Online:
+    """What the training step computes itself: the pseudo-masks of fresh episodes or of online
+    features, and (``train.features: online``) the features, from the bank's images."""
+    cfg = params.train
+    if cfg.sampling == "pool" and cfg.features == "precomputed":
+        return Online()
+    refiner = OnlineRefiner.from_params(params)
+    if cfg.features == "precomputed":
+        return Online(refiner)
+    backbone = load_backbone(params.backbone, clip_dir, device)
+    path_of = dict(zip(index.image_id, index.image_path, strict=True))
+    paths = [path_of[image] for image in sorted(bank.rows, key=bank.rows.__getitem__)]
+    source = ImageSource(paths, params.backbone.image_size, backbone.mean, backbone.std)
+    return Online(refiner, backbone, source)
 
 
 def run(params: Params, args: argparse.Namespace) -> None:
@@ -88,8 +110,9 @@ def run(params: Params, args: argparse.Namespace) -> None:
     inputs = open_fold_inputs(index, manifests, names, Path(args.features), Path(args.priors),
                               Path(args.pseudo_masks), cache_bytes=params.orchestration.cache_bytes)
     val = inputs.episodes(names[1], manifests[names[1]], params.model)
-    train, refiner = training_episodes(inputs, names[0], manifests[names[0]], params)
+    train = training_episodes(inputs, names[0], manifests[names[0]], params)
     bank = inputs.bank
+    online = online_parts(params, index, bank, Path(args.clip), device)
     out = Path(args.models) / f"fold{fold}"
     staging = Staging(
         out,
@@ -129,7 +152,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
             ),
             progress=progress,
             loader_workers=loader_workers(bank, params.orchestration.loader_workers),
-            refiner=refiner,
+            online=online,
         )
     if rank != 0:
         return
@@ -147,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     return stage_main(
         "train",
         run,
-        {**FOLD_INPUTS, "plots": "data/plots/train"},
+        {**FOLD_INPUTS, "clip": "data/models/clip", "plots": "data/plots/train"},
         argv,
         options=lambda p: p.add_argument("--fold", type=int, required=True, help="the fold to train"),
     )

@@ -42,6 +42,10 @@ def test_params_yaml_spells_out_every_key_of_the_schema():
         ({"split": {"novel_in_train": "keep"}}, "split.novel_in_train = 'keep': should be 'drop' or 'mask'"),
         ({"prepare": {"synthetic": {"image_size": 8}}}, "prepare.synthetic.image_size = 8"),
         ({"episodes": {"shotz": [1]}}, "unknown key 'episodes.shotz'"),
+        ({"train": {"augment": "papers"}}, "train.augment = 'papers': needs train.features = 'online'"),
+        ({"train": {"features": "online", "augment": "papers", "augment_scale": [1.2, 0.8]}},
+         "train.augment_scale = [1.2, 0.8]: should be [low, high]"),
+        ({"train": {"sampling": "fresh"}}, "train.sampling = 'fresh': should be 'pool' or 'epoch'"),
     ],
 )
 def test_bad_value_is_one_line_naming_key_value_and_allowed(raw, expected):

@@ -547,3 +547,50 @@ def test_epoch_sampling_draws_every_pair_and_trains_on_fresh_episodes(model_inpu
         "train/fold1/epoch1"]
     history = torch.load(tmp_path / "models/fold1/model.pt", weights_only=False)["history"]
     assert [r["epoch"] for r in history] == [1, 2]
+
+
+def test_online_features_equal_the_stored_ones_and_augmented_training_runs(model_inputs, pipeline_run,
+                                                                            tmp_path):
+    from pipeline.datasets.episodes import read_manifests
+    from pipeline.datasets.index import read_index_dir
+    from pipeline.fewshot.data import open_fold_inputs
+    from pipeline.fewshot.train import episode_loss, make_step, with_features
+    from pipeline.model.lfss import LFSS
+    from stages import train
+    from stages.train import online_parts
+
+    online_params = {"train": {"epochs": 1, "batch_size": 8, "features": "online"}, "model": {"hidden": 8}}
+    params = load_params(write_params(tmp_path / "params.yaml", online_params))
+    index, _ = read_index_dir(pipeline_run / "index")
+    manifests, name = read_manifests(pipeline_run / "episodes"), "train/fold1"
+    inputs = open_fold_inputs(index, manifests, [name], pipeline_run / "features.zarr",
+                              pipeline_run / "priors.zarr", pipeline_run / "pseudo_masks.zarr",
+                              cache_bytes=2**30)
+    bank, first = inputs.bank, torch.arange(8)
+    stored = make_step(inputs.episodes(name, manifests[name], params.model), bank, first, params.train)
+    online = online_parts(params, index, bank, pipeline_run / "clip", torch.device("cpu"))
+    table = inputs.episodes(name, manifests[name], params.model, online_masks=True)
+    step = make_step(table, bank, first, params.train, online.source, seed=0)
+    assert step.images and step.x.query.shape[1:] == (3, 256, 256)
+    made = with_features(step.x, online.backbone)
+    torch.testing.assert_close(made.query, stored.x.query.float(), atol=2e-3, rtol=2e-3)  # float16 either way
+    assert torch.equal(step.query_target, stored.query_target)
+    torch.manual_seed(0)
+    model = LFSS(bank.features.shape[1], params.model).eval()  # no dropout: the same function twice
+    with torch.no_grad():
+        losses = [float(episode_loss(model, s, params.train, torch.device("cpu"), o))
+                  for s, o in ((stored, type(online)()), (step, online))]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+
+    augment = {"train": {**online_params["train"], "augment": "papers", "sampling": "epoch",
+                         "episodes_per_epoch": 16}, "model": {"hidden": 8}}
+    params = load_params(write_params(tmp_path / "params.yaml", augment))
+    viewed = [make_step(table, bank, first, params.train, online.source, seed=s) for s in (0, 0, 1)]
+    assert torch.equal(viewed[0].x.query, viewed[1].x.query)  # views are a function of the seed
+    assert not torch.equal(viewed[0].x.query, viewed[2].x.query) and not torch.equal(viewed[0].x.query,
+                                                                                    step.x.query)
+    assert (viewed[0].query_target == 255).float().mean() < 0.5
+    args = ["--params", str(tmp_path / "params.yaml"), *model_args(pipeline_run, model_inputs, tmp_path)[2:],
+            "--clip", str(pipeline_run / "clip"), "--plots", str(tmp_path / "plots")]
+    assert train.main(args) == 0
+    assert (tmp_path / "models/fold1/model.pt").is_file()

@@ -22,6 +22,7 @@ class Section(BaseModel):
 
 
 PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 class DatasetParams(Section):
@@ -224,6 +225,14 @@ class TrainParams(Section):
     # (pseudo-masks of the training episodes then computed in the training step)
     sampling: Sampling = "pool"
     episodes_per_epoch: PositiveInt | None = None  # epoch sampling: this many episodes (None: every pair)
+    # precomputed: backbone features read from data/features.zarr; online: the training step runs the
+    # frozen backbone on each batch's images (on the device), which allows augmentation
+    features: Literal["precomputed", "online"] = "precomputed"
+    # none, or papers: random scale, rotation, horizontal flip and crop (PFENet / HSNet / PI-CLIP);
+    # stored priors and labels follow each image's view (needs features: online)
+    augment: Literal["none", "papers"] = "none"
+    augment_scale: tuple[PositiveFloat, PositiveFloat] = (0.9, 1.1)  # zoom range (COCO: 0.8-1.25)
+    augment_rotate: Annotated[float, Field(ge=0, le=180)] = 10.0  # degrees, either way
     epochs: PositiveInt = 3  # passes over the fold's training episodes
     batch_size: PositiveInt = 16  # episodes per step
     lr: Annotated[float, Field(gt=0)] = 1e-3  # Adam
@@ -236,6 +245,15 @@ class TrainParams(Section):
     label_size: PositiveInt = 128  # the loss compares upsampled logits with labels at this side
     seed: int = 0
     autocast: bool = True  # bf16 on CPU; on CUDA fp16 mixed precision is always on
+
+    @model_validator(mode="after")
+    def _augment_needs_online_features(self) -> TrainParams:
+        if self.augment != "none" and self.features != "online":
+            raise ValueError(f"train.augment = {self.augment!r}: needs train.features = 'online' (stored "
+                             "features cannot follow a random view)")
+        if self.augment_scale[0] > self.augment_scale[1]:
+            raise ValueError(f"train.augment_scale = {list(self.augment_scale)}: should be [low, high]")
+        return self
 
 
 class EvaluateParams(Section):

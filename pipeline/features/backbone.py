@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.clip.loader import ClipBundle
+from pipeline.clip.loader import ClipBundle, load_local_dir
 from pipeline.core.errors import PipelineError
+from pipeline.core.params import BackboneParams
 from pipeline.priors.forward import image_features
 
 BackboneName = Literal["resnet50", "vgg16", "clip"]
@@ -112,6 +113,13 @@ def build_backbone(
         raise PipelineError(f"backbone {name!r}: unknown (resnet50, vgg16 or clip)")
     net.load_state_dict(_imagenet_state(name, tag, weights))
     return (ResNet50Features(net) if name == "resnet50" else VGG16Features(net)).freeze()
+
+
+def load_backbone(cfg: BackboneParams, clip_dir: Path, device: torch.device | str) -> Backbone:
+    """The frozen backbone ``cfg`` names on ``device`` (the CLIP trunk from the run's
+    ``data/models/clip``)."""
+    clip = load_local_dir(Path(clip_dir), device) if cfg.name == "clip" else None
+    return build_backbone(cfg.name, clip, cfg.weights).to(device)
 
 
 def _imagenet_state(name: str, tag, weights: str | None) -> dict:

@@ -35,6 +35,7 @@ from pipeline.core.params import TrainParams
 from pipeline.fewshot.data import EpisodeTable, ImageBank, prefetched, upsample
 from pipeline.fewshot.evaluate import evaluate_table
 from pipeline.fewshot.metrics import IGNORE
+from pipeline.fewshot.online import ImageSource, online_batch, view_seed
 from pipeline.model.lfss import Episodes, circle
 from pipeline.pseudomasks.online import MaskInputs, OnlineRefiner
 
@@ -59,10 +60,28 @@ class Step:
     query_target: torch.Tensor
     support_target: torch.Tensor | None
     masks: MaskInputs | None = None
+    images: bool = False  # x.query and x.support are normalised images (features made in the step)
 
 
-def make_step(table: EpisodeTable, bank: ImageBank, index: torch.Tensor, cfg: TrainParams) -> Step:
-    """The batch of episodes ``index`` (read from the bank: in memory, or from the stores)."""
+@dataclass(frozen=True)
+class Online:
+    """What the training step computes itself rather than reads from the stores."""
+
+    refiner: OnlineRefiner | None = None  # pseudo-masks of episodes that come without them
+    backbone: nn.Module | None = None  # features of batches that come as images (train.features: online)
+    source: ImageSource | None = None  # ... and where those images are
+
+
+def make_step(
+    table: EpisodeTable, bank: ImageBank, index: torch.Tensor, cfg: TrainParams,
+    source: ImageSource | None = None, seed: int = 0,
+) -> Step:
+    """The batch of episodes ``index`` (read from the bank: in memory, or from the stores); with
+    a ``source``, images instead of features, seen through random views drawn from ``seed``
+    under ``train.augment: papers`` (:func:`~pipeline.fewshot.online.online_batch`)."""
+    if source is not None:
+        x, masks, query_target, support_target = online_batch(table, bank, index, cfg, source, seed)
+        return Step(x, query_target, support_target if cfg.circle else None, masks, images=True)
     query_target = bank.targets(table.query[index], table.classes[index], cfg.label_size)
     support_target = (bank.targets(table.supports[index, 0], table.classes[index], cfg.label_size)
                       if cfg.circle else None)
@@ -79,14 +98,26 @@ def with_pseudo_masks(x: Episodes, masks: MaskInputs, refiner: OnlineRefiner) ->
                    support_mask=support_mask[:, 0] if x.support_mask is None else x.support_mask)
 
 
+@torch.no_grad()
+def with_features(x: Episodes, backbone: nn.Module) -> Episodes:
+    """``x`` whose query and support are images, with their features instead: the frozen backbone
+    in float32 whatever the autocast, rounded to float16 as the features stage stores them."""
+    with torch.autocast(x.query.device.type, enabled=False):
+        return replace(x, query=backbone(x.query).half().float(), support=backbone(x.support).half().float())
+
+
 def episode_loss(
-    model: nn.Module, step: Step, cfg: TrainParams, device: torch.device, refiner: OnlineRefiner | None = None
+    model: nn.Module, step: Step, cfg: TrainParams, device: torch.device, online: Online = Online()
 ) -> torch.Tensor:
     x, query_target = step.x.to(device), step.query_target.to(device)
+    if step.images:
+        if online.backbone is None:
+            raise ValueError("a batch of images needs a backbone")
+        x = with_features(x, online.backbone)
     if step.masks is not None:
-        if refiner is None:
+        if online.refiner is None:
             raise ValueError("episodes without pseudo-masks need an OnlineRefiner")
-        x = with_pseudo_masks(x, step.masks, refiner)
+        x = with_pseudo_masks(x, step.masks, online.refiner)
     if not cfg.circle:
         return bce(model(x), query_target)
     support_logits, query_logits = circle(model, x)
@@ -141,17 +172,19 @@ def fit(
     log: Callable[[dict], None] = print,
     progress: Callable[[int, int], None] | None = None,
     loader_workers: int = 0,
-    refiner: OnlineRefiner | None = None,
+    online: Online = Online(),
 ) -> State:
     """Train ``model`` in place for ``cfg.epochs`` epochs (resuming from ``checkpoint`` when it
     exists); returns the final state, whose ``best_state`` holds the best validation epoch.
 
     ``train``: the fixed pool, or ``epoch -> that epoch's episodes`` (every epoch must have as
-    many); ``refiner`` makes the pseudo-masks of episodes that come without them.
+    many); ``online``: what the training step computes itself (pseudo-masks, features).
     ``loader_workers`` processes read batches ahead (:func:`~pipeline.fewshot.data.prefetched`)."""
     episodes_of = train if callable(train) else lambda epoch: train
     device = torch.device(device)
     model.to(device)
+    if online.backbone is not None:
+        online.backbone.to(device)
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     net = nn.parallel.DistributedDataParallel(model) if distributed else model
@@ -180,13 +213,14 @@ def fit(
         model.train()
         start, total = time.perf_counter(), 0.0
 
-        def batch(step: int, order: torch.Tensor = order, table: EpisodeTable = table) -> Step:
+        def batch(step: int, order: torch.Tensor = order, table: EpisodeTable = table,
+                  epoch: int = epoch) -> Step:
             index = order[step * cfg.batch_size : (step + 1) * cfg.batch_size][rank::world]
-            return make_step(table, bank, index, cfg)
+            return make_step(table, bank, index, cfg, online.source, view_seed(cfg.seed, epoch, step))
 
         for step, prepared in enumerate(prefetched(batch, steps, loader_workers)):
             with autocast():
-                loss = episode_loss(net, prepared, cfg, device, refiner)
+                loss = episode_loss(net, prepared, cfg, device, online)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

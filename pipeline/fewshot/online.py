@@ -1,0 +1,124 @@
+"""Training batches whose features the training step computes (``train.features: online``).
+
+The batch carries normalised images (read as the features stage reads them: squashed to
+``S × S``, bicubic) instead of stored features; the training step runs the frozen backbone on
+them, on the device, and rounds its output to float16 as the store does, so that without
+augmentation an online batch equals a precomputed one. With ``train.augment: papers`` each image
+is seen through a random view (:mod:`pipeline.fewshot.augment`), and so are its label and its
+stored priors; the pseudo-masks are then made from the view's features and scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.core.images import load_normalized
+from pipeline.core.params import TrainParams
+from pipeline.core.tensors import mask_to_grid
+from pipeline.fewshot.augment import random_views, warp, warp_labels
+from pipeline.fewshot.data import EpisodeTable, ImageBank
+from pipeline.fewshot.metrics import binary_target
+from pipeline.model.lfss import Episodes
+from pipeline.pseudomasks.online import MaskInputs
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Where the bank's images are and how the backbone takes them."""
+
+    paths: list[str]  # bank row -> image path
+    size: int  # S: the backbone's input side (backbone.image_size)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def load(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, S, S)`` normalised images of bank ``rows``."""
+        return load_normalized([self.paths[r] for r in rows.tolist()], self.size, self.mean, self.std)
+
+
+def view_seed(seed: int, epoch: int, step: int) -> int:
+    """The seed of one training step's random views: a function of (seed, epoch, step) only, so
+    views do not depend on loader workers and a resumed run sees the same ones."""
+    return int(np.random.SeedSequence([seed, epoch, step]).generate_state(1)[0])
+
+
+def _tokens_as_maps(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``(B, 2, N, D)`` -> ``(B, 2 D, hp, wp)``."""
+    b, blocks, _, d = tokens.shape
+    return tokens.float().permute(0, 1, 3, 2).reshape(b, blocks * d, *grid)
+
+
+def _maps_as_tokens(maps: torch.Tensor, blocks: int) -> torch.Tensor:
+    b, channels = maps.shape[:2]
+    return maps.reshape(b, blocks, channels // blocks, -1).permute(0, 1, 3, 2)
+
+
+@dataclass
+class ImageBatch:
+    """One role's (query or support) inputs of a batch, before the backbone."""
+
+    images: torch.Tensor  # (B, 3, S, S)
+    vtp: torch.Tensor  # (B, hp, wp)
+    tokens: torch.Tensor  # (B, 2, N, D)
+    scores: torch.Tensor | None  # (B, C, hp, wp) MaskCLIP scores (pseudo-masks made online)
+    raw_vtp: torch.Tensor | None  # (B, hp, wp): the VTP an initial mask is thresholded with
+    target: torch.Tensor  # (B, L, L) uint8
+
+    def viewed(self, theta: torch.Tensor, labels: list[torch.Tensor], classes: torch.Tensor,
+               label_size: int) -> ImageBatch:
+        """This batch seen through the views ``theta`` ``(B, 2, 3)`` (``labels``: the raw label maps)."""
+        grid = tuple(self.vtp.shape[-2:])
+
+        def maps(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else warp(x.float(), theta, tuple(x.shape[-2:]))
+
+        target = binary_target(warp_labels(labels, theta, (label_size, label_size)), classes)
+        return ImageBatch(
+            images=warp(self.images, theta, tuple(self.images.shape[-2:])),
+            vtp=maps(self.vtp[:, None])[:, 0],
+            tokens=_maps_as_tokens(maps(_tokens_as_maps(self.tokens, grid)), self.tokens.shape[1]),
+            scores=maps(self.scores),
+            raw_vtp=None if self.raw_vtp is None else maps(self.raw_vtp[:, None])[:, 0],
+            target=target,
+        )
+
+
+def online_batch(
+    table: EpisodeTable, bank: ImageBank, index: torch.Tensor, cfg: TrainParams, source: ImageSource,
+    seed: int,
+) -> tuple[Episodes, MaskInputs, torch.Tensor, torch.Tensor]:
+    """Episodes ``index`` with images in place of features (``query``/``support`` ``(B, 3, S, S)``)
+    and no pseudo-masks yet, what those are made from, and the query and support targets
+    ``(B, L, L)``. Under ``train.augment: papers`` every image is seen through its own random
+    view, drawn from ``seed``; ground-truth support masks (``supervision: mask``) then come from
+    the viewed label."""
+    classes = table.classes[index]
+    masks = table.mask_inputs(bank, index)
+    raw_support = None if masks.support_vtp is None else masks.support_vtp[:, 0]
+    roles = {
+        "query": (table.query[index], table.query_vtp[index], masks.query_scores, masks.query_vtp),
+        "support": (table.supports[index, 0], table.support_vtp[index, 0], masks.support_scores[:, 0],
+                    raw_support),
+    }
+    batches = {role: ImageBatch(source.load(rows), vtp, bank.tokens[rows], scores, raw,
+                                bank.targets(rows, classes, cfg.label_size))
+               for role, (rows, vtp, scores, raw) in roles.items()}
+    support_mask = None if table.support_mask is None else table.support_mask[index, 0]
+    if cfg.augment == "papers":
+        generator = torch.Generator().manual_seed(seed)
+        for role, (rows, *_) in roles.items():
+            labels = [torch.from_numpy(bank.labels[r]) for r in rows.tolist()]
+            theta = random_views(generator, [tuple(lab.shape) for lab in labels], tuple(cfg.augment_scale),
+                                 cfg.augment_rotate)
+            batches[role] = batches[role].viewed(theta, labels, classes, cfg.label_size)
+        if support_mask is not None:
+            support_mask = mask_to_grid(batches["support"].target == 1, bank.grid).half()
+    q, s = batches["query"], batches["support"]
+    x = Episodes(query=q.images, query_mask=None, support=s.images, support_mask=support_mask,
+                 query_vtp=q.vtp, support_vtp=s.vtp, query_tokens=q.tokens, support_tokens=s.tokens)
+    made = MaskInputs(q.scores, s.scores[:, None], classes, q.raw_vtp,
+                      None if s.raw_vtp is None else s.raw_vtp[:, None])
+    return x, made, q.target, s.target
