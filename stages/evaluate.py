@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm import tqdm
 
@@ -26,9 +27,17 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.params import ModelParams, Params
 from pipeline.datasets.episodes import read_manifests
 from pipeline.datasets.index import read_index_dir
+from pipeline.features.backbone import load_backbone
 from pipeline.fewshot.checkpoint import MODEL_FILE, load_model
-from pipeline.fewshot.data import EpisodeTable, loader_workers, open_fold_inputs
-from pipeline.fewshot.evaluate import best_prior_threshold, evaluate_table, prior_meter, sample_predictions
+from pipeline.fewshot.data import EpisodeTable, ImageBank, loader_workers, open_fold_inputs
+from pipeline.fewshot.evaluate import (
+    Scoring,
+    best_prior_threshold,
+    evaluate_table,
+    prior_meter,
+    sample_predictions,
+)
+from pipeline.fewshot.online import ImageSource
 from stages._common import FOLD_INPUTS, stage_main
 
 TEST = re.compile(r"test/fold(?P<fold>\d+)/shot(?P<shot>\d+)_seed(?P<seed>\d+)$")
@@ -53,6 +62,16 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
         np.savez_compressed(f, **arrays)
 
 
+def scoring_of(params: Params, index: pd.DataFrame, bank: ImageBank, clip_dir: Path,
+               device: torch.device) -> Scoring:
+    """``evaluate.resize`` as a :class:`Scoring` (``pfenet``: with the backbone and the images)."""
+    resize, side = params.evaluate.resize, params.backbone.image_size
+    if resize != "pfenet":
+        return Scoring(resize, side)
+    backbone = load_backbone(params.backbone, clip_dir, device)
+    return Scoring(resize, side, ImageSource.of_bank(bank, index, side, backbone), backbone)
+
+
 def run(params: Params, args: argparse.Namespace) -> None:
     fold = args.fold
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -71,8 +90,9 @@ def run(params: Params, args: argparse.Namespace) -> None:
     inputs = open_fold_inputs(index, manifests, [*tests, val_name], Path(args.features), Path(args.priors),
                               Path(args.pseudo_masks), cache_bytes=params.orchestration.cache_bytes)
     bank, num_classes = inputs.bank, len(names)
+    scoring = scoring_of(params, index, bank, Path(args.clip), device)
     val = inputs.episodes(val_name, manifests[val_name], cfg)
-    threshold, _ = best_prior_threshold(val, bank, num_classes)
+    threshold, _ = best_prior_threshold(val, bank, num_classes)  # as trained: validation is never letterboxed
     shots: dict[int, dict[int, dict]] = {}
     kept: dict[str, np.ndarray] = {}
     sampled = next(
@@ -88,7 +108,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
             if not kept:  # the first batch's first episodes
                 n = params.evaluate.samples
                 kept.update(sample_predictions(name, table, bank, inputs.pseudo, cfg, index[:n], probs[:n],
-                                               manifests[name]))
+                                               manifests[name], scoring))
 
         meter = evaluate_table(
             model,
@@ -100,12 +120,13 @@ def run(params: Params, args: argparse.Namespace) -> None:
             device=device,
             loader_workers=loader_workers(bank, params.orchestration.loader_workers),
             on_batch=keep if name == sampled and params.evaluate.samples else None,
+            scoring=scoring,
         )
         classes = sorted(set(table.classes.tolist()))
         shots.setdefault(int(m["shot"]), {})[int(m["seed"])] = {
             "miou": round(meter.miou(classes), 2),
             "fbiou": round(meter.fbiou(), 2),
-            "prior_miou": round(prior_meter(table, bank, num_classes, threshold).miou(classes), 2),
+            "prior_miou": round(prior_meter(table, bank, num_classes, threshold, scoring).miou(classes), 2),
             "class_iou": {names[c - 1]: round(v, 2) for c, v in meter.class_iou(classes).items()},
         }
     metrics = {
@@ -113,6 +134,8 @@ def run(params: Params, args: argparse.Namespace) -> None:
         "prior_threshold": threshold,
         "best_val_miou": saved["best_val_miou"],
         "best_epoch": saved["best_epoch"],
+        "resize": params.evaluate.resize,
+        "scored": scoring.description,
     }
     metrics |= {f"shot{shot}": summary(per_seed) for shot, per_seed in sorted(shots.items())}
     write_atomic(Path(args.predictions) / f"fold{fold}.npz", lambda tmp: save_npz(tmp, kept))
@@ -129,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     return stage_main(
         "evaluate",
         run,
-        {**FOLD_INPUTS, "metrics": "data/metrics", "predictions": "data/predictions"},
+        {**FOLD_INPUTS, "clip": "data/models/clip", "metrics": "data/metrics",
+         "predictions": "data/predictions"},
         argv,
         options=lambda p: p.add_argument("--fold", type=int, required=True, help="the fold to evaluate"),
     )

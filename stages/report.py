@@ -26,6 +26,7 @@ from pipeline.core.params import Params
 from pipeline.datasets.index import read_index_dir
 from pipeline.report import document
 from pipeline.report.figures import Sample
+from pipeline.report.tables import scoring_of
 from stages._common import stage_main
 
 TITLE = "Language-guided few-shot segmentation with CLIP priors: results"
@@ -66,8 +67,9 @@ def load_samples(predictions: Path, index: pd.DataFrame, class_names: list[str])
     return samples
 
 
-def provenance(params: Params, splits: dict, clip_dir: Path, clip: dict | None) -> dict[str, str]:
-    """What a reader needs to reproduce or cite the numbers."""
+def provenance(params: Params, splits: dict, clip_dir: Path, clip: dict | None,
+               scored: str = "the prediction upsampled to each label's own size") -> dict[str, str]:
+    """What a reader needs to reproduce or cite the numbers (``scored``: how the folds were scored)."""
     episodes, names = params.episodes, splits["class_names"]
     sha_file = clip_dir / "sha256.txt"
     out = {
@@ -81,7 +83,7 @@ def provenance(params: Params, splits: dict, clip_dir: Path, clip: dict | None) 
         "class presence": f"at least {splits['min_pixels']} pixels; training images with a novel class: "
         f"{splits['novel_in_train']}",
         "protocol": f"{episodes.protocol}: {episodes.test_episodes} test episodes per fold, shot and seed; "
-        f"shots {episodes.shots}, seeds {episodes.seeds}; scored at each label's own resolution",
+        f"shots {episodes.shots}, seeds {episodes.seeds}; evaluate.resize {params.evaluate.resize}: {scored}",
         "supervision": params.model.supervision
         + (
             " (language-guided: pseudo-masks as support masks)"
@@ -122,7 +124,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
         curves=curves,
         samples=load_samples(Path(args.predictions), index.set_index("image_id"), meta["class_names"]),
         ablations=ablations["runs"] if ablations else None,
-        provenance=provenance(params, splits, Path(args.clip), clip),
+        provenance=provenance(params, splits, Path(args.clip), clip, scoring_of(folds) or "unknown"),
         params_yaml=Path(args.params).read_text()
         if Path(args.params).is_file()
         else yaml.safe_dump(params.model_dump()),

@@ -88,10 +88,7 @@ def online_parts(params: Params, index: pd.DataFrame, bank: ImageBank, clip_dir:
     if cfg.features == "precomputed":
         return Online(refiner)
     backbone = load_backbone(params.backbone, clip_dir, device)
-    path_of = dict(zip(index.image_id, index.image_path, strict=True))
-    paths = [path_of[image] for image in sorted(bank.rows, key=bank.rows.__getitem__)]
-    source = ImageSource(paths, params.backbone.image_size, backbone.mean, backbone.std)
-    return Online(refiner, backbone, source)
+    return Online(refiner, backbone, ImageSource.of_bank(bank, index, params.backbone.image_size, backbone))
 
 
 def run(params: Params, args: argparse.Namespace) -> None:

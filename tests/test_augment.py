@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from pipeline.fewshot.augment import random_views, warp, warp_labels
+from pipeline.fewshot.augment import letterbox_views, random_views, warp, warp_labels
 from pipeline.fewshot.metrics import IGNORE
 
 
@@ -48,3 +49,39 @@ def test_label_and_maps_follow_one_view_and_outside_is_ignored():
     seen_prior = warp(prior, mirror_and_zoom_out, (12, 18))[0, 0]
     on_label = torch.nn.functional.interpolate((seen == 3).float()[None, None], size=(12, 18), mode="area")
     assert torch.corrcoef(torch.stack([seen_prior.flatten(), on_label.flatten()]))[0, 1] > 0.9
+
+
+def test_letterbox_puts_the_whole_image_top_left_with_its_aspect_ratio():
+    label = torch.randint(0, 5, (30, 50), dtype=torch.uint8)
+    canvas = warp_labels([label], letterbox_views([(30, 50)]), (50, 50))[0]
+    assert torch.equal(canvas[:30], label) and (canvas[30:] == IGNORE).all()
+    tall = torch.randint(0, 5, (40, 20), dtype=torch.uint8)
+    canvas = warp_labels([tall], letterbox_views([(40, 20)]), (40, 40))[0]
+    assert torch.equal(canvas[:, :20], tall) and (canvas[:, 20:] == IGNORE).all()
+
+
+@pytest.mark.parametrize("resize", ["original", "hsnet", "pfenet"])
+def test_a_perfect_prediction_scores_100_under_every_evaluation_protocol(resize):
+    from pipeline.fewshot.evaluate import Scoring, score
+    from pipeline.fewshot.metrics import FewShotMeter
+
+    side = 240  # every upsampling below is by a whole factor: exact
+    labels = [torch.zeros(30, 60, dtype=torch.uint8), torch.zeros(48, 40, dtype=torch.uint8)]
+    labels[0][5:20, 10:40], labels[1][10:40, 3:20] = 1, 2
+    classes = torch.tensor([1, 2])
+    scoring = Scoring(resize, side, *((object(), object()) if resize == "pfenet" else ()))
+    # a perfect model's probabilities, on the grid it predicts on, that upsample exactly to the truth
+    if resize == "pfenet":  # the model sees the letterboxed image: it predicts on that canvas
+        seen = warp_labels(labels, letterbox_views([tuple(lab.shape) for lab in labels]), (side, side))
+    elif resize == "hsnet":
+        seen = torch.stack([torch.from_numpy(np.array(scoring.label(lab.numpy()))) for lab in labels])
+    else:  # a 240 x 240 grid: its bilinear samples at 30, 60, 48 or 40 px fall inside single cells
+        seen = torch.stack([torch.nn.functional.interpolate(lab[None, None].float(), size=(240, 240),
+                                                            mode="nearest")[0, 0] for lab in labels])
+    probs = (seen == classes[:, None, None]).float()
+    meter = FewShotMeter(2)
+    score(meter, probs, [lab.numpy() for lab in labels], classes, scoring=scoring)
+    assert meter.miou() == pytest.approx(100)
+    expected = {"original": "the prediction", "hsnet": "label and prediction at 240x240",
+                "pfenet": "input letterboxed to 240 px"}
+    assert scoring.description.startswith(expected[resize])

@@ -197,3 +197,9 @@ def test_provenance_commit_is_marked_dirty_by_code_or_params_but_not_by_dvc_lock
     assert git_commit(tmp_path) == head
     (tmp_path / "params.yaml").write_text("b\n")
     assert git_commit(tmp_path) == head + " (with uncommitted changes)"
+
+
+def test_tables_say_how_the_folds_were_scored():
+    folds = {k: fold_metrics(k) | {"scored": "label and prediction at 400x400 (HSNet)"} for k in range(4)}
+    assert tables.results_table(folds).caption.endswith("Scored: label and prediction at 400x400 (HSNet).")
+    assert "Scored:" not in tables.results_table({k: fold_metrics(k) for k in range(4)}).caption

@@ -594,3 +594,29 @@ def test_online_features_equal_the_stored_ones_and_augmented_training_runs(model
             "--clip", str(pipeline_run / "clip"), "--plots", str(tmp_path / "plots")]
     assert train.main(args) == 0
     assert (tmp_path / "models/fold1/model.pt").is_file()
+
+
+def test_each_evaluation_protocol_scores_and_says_so(model_inputs, pipeline_run, tmp_path):
+    from stages import evaluate, train
+
+    params = write_params(tmp_path / "params.yaml", {"train": {"epochs": 1, "batch_size": 8}})
+    args = ["--params", str(params), *model_args(pipeline_run, model_inputs, tmp_path)[2:],
+            "--clip", str(pipeline_run / "clip")]
+    assert train.main([*args, "--plots", str(tmp_path / "plots")]) == 0
+    got = {}
+    for resize in ("original", "hsnet", "pfenet"):
+        params = write_params(tmp_path / "params.yaml", {"train": {"epochs": 1, "batch_size": 8},
+                                                         "evaluate": {"resize": resize, "samples": 2}})
+        out = tmp_path / resize
+        assert evaluate.main([*args, "--metrics", str(out), "--predictions", str(out)]) == 0
+        got[resize] = json.loads((out / "fold1.json").read_text())
+        assert got[resize]["resize"] == resize and got[resize]["scored"]
+        kept = np.load(out / "fold1.npz")
+        index = pq.read_table(pipeline_run / "index/index.parquet").to_pandas().set_index("image_id")
+        query = kept["query"][0]
+        assert kept["prediction_0"].shape == (index.at[query, "height"], index.at[query, "width"])
+    for resize, metrics in got.items():
+        assert 0 < metrics["shot1"]["miou"] < 100 and 0 < metrics["shot1"]["prior_miou"] < 100, resize
+    # the same VTP maps, scored three ways (the smoke model itself is too weak to tell them apart)
+    assert len({m["shot1"]["prior_miou"] for m in got.values()}) == 3
+    assert abs(got["hsnet"]["shot1"]["miou"] - got["original"]["shot1"]["miou"]) < 5  # same input, resampled

@@ -261,6 +261,9 @@ class EvaluateParams(Section):
 
     samples: Annotated[int, Field(ge=0)] = 2  # episodes per fold kept for the report's qualitative figure
     batch_size: PositiveInt = 64
+    # where prediction meets label: original (each label's own size) | hsnet (label and prediction at
+    # backbone.image_size squared) | pfenet (letterboxed input, label padded to its longer side)
+    resize: Literal["original", "hsnet", "pfenet"] = "original"
 
 
 class OrchestrationParams(Section):

@@ -1,5 +1,6 @@
-"""The papers' training augmentation as one affine map per image, applied alike to the image,
-its label and its stored per-image priors.
+"""Views of an image as affine maps, applied alike to the image, its label and its stored
+per-image priors: the papers' training augmentation, and the letterboxed input of the PFENet /
+PI-CLIP evaluation protocol (:func:`letterbox_views`).
 
 PFENet / HSNet / PI-CLIP train on random scale (0.9-1.1 on PASCAL, 0.8-1.25 on COCO), rotation
 (±10°), horizontal flip and a 473-px crop. Here an image enters the backbone squashed to
@@ -42,6 +43,17 @@ def random_views(
         slack = max(0.0, 1 - 1 / s)
         shift = (torch.rand(2, generator=generator) * 2 - 1) * slack
         thetas.append(torch.cat([linear, shift[:, None]], 1))
+    return torch.stack(thetas)
+
+
+def letterbox_views(sizes: list[tuple[int, int]]) -> torch.Tensor:
+    """``(B, 2, 3)`` views that show each image of ``sizes`` ``(H, W)`` with its own aspect ratio,
+    its longer side filling the square canvas and the image at the top left (the rest: padding),
+    as PFENet's and PI-CLIP's test transform does."""
+    thetas = []
+    for height, width in sizes:
+        across, down = width / max(height, width), height / max(height, width)  # image share of the canvas
+        thetas.append(torch.tensor([[1 / across, 0.0, 1 / across - 1], [0.0, 1 / down, 1 / down - 1]]))
     return torch.stack(thetas)
 
 

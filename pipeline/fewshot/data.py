@@ -201,7 +201,6 @@ class EpisodeTable:
             support_tokens=bank.tokens[s],
         )
 
-
     def mask_inputs(self, bank: ImageBank, index: torch.Tensor, shot: int = 0) -> MaskInputs:
         """What the pseudo-masks of episodes ``index`` (support ``shot``) are made from."""
         q, s = self.query[index], self.supports[index, shot : shot + 1]

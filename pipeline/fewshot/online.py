@@ -1,4 +1,5 @@
-"""Training batches whose features the training step computes (``train.features: online``).
+"""Batches whose features are computed where they are used: training under
+``train.features: online`` and evaluation under ``evaluate.resize: pfenet`` (letterboxed input).
 
 The batch carries normalised images (read as the features stage reads them: squashed to
 ``S × S``, bicubic) instead of stored features; the training step runs the frozen backbone on
@@ -10,15 +11,16 @@ stored priors; the pseudo-masks are then made from the view's features and score
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+import pandas as pd
 import torch
 
 from pipeline.core.images import load_normalized
 from pipeline.core.params import TrainParams
 from pipeline.core.tensors import mask_to_grid
-from pipeline.fewshot.augment import random_views, warp, warp_labels
+from pipeline.fewshot.augment import letterbox_views, random_views, warp, warp_labels
 from pipeline.fewshot.data import EpisodeTable, ImageBank
 from pipeline.fewshot.metrics import binary_target
 from pipeline.model.lfss import Episodes
@@ -34,9 +36,26 @@ class ImageSource:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
+    @classmethod
+    def of_bank(
+        cls, bank: ImageBank, index: pd.DataFrame, size: int, backbone: torch.nn.Module
+    ) -> ImageSource:
+        """The images of ``bank`` (paths from the dataset ``index``) as ``backbone`` takes them."""
+        path_of = dict(zip(index.image_id, index.image_path, strict=True))
+        paths = [path_of[image] for image in sorted(bank.rows, key=bank.rows.__getitem__)]
+        return cls(paths, size, backbone.mean, backbone.std)
+
     def load(self, rows: torch.Tensor) -> torch.Tensor:
         """``(B, 3, S, S)`` normalised images of bank ``rows``."""
         return load_normalized([self.paths[r] for r in rows.tolist()], self.size, self.mean, self.std)
+
+
+@torch.no_grad()
+def with_features(x: Episodes, backbone: torch.nn.Module) -> Episodes:
+    """``x`` whose query and support are images, with their features instead: the frozen backbone
+    in float32 whatever the autocast, rounded to float16 as the features stage stores them."""
+    with torch.autocast(x.query.device.type, enabled=False):
+        return replace(x, query=backbone(x.query).half().float(), support=backbone(x.support).half().float())
 
 
 def view_seed(seed: int, epoch: int, step: int) -> int:
@@ -122,3 +141,33 @@ def online_batch(
     made = MaskInputs(q.scores, s.scores[:, None], classes, q.raw_vtp,
                       None if s.raw_vtp is None else s.raw_vtp[:, None])
     return x, made, q.target, s.target
+
+
+def letterboxed_batch(
+    table: EpisodeTable, bank: ImageBank, index: torch.Tensor, shot: int, source: ImageSource
+) -> Episodes:
+    """Episodes ``index`` with support ``shot`` as the PFENet protocol feeds them: every image
+    letterboxed into the ``S × S`` canvas (:func:`~pipeline.fewshot.augment.letterbox_views`), as
+    images for the backbone, with its stored masks, VTP and tokens seen through the same view."""
+    rows = {"query": table.query[index], "support": table.supports[index, shot]}
+    views = {role: letterbox_views([bank.labels[r].shape for r in r_.tolist()]) for role, r_ in rows.items()}
+    side = (source.size, source.size)
+
+    def maps(x: torch.Tensor, role: str) -> torch.Tensor:
+        return warp(x[:, None].float(), views[role], tuple(x.shape[-2:]))[:, 0]
+
+    def tokens(role: str) -> torch.Tensor:
+        t = bank.tokens[rows[role]]
+        grid = tuple(table.query_vtp.shape[-2:])
+        return _maps_as_tokens(warp(_tokens_as_maps(t, grid), views[role], grid), t.shape[1])
+
+    return Episodes(
+        query=warp(source.load(rows["query"]), views["query"], side),
+        query_mask=maps(table.query_mask[index], "query"),
+        support=warp(source.load(rows["support"]), views["support"], side),
+        support_mask=maps(table.support_mask[index, shot], "support"),
+        query_vtp=maps(table.query_vtp[index], "query"),
+        support_vtp=maps(table.support_vtp[index, shot], "support"),
+        query_tokens=tokens("query"),
+        support_tokens=tokens("support"),
+    )

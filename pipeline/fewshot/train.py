@@ -35,7 +35,7 @@ from pipeline.core.params import TrainParams
 from pipeline.fewshot.data import EpisodeTable, ImageBank, prefetched, upsample
 from pipeline.fewshot.evaluate import evaluate_table
 from pipeline.fewshot.metrics import IGNORE
-from pipeline.fewshot.online import ImageSource, online_batch, view_seed
+from pipeline.fewshot.online import ImageSource, online_batch, view_seed, with_features
 from pipeline.model.lfss import Episodes, circle
 from pipeline.pseudomasks.online import MaskInputs, OnlineRefiner
 
@@ -96,14 +96,6 @@ def with_pseudo_masks(x: Episodes, masks: MaskInputs, refiner: OnlineRefiner) ->
         query_mask, support_mask = refiner(x.query, x.support[:, None], masks.to(x.query.device))
     return replace(x, query_mask=query_mask,
                    support_mask=support_mask[:, 0] if x.support_mask is None else x.support_mask)
-
-
-@torch.no_grad()
-def with_features(x: Episodes, backbone: nn.Module) -> Episodes:
-    """``x`` whose query and support are images, with their features instead: the frozen backbone
-    in float32 whatever the autocast, rounded to float16 as the features stage stores them."""
-    with torch.autocast(x.query.device.type, enabled=False):
-        return replace(x, query=backbone(x.query).half().float(), support=backbone(x.support).half().float())
 
 
 def episode_loss(

@@ -52,6 +52,17 @@ def shots_of(folds: dict[int, dict]) -> list[int]:
     return sorted({int(k[4:]) for m in folds.values() for k in m if k.startswith("shot")})
 
 
+def scoring_of(folds: dict[int, dict]) -> str | None:
+    """How the folds' predictions were scored (their ``evaluate.resize``), when they say."""
+    return "; ".join(sorted({m["scored"] for m in folds.values() if "scored" in m})) or None
+
+
+def scored_as(folds: dict[int, dict]) -> str:
+    """:func:`scoring_of` as a caption's sentence."""
+    scored = scoring_of(folds)
+    return f" Scored: {scored}." if scored else ""
+
+
 def results_table(folds: dict[int, dict], model_name: str = "LFSS + PI-CLIP priors (ours)") -> Table:
     """mIoU (%) per fold and mean; per shot, the priors alone then the trained model."""
     header = ["Method", "Shot", *[f"Fold {k}" for k in sorted(folds)], "Mean"]
@@ -63,7 +74,7 @@ def results_table(folds: dict[int, dict], model_name: str = "LFSS + PI-CLIP prio
         rows.append([model_name, f"{shot}", *_per_fold(folds, shot, "miou")])
         groups.append(len(rows))
     return Table(
-        "Novel-class mIoU (%) of the test episodes, per fold and their mean.",
+        "Novel-class mIoU (%) of the test episodes, per fold and their mean." + scored_as(folds),
         "tab:results",
         header,
         rows,
@@ -75,7 +86,8 @@ def results_table(folds: dict[int, dict], model_name: str = "LFSS + PI-CLIP prio
 def fbiou_table(folds: dict[int, dict]) -> Table:
     header = ["Shot", *[f"Fold {k}" for k in sorted(folds)], "Mean"]
     rows = [[f"{shot}", *_per_fold(folds, shot, "fbiou")] for shot in shots_of(folds)]
-    return Table("FB-IoU (%) of the trained model on the test episodes.", "tab:fbiou", header, rows)
+    caption = "FB-IoU (%) of the trained model on the test episodes." + scored_as(folds)
+    return Table(caption, "tab:fbiou", header, rows)
 
 
 def pseudo_mask_table(pseudo: dict) -> Table:
