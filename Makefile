@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup repro test lint lock tiny-clip ablation dvc-deps clean-venv
+.PHONY: setup repro preset test lint lock tiny-clip ablation dvc-deps clean-venv
 
 setup: $(STAMP)
 
@@ -18,11 +18,18 @@ $(STAMP): requirements.lock pyproject.toml
 
 # Stage commands call `python`: put the venv first on PATH. dvc.yaml's source deps and fold
 # matrices are derived from the code and params first (a no-op when they are current).
-repro: setup dvc-deps
+# `make repro CONFIG=configs/pascal-5i.yaml DATASET_ROOT=/data/VOC2012` first writes the preset and
+# the dataset's root into params.yaml (so DVC tracks them), validated.
+repro: setup preset dvc-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
+preset: setup
+ifneq ($(CONFIG)$(DATASET_ROOT),)
+	$(BIN)/python -m pipeline.core.presets $(CONFIG) $(if $(DATASET_ROOT),--set dataset.root=$(DATASET_ROOT))
+endif
+
 # Rewrite dvc.yaml's source deps (each stage's import closure) and fold matrices (split.num_folds).
-dvc-deps: setup
+dvc-deps: setup preset
 	$(BIN)/python -m stages._deps
 
 # Retrain the shipped tiny CLIP from scratch (~15 min on 2 cores) and rewrite fixtures/tiny-vit;
