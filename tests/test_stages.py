@@ -526,8 +526,8 @@ def test_epoch_sampling_draws_every_pair_and_trains_on_fresh_episodes(model_inpu
     seen: dict[str, list[str]] = {}
     real = train_lib.make_step
 
-    def spy(table, bank, index, cfg):
-        step = real(table, bank, index, cfg)
+    def spy(table, bank, index, cfg, *online):
+        step = real(table, bank, index, cfg, *online)
         assert step.masks is not None and step.x.query_mask is None  # made in the training step
         seen.setdefault(table.name, []).extend(table.query[index].tolist())
         return step
