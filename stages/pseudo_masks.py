@@ -69,19 +69,29 @@ def evaluated_manifests(manifests: dict) -> dict[int, str]:
     return chosen
 
 
+def stored_manifests(episodes_dir: Path, training: bool) -> dict:
+    """The manifests whose masks the stage stores: every one, or all but the training episodes."""
+    manifests = read_manifests(episodes_dir)
+    return {name: table for name, table in manifests.items() if training or not name.startswith("train/")}
+
+
+def shard_plan(manifests: dict, features: Path, size: int, budget: int) -> tuple[int, int]:
+    """Episodes per shard (as many as ``budget`` bytes hold) and how many shards fit it at once."""
+    shots = max(int(t["shot"].max()) for t in manifests.values())
+    attrs = FeatureStore(features).attrs
+    shape = (attrs["channels"], *attrs["grid"])
+    shard = store.shard_episodes(shots, shape, size, budget)
+    return shard, store.shards_at_once(shard, shots, shape, size, budget)
+
+
 @flow(name="pseudo-masks")
 def build_pseudo_masks(cfg: PseudoMaskParams, backbone: BackboneParams, index_dir: Path, episodes_dir: Path,
                        priors: Path, features: Path, out: Path, metrics_path: Path, workers: int,
-                       cache_bytes: int, stored_training_masks: bool = True) -> dict:
+                       cache_bytes: int, shard: int, stored_training_masks: bool = True) -> dict:
     index, meta = read_index_dir(index_dir)
-    manifests = read_manifests(episodes_dir)
-    if not stored_training_masks:
-        manifests = {name: table for name, table in manifests.items() if not name.startswith("train/")}
+    manifests = stored_manifests(episodes_dir, stored_training_masks)
     priors_attrs = PriorStore(priors).attrs
     features_attrs = FeatureStore(features).attrs
-    shots = max(int(t["shot"].max()) for t in manifests.values())
-    shard = store.shard_episodes(shots, (features_attrs["channels"], *features_attrs["grid"]),
-                                 backbone.image_size, cache_bytes)
     staging = Staging(out, fingerprint([cfg.model_dump(), backbone.model_dump(), priors_attrs["clip_sha256"],
                                         priors_attrs["params"], features_attrs["backbone"],
                                         features_attrs["clip_sha256"],
@@ -109,14 +119,17 @@ def build_pseudo_masks(cfg: PseudoMaskParams, backbone: BackboneParams, index_di
 
 
 def run(params: Params, args: argparse.Namespace) -> None:
-    n = concurrency(params.orchestration, on_device=True)
     training = params.train.sampling == "pool" and params.train.features == "precomputed"
-    metrics = run_flow(build_pseudo_masks, params.orchestration, on_device=True, cfg=params.pseudo_masks,
+    budget = params.orchestration.cache_bytes
+    shard, at_once = shard_plan(stored_manifests(Path(args.episodes), training), Path(args.features),
+                                params.backbone.image_size, budget)
+    n = concurrency(params.orchestration, on_device=True, at_most=at_once)
+    metrics = run_flow(build_pseudo_masks, params.orchestration, on_device=True, at_most=at_once,
+                       cfg=params.pseudo_masks,
                        backbone=params.backbone, index_dir=Path(args.index), episodes_dir=Path(args.episodes),
                        priors=Path(args.priors), features=Path(args.features), out=Path(args.out),
                        metrics_path=Path(args.metrics), workers=n,
-                       cache_bytes=params.orchestration.cache_bytes,
-                       stored_training_masks=training)
+                       cache_bytes=budget, shard=shard, stored_training_masks=training)
     print(f"pseudo_masks: mean over folds {json.dumps(metrics['mean'])}")
 
 

@@ -30,6 +30,10 @@ def test_a_device_stage_runs_one_task_at_a_time_on_cuda_unless_told(monkeypatch)
     assert concurrency(OrchestrationParams(max_workers=3), on_device=True) == 3
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert concurrency(OrchestrationParams(), on_device=True) == cpus
+    # what the stage's memory budget holds caps it, whatever was asked for
+    assert concurrency(OrchestrationParams(), on_device=True, at_most=1) == 1
+    assert concurrency(OrchestrationParams(max_workers=3), on_device=False, at_most=2) == 2
+    assert concurrency(OrchestrationParams(max_workers=3), on_device=False, at_most=5) == 3
 
 
 def test_dask_address_connects_to_an_existing_cluster():

@@ -22,18 +22,18 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.params import OrchestrationParams
 
 
-def concurrency(cfg: OrchestrationParams, *, on_device: bool) -> int:
+def concurrency(cfg: OrchestrationParams, *, on_device: bool, at_most: int | None = None) -> int:
     """Tasks a stage runs at once: ``max_workers`` when set; otherwise one for a stage that
     computes on a CUDA device (each task holds its own model and batches on the one device: N at
-    once only contend for its memory), else the CPU count."""
-    if cfg.max_workers:
-        return cfg.max_workers
-    if on_device:
+    once only contend for its memory), else the CPU count; never more than ``at_most`` (what the
+    stage's memory budget holds)."""
+    n = cfg.max_workers or os.cpu_count() or 1
+    if on_device and not cfg.max_workers:
         import torch
 
         if torch.cuda.is_available():
-            return 1
-    return os.cpu_count() or 1
+            n = 1
+    return min(n, at_most) if at_most else n
 
 
 def task_runner(cfg: OrchestrationParams, workers: int) -> TaskRunner:
@@ -73,11 +73,12 @@ def configure_logging(cfg: OrchestrationParams) -> None:
                 handler.addFilter(_HideExpectedErrors())
 
 
-def run_flow(flow: Any, orchestration: OrchestrationParams, /, on_device: bool = False, **kwargs: Any) -> Any:
+def run_flow(flow: Any, orchestration: OrchestrationParams, /, on_device: bool = False,
+             at_most: int | None = None, **kwargs: Any) -> Any:
     """Run a Prefect flow with the configured task runner and :func:`concurrency` tasks at once
     (``on_device``: the flow's tasks compute on the accelerator when there is one)."""
     configure_logging(orchestration)
-    runner = task_runner(orchestration, concurrency(orchestration, on_device=on_device))
+    runner = task_runner(orchestration, concurrency(orchestration, on_device=on_device, at_most=at_most))
     return flow.with_options(task_runner=runner)(**kwargs)
 
 

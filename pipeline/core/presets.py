@@ -85,7 +85,8 @@ def apply_preset(params_path: Path, preset: Path | None, overrides: list[str]) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.core.presets", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.core.presets",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("preset", nargs="?", type=Path, help="a configs/*.yaml preset")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="a further override (repeatable)")

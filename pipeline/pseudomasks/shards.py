@@ -54,7 +54,8 @@ def refine_shard(root: zarr.Group, manifest: str, episodes: pd.DataFrame, refine
     """Fill the rows of ``episodes`` (consecutive rows of one manifest)."""
     ids = sorted(set(episodes["query"]) | {s for ss in episodes["supports"] for s in ss})
     local = {image: j for j, image in enumerate(ids)}
-    feats, labels = refiner.features.read(ids).to(refiner.device).float(), refiner.labels(ids)
+    # float16 as stored (half the memory); each batch is widened to float32 (exactly) as it is used
+    feats, labels = refiner.features.read(ids).to(refiner.device), refiner.labels(ids)
     # every (image, class) pair once: its initial mask and its background similarity
     shot = len(episodes["supports"].iloc[0])
     classes = episodes["class_id"].astype(int).to_numpy()
@@ -67,7 +68,7 @@ def refine_shard(root: zarr.Group, manifest: str, episodes: pd.DataFrame, refine
     init = torch.cat([refiner.initial(labels[rows[part]], *map(list, zip(*pairs[part], strict=True)))
                       for part in chunks])
     grid = feats.shape[-2:]
-    background = torch.cat([background_similarity(feats[rows[part]], mask_to_grid(init[part], grid),
+    background = torch.cat([background_similarity(feats[rows[part]].float(), mask_to_grid(init[part], grid),
                                                   refiner.temperature) for part in chunks])
     out = {name: [] for name in ARRAYS}
     for start in range(0, len(episodes), refiner.batch_size):
@@ -75,9 +76,10 @@ def refine_shard(root: zarr.Group, manifest: str, episodes: pd.DataFrame, refine
         s_slots = torch.tensor([slot[p] for p in s_pairs[start * shot: stop * shot]])
         q_slots = torch.tensor([slot[p] for p in q_pairs[start: stop]])
         s_init, q_init = init[s_slots].view(stop - start, shot, *init.shape[1:]), init[q_slots]
-        s_feats = feats[rows[s_slots]].view(stop - start, shot, *feats.shape[1:])
+        s_feats = feats[rows[s_slots]].float().view(stop - start, shot, *feats.shape[1:])
+        q_feats = feats[rows[q_slots]].float()
         known = torch.cat([background[s_slots], background[q_slots]])
-        s_ref, q_ref = refine_masks(s_feats, s_init, feats[rows[q_slots]], q_init, alpha=refiner.alpha,
+        s_ref, q_ref = refine_masks(s_feats, s_init, q_feats, q_init, alpha=refiner.alpha,
                                     temperature=refiner.temperature, background=known)
         out["support_initial"].append(s_init)
         out["support_refined"].append(s_ref)

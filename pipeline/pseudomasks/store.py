@@ -32,12 +32,22 @@ Role = Literal["support", "query"]
 Kind = Literal["initial", "refined"]
 
 
+def episode_bytes(shots: int, feature_shape: Sequence[int], size: int) -> int:
+    """Working memory of one episode of a shard at most: per image, its float16 features
+    ``feature_shape`` ``(C, h, w)`` and four ``size²`` masks (fewer when episodes share images)."""
+    return (shots + 1) * (2 * int(np.prod(feature_shape)) + 4 * size * size)
+
+
 def shard_episodes(shots: int, feature_shape: Sequence[int], size: int, budget: int) -> int:
-    """Episodes per shard such that a shard's working memory fits ``budget`` bytes (at least
-    ``MIN_SHARD_BYTES``): per image of an episode, its float32 features ``feature_shape``
-    ``(C, h, w)`` and four ``size²`` masks."""
-    per_episode = (shots + 1) * (4 * int(np.prod(feature_shape)) + 4 * size * size)
+    """Episodes per shard such that a shard's working memory (:func:`episode_bytes` each) fits
+    ``budget`` bytes (at least ``MIN_SHARD_BYTES``)."""
+    per_episode = episode_bytes(shots, feature_shape, size)
     return max(1, min(MAX_SHARD, max(budget, MIN_SHARD_BYTES) // per_episode))
+
+
+def shards_at_once(shard: int, shots: int, feature_shape: Sequence[int], size: int, budget: int) -> int:
+    """How many shards of ``shard`` episodes fit ``budget`` bytes together (at least one)."""
+    return max(1, max(budget, MIN_SHARD_BYTES) // (shard * episode_bytes(shots, feature_shape, size)))
 
 
 def create(root: zarr.Group, manifests: dict[str, pd.DataFrame], size: int, shard: int) -> None:
