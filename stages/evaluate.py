@@ -118,7 +118,8 @@ def run(params: Params, args: argparse.Namespace) -> None:
             circle_inference=saved["circle"],
             batch_size=params.evaluate.batch_size,
             device=device,
-            loader_workers=loader_workers(bank, params.orchestration.loader_workers),
+            loader_workers=loader_workers(bank, params.orchestration.loader_workers,
+                                          images=params.evaluate.resize == "pfenet"),
             on_batch=keep if name == sampled and params.evaluate.samples else None,
             scoring=scoring,
         )

@@ -148,7 +148,8 @@ def run(params: Params, args: argparse.Namespace) -> None:
                 f"val mIoU {r['val_miou']:.2f} ({r['seconds']:.0f} s)"
             ),
             progress=progress,
-            loader_workers=loader_workers(bank, params.orchestration.loader_workers),
+            loader_workers=loader_workers(bank, params.orchestration.loader_workers,
+                                          images=online.source is not None),
             online=online,
         )
     if rank != 0:

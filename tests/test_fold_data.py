@@ -209,3 +209,61 @@ def test_prefetched_batches_are_the_same_with_workers_and_leave_the_rng_alone():
     ahead = list(prefetched(make, 5, workers=2))
     assert torch.rand(1) == after_here  # dropout draws stay the same whatever the worker count
     assert all(torch.equal(a, b) for a, b in zip(here, ahead, strict=True)) and len(ahead) == 5
+
+
+def test_letterboxed_shots_share_one_query_read_once_placed_by_its_labels_size(fold: Fold):
+    """``evaluate.resize: pfenet``: every shot of a batch shares one letterboxed query (one read of
+    its image), each image keeps its aspect ratio at the canvas's top left (the rest: padding), and
+    a bank reading labels from their files (header only, for the size) gives the same batch."""
+    from pipeline.fewshot.online import ImageSource, letterboxed_batch
+
+    side = 20
+    for i, (h, w) in zip(IDS, LABEL_SIZES, strict=True):
+        Image.fromarray(np.full((h, w, 3), 200, np.uint8)).save(fold.path / f"{i}.jpg")
+    loads: list[list[int]] = []
+
+    class Counted(ImageSource):
+        def load(self, rows: torch.Tensor) -> torch.Tensor:
+            loads.append(rows.tolist())
+            return super().load(rows)
+
+    source = Counted([str(fold.path / f"{i}.jpg") for i in IDS], side, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    labels = {i: str(fold.path / f"{i}.png") for i in IDS}
+    index = torch.tensor([3, 0])  # queries b (12 x 20: wide) and a (16 x 16)
+    got = []
+    for budget in (2**30, 0):
+        features = features_store.FeatureStore(fold.path / "features.zarr", cache_bytes=budget)
+        priors = priors_store.PriorStore(fold.path / "priors.zarr", cache_bytes=budget)
+        bank = load_bank(IDS, features, priors, labels)
+        pseudo = pseudo_store.PseudoMaskStore(fold.path / "pseudo_masks.zarr")
+        table = load_episodes(NAME, manifest(), bank, pseudo, priors, ModelParams())
+        assert bank.label_shapes(table.query[index]) == [(12, 20), (16, 16)]
+        loads.clear()
+        shots = letterboxed_batch(table, bank, index, source)
+        assert len(shots) == 2 and shots[0].query is shots[1].query
+        assert len(loads) == 3 and loads[0] == table.query[index].tolist()  # query once, then each shot
+        got.append(shots)
+    wide = got[0][0].query[0]
+    assert (wide[:, 13:] == 0).all() and (wide[:, :11] > 0.5).all()  # 12/20 of 20 rows: image, then padding
+    assert (got[0][0].query[1] > 0.5).all()  # square: the whole canvas
+    for a, b in zip(*got, strict=True):
+        for field in ("query", "support", "query_mask", "support_mask", "query_vtp", "query_tokens"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), field
+
+
+def test_batches_are_read_ahead_when_there_is_reading_to_do(fold: Fold):
+    """Default loader workers: none for a bank in memory, unless batches decode images; some for
+    a bank read from the stores; an explicit count always wins."""
+    import os
+
+    from pipeline.fewshot.data import loader_workers
+
+    labels = {i: str(fold.path / f"{i}.png") for i in IDS}
+    some = min(4, os.cpu_count() or 1)
+    for budget, default in ((2**30, 0), (0, some)):
+        features = features_store.FeatureStore(fold.path / "features.zarr", cache_bytes=budget)
+        priors = priors_store.PriorStore(fold.path / "priors.zarr", cache_bytes=budget)
+        bank = load_bank(IDS, features, priors, labels)
+        assert loader_workers(bank, None) == default
+        assert loader_workers(bank, None, images=True) == some
+        assert loader_workers(bank, 3, images=True) == loader_workers(bank, 0) + 3 == 3

@@ -572,7 +572,7 @@ def test_online_features_equal_the_stored_ones_and_augmented_training_runs(model
     table = inputs.episodes(name, manifests[name], params.model, online_masks=True)
     step = make_step(table, bank, first, params.train, online.source, seed=0)
     assert step.images and step.x.query.shape[1:] == (3, 256, 256)
-    made = with_features(step.x, online.backbone)
+    made = with_features([step.x], online.backbone)[0]
     torch.testing.assert_close(made.query, stored.x.query.float(), atol=2e-3, rtol=2e-3)  # float16 either way
     assert torch.equal(step.query_target, stored.query_target)
     torch.manual_seed(0)

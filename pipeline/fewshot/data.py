@@ -68,6 +68,11 @@ class StoredLabels(Sequence):
     def __getitem__(self, row: int) -> np.ndarray:
         return np.array(Image.open(self.paths[row]))
 
+    def shape(self, row: int) -> tuple[int, int]:
+        """``(H, W)`` of label ``row``, from its PNG header."""
+        with Image.open(self.paths[row]) as image:
+            return image.height, image.width
+
 
 @dataclass
 class ImageBank:
@@ -89,6 +94,12 @@ class ImageBank:
     @property
     def grid(self) -> tuple[int, int]:
         return tuple(self.features.shape[-2:])
+
+    def label_shapes(self, rows: torch.Tensor) -> list[tuple[int, int]]:
+        """``(H, W)`` of the labels of ``rows`` (without reading stored labels' pixels)."""
+        if isinstance(self.labels, StoredLabels):
+            return [self.labels.shape(r) for r in rows.tolist()]
+        return [tuple(self.labels[r].shape) for r in rows.tolist()]
 
     def targets(self, rows: torch.Tensor, classes: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """``(B, H, W)`` uint8 FSS targets (1 class, 0 other, 255 ignore); ``size``: labels resized
@@ -272,12 +283,13 @@ class _Made(torch.utils.data.Dataset):
         return self.make(i)
 
 
-def loader_workers(bank: ImageBank, requested: int | None) -> int:
+def loader_workers(bank: ImageBank, requested: int | None, *, images: bool = False) -> int:
     """Processes that read batches ahead: ``requested``, or by default none for a bank in memory
-    (nothing to read) and up to four for one read from the stores."""
+    (nothing to read) and up to four for one read from the stores or for batches that decode
+    ``images`` (online features, letterboxed evaluation)."""
     if requested is not None:
         return requested
-    return 0 if isinstance(bank.features, torch.Tensor) else min(4, os.cpu_count() or 1)
+    return 0 if isinstance(bank.features, torch.Tensor) and not images else min(4, os.cpu_count() or 1)
 
 
 def _as_made(item: Any) -> Any:

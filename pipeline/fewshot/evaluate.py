@@ -90,10 +90,11 @@ class Scoring:
         longer = max(shape)
         return upsample(probs.float(), (longer, longer))[:, : shape[0], : shape[1]]
 
-    def batch(self, table: EpisodeTable, bank: ImageBank, index: torch.Tensor, shot: int) -> Episodes:
+    def batches(self, table: EpisodeTable, bank: ImageBank, index: torch.Tensor) -> list[Episodes]:
+        """Every shot's Episodes ``index``: stored features, or letterboxed images under ``pfenet``."""
         if self.resize == "pfenet":
-            return letterboxed_batch(table, bank, index, shot, self.source)
-        return table.batch(bank, index, shot)
+            return letterboxed_batch(table, bank, index, self.source)
+        return [table.batch(bank, index, shot) for shot in range(table.shots)]
 
 
 def score(
@@ -142,7 +143,7 @@ def evaluate_table(
     parts = list(batches(len(table), batch_size))
 
     def make(i: int) -> tuple[list[Episodes], list[np.ndarray]]:
-        shots = [scoring.batch(table, bank, parts[i], k) for k in range(table.shots)]
+        shots = scoring.batches(table, bank, parts[i])
         return shots, query_labels(table, bank, parts[i])
 
     if scoring.backbone is not None:
@@ -150,7 +151,7 @@ def evaluate_table(
     for index, (shots, labels) in zip(parts, prefetched(make, len(parts), loader_workers), strict=True):
         shots = [x.to(device) for x in shots]
         if scoring.resize == "pfenet":
-            shots = [with_features(x, scoring.backbone) for x in shots]
+            shots = with_features(shots, scoring.backbone)
         with autocast() if autocast else contextlib.nullcontext():
             probs = predict(model, shots, circle_inference=circle_inference).float().cpu()
         score(meter, probs, labels, table.classes[index], scoring=scoring)

@@ -51,11 +51,16 @@ class ImageSource:
 
 
 @torch.no_grad()
-def with_features(x: Episodes, backbone: torch.nn.Module) -> Episodes:
-    """``x`` whose query and support are images, with their features instead: the frozen backbone
-    in float32 whatever the autocast, rounded to float16 as the features stage stores them."""
-    with torch.autocast(x.query.device.type, enabled=False):
-        return replace(x, query=backbone(x.query).half().float(), support=backbone(x.support).half().float())
+def with_features(shots: list[Episodes], backbone: torch.nn.Module) -> list[Episodes]:
+    """The K shots of one batch (one query: its features are computed once) whose query and
+    support are images, with their features instead: the frozen backbone in float32 whatever the
+    autocast, rounded to float16 as the features stage stores them."""
+    def features(images: torch.Tensor) -> torch.Tensor:
+        return backbone(images).half().float()
+
+    with torch.autocast(shots[0].query.device.type, enabled=False):
+        query = features(shots[0].query)
+        return [replace(x, query=query, support=features(x.support)) for x in shots]
 
 
 def view_seed(seed: int, epoch: int, step: int) -> int:
@@ -75,6 +80,15 @@ def _maps_as_tokens(maps: torch.Tensor, blocks: int) -> torch.Tensor:
     return maps.reshape(b, blocks, channels // blocks, -1).permute(0, 1, 3, 2)
 
 
+def _warped(x: torch.Tensor | None, theta: torch.Tensor) -> torch.Tensor | None:
+    """``(B, H, W)`` or ``(B, C, H, W)`` maps seen through the views ``theta``, at their own size."""
+    if x is None:
+        return None
+    if x.dim() == 3:
+        return warp(x[:, None].float(), theta, tuple(x.shape[-2:]))[:, 0]
+    return warp(x.float(), theta, tuple(x.shape[-2:]))
+
+
 @dataclass
 class ImageBatch:
     """One role's (query or support) inputs of a batch, before the backbone."""
@@ -82,27 +96,17 @@ class ImageBatch:
     images: torch.Tensor  # (B, 3, S, S)
     vtp: torch.Tensor  # (B, hp, wp)
     tokens: torch.Tensor  # (B, 2, N, D)
-    scores: torch.Tensor | None  # (B, C, hp, wp) MaskCLIP scores (pseudo-masks made online)
-    raw_vtp: torch.Tensor | None  # (B, hp, wp): the VTP an initial mask is thresholded with
-    target: torch.Tensor  # (B, L, L) uint8
+    scores: torch.Tensor | None = None  # (B, C, hp, wp) MaskCLIP scores (pseudo-masks made online)
+    raw_vtp: torch.Tensor | None = None  # (B, hp, wp): the VTP an initial mask is thresholded with
+    mask: torch.Tensor | None = None  # (B, h, w) stored pseudo-mask
 
-    def viewed(self, theta: torch.Tensor, labels: list[torch.Tensor], classes: torch.Tensor,
-               label_size: int) -> ImageBatch:
-        """This batch seen through the views ``theta`` ``(B, 2, 3)`` (``labels``: the raw label maps)."""
+    def viewed(self, theta: torch.Tensor) -> ImageBatch:
+        """This batch seen through the views ``theta`` ``(B, 2, 3)``: every map warped at its own size."""
         grid = tuple(self.vtp.shape[-2:])
-
-        def maps(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else warp(x.float(), theta, tuple(x.shape[-2:]))
-
-        target = binary_target(warp_labels(labels, theta, (label_size, label_size)), classes)
-        return ImageBatch(
-            images=warp(self.images, theta, tuple(self.images.shape[-2:])),
-            vtp=maps(self.vtp[:, None])[:, 0],
-            tokens=_maps_as_tokens(maps(_tokens_as_maps(self.tokens, grid)), self.tokens.shape[1]),
-            scores=maps(self.scores),
-            raw_vtp=None if self.raw_vtp is None else maps(self.raw_vtp[:, None])[:, 0],
-            target=target,
-        )
+        tokens = _maps_as_tokens(_warped(_tokens_as_maps(self.tokens, grid), theta), self.tokens.shape[1])
+        images, vtp, scores, raw_vtp, mask = (
+            _warped(x, theta) for x in (self.images, self.vtp, self.scores, self.raw_vtp, self.mask))
+        return ImageBatch(images, vtp, tokens, scores, raw_vtp, mask)
 
 
 def online_batch(
@@ -112,8 +116,8 @@ def online_batch(
     """Episodes ``index`` with images in place of features (``query``/``support`` ``(B, 3, S, S)``)
     and no pseudo-masks yet, what those are made from, and the query and support targets
     ``(B, L, L)``. Under ``train.augment: papers`` every image is seen through its own random
-    view, drawn from ``seed``; ground-truth support masks (``supervision: mask``) then come from
-    the viewed label."""
+    view, drawn from ``seed``, and so is its label; ground-truth support masks (``supervision:
+    mask``) then come from the viewed label."""
     classes = table.classes[index]
     masks = table.mask_inputs(bank, index)
     raw_support = None if masks.support_vtp is None else masks.support_vtp[:, 0]
@@ -122,52 +126,47 @@ def online_batch(
         "support": (table.supports[index, 0], table.support_vtp[index, 0], masks.support_scores[:, 0],
                     raw_support),
     }
-    batches = {role: ImageBatch(source.load(rows), vtp, bank.tokens[rows], scores, raw,
-                                bank.targets(rows, classes, cfg.label_size))
-               for role, (rows, vtp, scores, raw) in roles.items()}
-    support_mask = None if table.support_mask is None else table.support_mask[index, 0]
-    if cfg.augment == "papers":
-        generator = torch.Generator().manual_seed(seed)
-        for role, (rows, *_) in roles.items():
+    generator = torch.Generator().manual_seed(seed)
+    batches, targets = {}, {}
+    for role, (rows, vtp, scores, raw) in roles.items():
+        batches[role] = ImageBatch(source.load(rows), vtp, bank.tokens[rows], scores, raw)
+        if cfg.augment == "papers":
             labels = [torch.from_numpy(bank.labels[r]) for r in rows.tolist()]
             theta = random_views(generator, [tuple(lab.shape) for lab in labels], tuple(cfg.augment_scale),
                                  cfg.augment_rotate)
-            batches[role] = batches[role].viewed(theta, labels, classes, cfg.label_size)
-        if support_mask is not None:
-            support_mask = mask_to_grid(batches["support"].target == 1, bank.grid).half()
+            batches[role] = batches[role].viewed(theta)
+            side = (cfg.label_size, cfg.label_size)
+            targets[role] = binary_target(warp_labels(labels, theta, side), classes)
+        else:
+            targets[role] = bank.targets(rows, classes, cfg.label_size)
+    support_mask = None if table.support_mask is None else table.support_mask[index, 0]
+    if support_mask is not None and cfg.augment == "papers":
+        support_mask = mask_to_grid(targets["support"] == 1, bank.grid).half()
     q, s = batches["query"], batches["support"]
     x = Episodes(query=q.images, query_mask=None, support=s.images, support_mask=support_mask,
                  query_vtp=q.vtp, support_vtp=s.vtp, query_tokens=q.tokens, support_tokens=s.tokens)
     made = MaskInputs(q.scores, s.scores[:, None], classes, q.raw_vtp,
                       None if s.raw_vtp is None else s.raw_vtp[:, None])
-    return x, made, q.target, s.target
+    return x, made, targets["query"], targets["support"]
 
 
 def letterboxed_batch(
-    table: EpisodeTable, bank: ImageBank, index: torch.Tensor, shot: int, source: ImageSource
-) -> Episodes:
-    """Episodes ``index`` with support ``shot`` as the PFENet protocol feeds them: every image
-    letterboxed into the ``S × S`` canvas (:func:`~pipeline.fewshot.augment.letterbox_views`), as
-    images for the backbone, with its stored masks, VTP and tokens seen through the same view."""
-    rows = {"query": table.query[index], "support": table.supports[index, shot]}
-    views = {role: letterbox_views([bank.labels[r].shape for r in r_.tolist()]) for role, r_ in rows.items()}
-    side = (source.size, source.size)
+    table: EpisodeTable, bank: ImageBank, index: torch.Tensor, source: ImageSource
+) -> list[Episodes]:
+    """Every shot's Episodes ``index`` as the PFENet protocol feeds them: each image letterboxed
+    into the ``S × S`` canvas (:func:`~pipeline.fewshot.augment.letterbox_views`, from the label's
+    size), as images for the backbone, with its stored masks, VTP and tokens seen through the same
+    view. The query is read and letterboxed once for all shots."""
+    def letterboxed(rows: torch.Tensor, vtp: torch.Tensor, mask: torch.Tensor) -> ImageBatch:
+        batch = ImageBatch(source.load(rows), vtp, bank.tokens[rows], mask=mask)
+        return batch.viewed(letterbox_views(bank.label_shapes(rows)))
 
-    def maps(x: torch.Tensor, role: str) -> torch.Tensor:
-        return warp(x[:, None].float(), views[role], tuple(x.shape[-2:]))[:, 0]
-
-    def tokens(role: str) -> torch.Tensor:
-        t = bank.tokens[rows[role]]
-        grid = tuple(table.query_vtp.shape[-2:])
-        return _maps_as_tokens(warp(_tokens_as_maps(t, grid), views[role], grid), t.shape[1])
-
-    return Episodes(
-        query=warp(source.load(rows["query"]), views["query"], side),
-        query_mask=maps(table.query_mask[index], "query"),
-        support=warp(source.load(rows["support"]), views["support"], side),
-        support_mask=maps(table.support_mask[index, shot], "support"),
-        query_vtp=maps(table.query_vtp[index], "query"),
-        support_vtp=maps(table.support_vtp[index, shot], "support"),
-        query_tokens=tokens("query"),
-        support_tokens=tokens("support"),
-    )
+    q = letterboxed(table.query[index], table.query_vtp[index], table.query_mask[index])
+    shots = []
+    for shot in range(table.shots):
+        s = letterboxed(table.supports[index, shot], table.support_vtp[index, shot],
+                        table.support_mask[index, shot])
+        shots.append(Episodes(query=q.images, query_mask=q.mask, support=s.images, support_mask=s.mask,
+                              query_vtp=q.vtp, support_vtp=s.vtp, query_tokens=q.tokens,
+                              support_tokens=s.tokens))
+    return shots

@@ -105,7 +105,7 @@ def episode_loss(
     if step.images:
         if online.backbone is None:
             raise ValueError("a batch of images needs a backbone")
-        x = with_features(x, online.backbone)
+        x = with_features([x], online.backbone)[0]
     if step.masks is not None:
         if online.refiner is None:
             raise ValueError("episodes without pseudo-masks need an OnlineRefiner")
