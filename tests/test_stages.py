@@ -28,6 +28,10 @@ from tests.test_adapters import make_voc
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
+# DataLoader workers forked from a process that has run a Prefect flow (this test session; never a
+# train/evaluate stage process, which runs none) may exit with code 1: tests that decode images in
+# their batches (online features, letterboxed evaluation) read them in the main process.
+IN_PROCESS = {"orchestration": {"loader_workers": 0}}
 SMOKE_PARAMS = {
     # images of mixed sizes and aspect ratios, as VOC / COCO: every stage below runs on them
     "prepare": {"synthetic": {**SMOKE.model_dump(), "mixed_sizes": True}},
@@ -559,7 +563,8 @@ def test_online_features_equal_the_stored_ones_and_augmented_training_runs(model
     from stages import train
     from stages.train import online_parts
 
-    online_params = {"train": {"epochs": 1, "batch_size": 8, "features": "online"}, "model": {"hidden": 8}}
+    online_params = {"train": {"epochs": 1, "batch_size": 8, "features": "online"}, "model": {"hidden": 8},
+                     **IN_PROCESS}
     params = load_params(write_params(tmp_path / "params.yaml", online_params))
     index, _ = read_index_dir(pipeline_run / "index")
     manifests, name = read_manifests(pipeline_run / "episodes"), "train/fold1"
@@ -583,7 +588,7 @@ def test_online_features_equal_the_stored_ones_and_augmented_training_runs(model
     assert losses[1] == pytest.approx(losses[0], rel=1e-3)
 
     augment = {"train": {**online_params["train"], "augment": "papers", "sampling": "epoch",
-                         "episodes_per_epoch": 16}, "model": {"hidden": 8}}
+                         "episodes_per_epoch": 16}, "model": {"hidden": 8}, **IN_PROCESS}
     params = load_params(write_params(tmp_path / "params.yaml", augment))
     viewed = [make_step(table, bank, first, params.train, online.source, seed=s) for s in (0, 0, 1)]
     assert torch.equal(viewed[0].x.query, viewed[1].x.query)  # views are a function of the seed
@@ -606,7 +611,8 @@ def test_each_evaluation_protocol_scores_and_says_so(model_inputs, pipeline_run,
     got = {}
     for resize in ("original", "hsnet", "pfenet"):
         params = write_params(tmp_path / "params.yaml", {"train": {"epochs": 1, "batch_size": 8},
-                                                         "evaluate": {"resize": resize, "samples": 2}})
+                                                         "evaluate": {"resize": resize, "samples": 2},
+                                                         **IN_PROCESS})
         out = tmp_path / resize
         assert evaluate.main([*args, "--metrics", str(out), "--predictions", str(out)]) == 0
         got[resize] = json.loads((out / "fold1.json").read_text())

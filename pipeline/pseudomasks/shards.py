@@ -1,9 +1,9 @@
 """The unit of work of the pseudo_masks stage: a range of one manifest's episodes.
 
-Per shard the features of its unique images are read from ``data/features.zarr``, every
-(image, class) pair's initial mask and background similarity are computed once, then the
-episodes are refined in batches (:func:`pipeline.pseudomasks.refine.refine_masks`) and written
-to their rows of ``data/pseudo_masks.zarr`` (whole Zarr shards: parallel writers never share one).
+Per shard every (image, class) pair's initial mask and background similarity are computed once,
+then the episodes are refined in batches (:func:`pipeline.pseudomasks.refine.refine_masks`), each
+batch reading its images' features from ``data/features.zarr``, and the masks are written to their
+rows of ``data/pseudo_masks.zarr`` (whole Zarr shards: parallel writers never share one).
 """
 
 from __future__ import annotations
@@ -51,11 +51,14 @@ class Refiner:
 
 
 def refine_shard(root: zarr.Group, manifest: str, episodes: pd.DataFrame, refiner: Refiner) -> None:
-    """Fill the rows of ``episodes`` (consecutive rows of one manifest)."""
-    ids = sorted(set(episodes["query"]) | {s for ss in episodes["supports"] for s in ss})
-    local = {image: j for j, image in enumerate(ids)}
-    # float16 as stored (half the memory); each batch is widened to float32 (exactly) as it is used
-    feats, labels = refiner.features.read(ids).to(refiner.device), refiner.labels(ids)
+    """Fill the rows of ``episodes`` (consecutive rows of one manifest).
+
+    Features are read batch by batch (float16 as stored, widened exactly to float32), never for
+    the whole shard at once: the shard's working memory is its batches' and its masks', however
+    many distinct images its episodes use."""
+    def features(images: list[str]) -> torch.Tensor:
+        return refiner.features.read(images).to(refiner.device).float()
+
     # every (image, class) pair once: its initial mask and its background similarity
     shot = len(episodes["supports"].iloc[0])
     classes = episodes["class_id"].astype(int).to_numpy()
@@ -63,24 +66,26 @@ def refine_shard(root: zarr.Group, manifest: str, episodes: pd.DataFrame, refine
     q_pairs = list(zip(episodes["query"], classes, strict=True))
     pairs = sorted(set(s_pairs) | set(q_pairs))
     slot = {p: j for j, p in enumerate(pairs)}
-    rows = torch.tensor([local[i] for i, _ in pairs])
-    chunks = [slice(j, j + refiner.batch_size) for j in range(0, len(pairs), refiner.batch_size)]
-    init = torch.cat([refiner.initial(labels[rows[part]], *map(list, zip(*pairs[part], strict=True)))
-                      for part in chunks])
-    grid = feats.shape[-2:]
-    background = torch.cat([background_similarity(feats[rows[part]].float(), mask_to_grid(init[part], grid),
-                                                  refiner.temperature) for part in chunks])
+    init, background = [], []
+    for j in range(0, len(pairs), refiner.batch_size):
+        images, pair_classes = map(list, zip(*pairs[j: j + refiner.batch_size], strict=True))
+        feats = features(images)
+        init.append(refiner.initial(refiner.labels(images), images, pair_classes))
+        background.append(background_similarity(feats, mask_to_grid(init[-1], feats.shape[-2:]),
+                                                refiner.temperature))
+    init, background = torch.cat(init), torch.cat(background)
     out = {name: [] for name in ARRAYS}
     for start in range(0, len(episodes), refiner.batch_size):
         stop = min(start + refiner.batch_size, len(episodes))
         s_slots = torch.tensor([slot[p] for p in s_pairs[start * shot: stop * shot]])
         q_slots = torch.tensor([slot[p] for p in q_pairs[start: stop]])
         s_init, q_init = init[s_slots].view(stop - start, shot, *init.shape[1:]), init[q_slots]
-        s_feats = feats[rows[s_slots]].float().view(stop - start, shot, *feats.shape[1:])
-        q_feats = feats[rows[q_slots]].float()
+        s_feats = features([i for i, _ in s_pairs[start * shot: stop * shot]])
+        q_feats = features([i for i, _ in q_pairs[start: stop]])
         known = torch.cat([background[s_slots], background[q_slots]])
-        s_ref, q_ref = refine_masks(s_feats, s_init, q_feats, q_init, alpha=refiner.alpha,
-                                    temperature=refiner.temperature, background=known)
+        s_ref, q_ref = refine_masks(s_feats.view(stop - start, shot, *s_feats.shape[1:]), s_init, q_feats,
+                                    q_init, alpha=refiner.alpha, temperature=refiner.temperature,
+                                    background=known)
         out["support_initial"].append(s_init)
         out["support_refined"].append(s_ref)
         out["query_initial"].append(q_init)

@@ -33,9 +33,11 @@ Kind = Literal["initial", "refined"]
 
 
 def episode_bytes(shots: int, feature_shape: Sequence[int], size: int) -> int:
-    """Working memory of one episode of a shard at most: per image, its float16 features
-    ``feature_shape`` ``(C, h, w)`` and four ``size²`` masks (fewer when episodes share images)."""
-    return (shots + 1) * (2 * int(np.prod(feature_shape)) + 4 * size * size)
+    """Memory one episode holds in its shard at most: per image, its initial mask, the masks kept
+    until the shard is written with their copies on the way (five ``size²`` bool maps in all), and
+    its float32 background similarity on the ``(C, h, w)`` feature grid. Features are read batch
+    by batch (``pseudo_masks.batch_size``), not held per shard."""
+    return (shots + 1) * (5 * size * size + 4 * int(np.prod(feature_shape[-2:])))
 
 
 def shard_episodes(shots: int, feature_shape: Sequence[int], size: int, budget: int) -> int:
