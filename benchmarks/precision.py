@@ -80,7 +80,7 @@ def priors_batch(resolved: str, repeats: int) -> float:
 
     torch.manual_seed(0)
     names = [f"class {i}" for i in range(20)]
-    ex = load_extractor(FIXTURE, PriorsParams(autocast=resolved == "bf16"), names)
+    ex = load_extractor(FIXTURE, PriorsParams(precision=resolved), names)
     images = torch.randn(32, 3, ex.image_size, ex.image_size)
     pairs, labels = [[1 + i % 20, 1 + (i + 7) % 20] for i in range(32)], [[1 + i % 20] for i in range(32)]
     return seconds_per_call(lambda: ex.priors(images, pairs, labels), repeats)

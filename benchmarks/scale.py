@@ -76,7 +76,7 @@ def params(n: int, vit: Path, resnet: Path, cache_gb: float) -> dict:
     out["priors"].update(image_size=473, shard_size=8, batch_size=4)
     out["backbone"].update(name="resnet50", weights=str(resnet), image_size=400)
     out["pseudo_masks"].update(batch_size=8)
-    out["train"].update(epochs=1, batch_size=4, autocast=False)
+    out["train"].update(epochs=1, batch_size=4, precision="fp32")
     out["evaluate"].update(samples=2, batch_size=8)
     out["orchestration"].update(cache_gb=cache_gb)
     return out

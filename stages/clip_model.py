@@ -29,6 +29,7 @@ from pipeline.core.artifacts import Staging, fingerprint, write_json
 from pipeline.core.errors import PipelineError
 from pipeline.core.orchestration import run_flow
 from pipeline.core.params import ClipParams, Params
+from pipeline.core.precision import resolve
 from pipeline.datasets.synthetic_writer import CAPTIONS_DIR, VOC_DIR
 from pipeline.tinyclip import evaluate as evaluate_tiny
 from pipeline.tinyclip import fixture
@@ -58,6 +59,7 @@ def train(cfg: ClipParams, corpus_dir: Path, staging: Staging) -> tuple[ClipBund
     (staging.path / "phase1.ckpt").unlink()
     return bundle, {
         "train_seconds": round(seconds, 1),
+        "precision": resolve(cfg.tiny.precision, "cpu"),
         "loss": {"phase1_first": float(np.mean(phase1[:50])), "phase1_last": float(np.mean(phase1[-50:])),
                  "phase2_first": float(np.mean(phase2[:20])), "phase2_last": float(np.mean(phase2[-20:]))},
     }, heads

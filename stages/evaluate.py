@@ -25,6 +25,7 @@ from tqdm import tqdm
 from pipeline.core.artifacts import write_atomic, write_json
 from pipeline.core.errors import PipelineError
 from pipeline.core.params import ModelParams, Params
+from pipeline.core.precision import describe
 from pipeline.datasets.episodes import read_manifests
 from pipeline.datasets.index import read_index_dir
 from pipeline.features.backbone import load_backbone
@@ -135,6 +136,8 @@ def run(params: Params, args: argparse.Namespace) -> None:
         "prior_threshold": threshold,
         "best_val_miou": saved["best_val_miou"],
         "best_epoch": saved["best_epoch"],
+        "train_precision": saved.get("precision", "unknown"),
+        "compute": {**describe(), "device": device.type},
         "resize": params.evaluate.resize,
         "scored": scoring.description,
     }

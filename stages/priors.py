@@ -69,7 +69,7 @@ def build_priors(cfg: PriorsParams, dataset: str, index_dir: Path, episodes_dir:
     attrs = {"clip_sha256": ex.bundle.sha256,
              "preprocess": {**ex.bundle.preprocess_cfg, "size": ex.image_size},
              "params": cfg.model_dump(), "dataset": dataset, "class_names": list(meta["class_names"]),
-             "image_ids": image_ids}
+             "image_ids": image_ids, "precision": ex.precision}
     staging = Staging(out, fingerprint([attrs, (episodes_dir / "meta.json").read_text()]))
     zarr_path = staging.path
     store.create(zarr_path, layout, attrs)
@@ -89,7 +89,8 @@ def build_priors(cfg: PriorsParams, dataset: str, index_dir: Path, episodes_dir:
     write_atomic(preview_path, lambda tmp: preview.render(store.PriorStore(zarr_path), examples, index, tmp))
     staging.commit()
     return {"images": len(image_ids), "pairs": int(sum(map(len, pairs.values()))),
-            "episodes": int(sum(map(len, manifests.values()))), "grid": list(layout.grid)}
+            "episodes": int(sum(map(len, manifests.values()))), "grid": list(layout.grid),
+            "precision": ex.precision}
 
 
 def run(params: Params, args: argparse.Namespace) -> None:

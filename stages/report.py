@@ -26,7 +26,7 @@ from pipeline.core.params import Params
 from pipeline.datasets.index import read_index_dir
 from pipeline.report import document
 from pipeline.report.figures import Sample
-from pipeline.report.tables import scoring_of
+from pipeline.report.tables import compute_of, scoring_of
 from stages._common import stage_main
 
 TITLE = "Language-guided few-shot segmentation with CLIP priors: results"
@@ -68,8 +68,10 @@ def load_samples(predictions: Path, index: pd.DataFrame, class_names: list[str])
 
 
 def provenance(params: Params, splits: dict, clip_dir: Path, clip: dict | None,
-               scored: str = "the prediction upsampled to each label's own size") -> dict[str, str]:
-    """What a reader needs to reproduce or cite the numbers (``scored``: how the folds were scored)."""
+               scored: str = "the prediction upsampled to each label's own size",
+               compute: str | None = None) -> dict[str, str]:
+    """What a reader needs to reproduce or cite the numbers (``scored``: how the folds were scored;
+    ``compute``: where and in which precision)."""
     episodes, names = params.episodes, splits["class_names"]
     sha_file = clip_dir / "sha256.txt"
     out = {
@@ -102,6 +104,9 @@ def provenance(params: Params, splits: dict, clip_dir: Path, clip: dict | None,
             f"{100 * clip['dense_maskclip_miou']:.1f} % (chance {100 * clip['dense_chance_miou']:.1f} %)"
         )
     out["backbone"] = f"{params.backbone.name} at {params.backbone.image_size} px (frozen)"
+    if clip and "precision" in clip:
+        out["tiny CLIP trained in"] = clip["precision"]
+    out["compute"] = compute or "unknown"
     out["git commit"] = git_commit()
     return out
 
@@ -124,7 +129,8 @@ def run(params: Params, args: argparse.Namespace) -> None:
         curves=curves,
         samples=load_samples(Path(args.predictions), index.set_index("image_id"), meta["class_names"]),
         ablations=ablations["runs"] if ablations else None,
-        provenance=provenance(params, splits, Path(args.clip), clip, scoring_of(folds) or "unknown"),
+        provenance=provenance(params, splits, Path(args.clip), clip, scoring_of(folds) or "unknown",
+                              compute_of(folds)),
         params_yaml=Path(args.params).read_text()
         if Path(args.params).is_file()
         else yaml.safe_dump(params.model_dump()),

@@ -35,7 +35,8 @@ IN_PROCESS = {"orchestration": {"loader_workers": 0}}
 SMOKE_PARAMS = {
     # images of mixed sizes and aspect ratios, as VOC / COCO: every stage below runs on them
     "prepare": {"synthetic": {**SMOKE.model_dump(), "mixed_sizes": True}},
-    "clip": {"tiny": {"batch_size": 8, "phase1_steps": 12, "phase2_steps": 4, "warmup": 2, "bf16": False},
+    "clip": {"tiny": {"batch_size": 8, "phase1_steps": 12, "phase2_steps": 4, "warmup": 2,
+                      "precision": "fp32"},
              "zero_shot_images": 40, "dense_eval_images": 20},
     "episodes": {"test_episodes": 60, "train_episodes": 50, "val_episodes": 20},
     "priors": {"shard_size": 64},

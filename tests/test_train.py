@@ -56,7 +56,7 @@ def tiny_fold(images: int = 24, episodes: int = 96) -> tuple[ImageBank, EpisodeT
 
 
 CFG = ModelParams(hidden=8, seeds=3, cluster_iterations=2)
-TRAIN = TrainParams(epochs=3, batch_size=8, lr=1e-2, label_size=LABEL, autocast=False)
+TRAIN = TrainParams(epochs=3, batch_size=8, lr=1e-2, label_size=LABEL, precision="fp32")
 
 
 class Crash(Exception):

@@ -14,7 +14,8 @@ from typing import Literal
 
 import torch
 
-Precision = Literal["auto", "fp32", "bf16"]
+from pipeline.core.params import Precision
+
 Resolved = Literal["fp32", "bf16", "fp16"]
 
 #: ``ONEDNN_MAX_CPU_ISA`` values (prefixes) that still allow oneDNN's native bf16 kernels.

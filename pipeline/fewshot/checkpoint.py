@@ -34,6 +34,7 @@ def save_model(
         "history": state.history,
         "best_epoch": best["epoch"],
         "best_val_miou": best["val_miou"],
+        "precision": state.precision,
     }
     torch.save(saved, path)
     return {k: v for k, v in saved.items() if k != "state_dict"}

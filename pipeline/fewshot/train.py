@@ -10,7 +10,8 @@
   learning rate is constant or decays per step as ``(1 - step / steps) ** poly_power``. After every epoch the
   model is scored on held-out base-class episodes (validation mIoU) and a checkpoint is written;
   :func:`fit` resumes from it, continuing exactly where it stopped. The best epoch's weights win.
-* CUDA: fp16 autocast with gradient scaling; CPU: optional bf16 autocast. Under ``torchrun``
+* ``train.precision`` (:mod:`pipeline.core.precision`): ``auto`` is fp16 autocast with gradient
+  scaling on CUDA, bf16 autocast on a CPU with native bf16, else fp32. Under ``torchrun``
   (``torch.distributed`` initialised) the model is wrapped in DistributedDataParallel, each
   rank takes its share of every batch, and rank 0 writes.
 """
@@ -32,6 +33,7 @@ from torch import nn
 
 from pipeline.core.artifacts import write_atomic
 from pipeline.core.params import TrainParams
+from pipeline.core.precision import Resolved, autocast, resolve
 from pipeline.fewshot.data import EpisodeTable, ImageBank, prefetched, upsample
 from pipeline.fewshot.evaluate import evaluate_table
 from pipeline.fewshot.metrics import IGNORE
@@ -117,10 +119,8 @@ def episode_loss(
     return cfg.beta * bce(support_logits, support_target) + (1 - cfg.beta) * bce(query_logits, query_target)
 
 
-def autocast_for(device: torch.device, cpu_bf16: bool) -> Callable[[], contextlib.AbstractContextManager]:
-    if device.type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.float16)
-    return lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16)
+def autocast_for(device: torch.device, resolved: Resolved) -> Callable[[], contextlib.AbstractContextManager]:
+    return lambda: autocast(resolved, device)
 
 
 @dataclass
@@ -131,6 +131,7 @@ class State:
     history: list[dict] = field(default_factory=list)
     best_miou: float = -1.0
     best_state: dict | None = None
+    precision: str = "fp32"  # resolved: of training and validation
 
 
 def same_keys(history: list[dict]) -> list[dict]:
@@ -183,8 +184,9 @@ def fit(
     optimizer = torch.optim.Adam(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
     )
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-    autocast = autocast_for(device, cfg.autocast)
+    resolved = resolve(cfg.precision, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and resolved == "fp16")
+    mixed = autocast_for(device, resolved)
     steps = (len(episodes_of(0)) + cfg.batch_size - 1) // cfg.batch_size
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, cfg.epochs * steps))
     state = State()
@@ -196,6 +198,7 @@ def fit(
         schedule.load_state_dict(saved["schedule"])
         state = saved["state"]
         state.history = same_keys(state.history)
+    state.precision = resolved
     for epoch in range(state.epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout: a function of seed and epoch
         table = episodes_of(epoch)
@@ -211,7 +214,7 @@ def fit(
             return make_step(table, bank, index, cfg, online.source, view_seed(cfg.seed, epoch, step))
 
         for step, prepared in enumerate(prefetched(batch, steps, loader_workers)):
-            with autocast():
+            with mixed():
                 loss = episode_loss(net, prepared, cfg, device, online)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -223,7 +226,7 @@ def fit(
                 progress(epoch * steps + step + 1, cfg.epochs * steps)
         val_miou = evaluate_table(
             model, val, bank, num_classes, circle_inference=cfg.circle, batch_size=VALIDATION_BATCH,
-            device=device, autocast=autocast, loader_workers=loader_workers,
+            device=device, autocast=mixed, loader_workers=loader_workers,
         ).miou()
         record = {
             "epoch": epoch + 1,

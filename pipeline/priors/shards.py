@@ -8,7 +8,6 @@ it needs from a CLIP folder and the ``priors`` params.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from pipeline.clip.loader import ClipBundle, load_local_dir
 from pipeline.clip.prompts import text_embeddings
 from pipeline.core.images import load_normalized
 from pipeline.core.params import PriorsParams
+from pipeline.core.precision import Resolved, autocast, resolve
 from pipeline.priors.extract import extract_priors
 from pipeline.priors.vtp import PromptBank, PromptSet, prompt_bank
 
@@ -36,7 +36,7 @@ class Extractor:
     pir_blocks: int
     pir_threshold: float
     batch_size: int
-    autocast: bool
+    precision: Resolved
 
     @property
     def device(self) -> torch.device:
@@ -47,10 +47,7 @@ class Extractor:
         return load_normalized(paths, self.image_size, self.bundle.mean, self.bundle.std, self.device)
 
     def autocast_context(self):
-        if not self.autocast:
-            return nullcontext()
-        kind = self.device.type
-        return torch.autocast(kind, dtype=torch.float16 if kind == "cuda" else torch.bfloat16)
+        return autocast(self.precision, self.device)
 
     def priors(self, images: torch.Tensor, pair_classes: Sequence[Sequence[int]],
                image_labels: Sequence[Sequence[int]]):
@@ -74,7 +71,7 @@ def load_extractor(clip_dir: Path, cfg: PriorsParams, names: Sequence[str]) -> E
         prompt_bank(bundle.model, tokenizer, names, cfg.foreground_template, cfg.background_template),
         text_embeddings(bundle.model, tokenizer, names), cfg.image_size or bundle.image_size,
         prompt_set=cfg.prompt_set, pir_blocks=cfg.pir_blocks, pir_threshold=cfg.pir_threshold,
-        batch_size=cfg.batch_size, autocast=cfg.autocast)
+        batch_size=cfg.batch_size, precision=resolve(cfg.precision, device))
 
 
 def extract_image_shard(

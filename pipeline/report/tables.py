@@ -57,6 +57,15 @@ def scoring_of(folds: dict[int, dict]) -> str | None:
     return "; ".join(sorted({m["scored"] for m in folds.values() if "scored" in m})) or None
 
 
+def compute_of(folds: dict[int, dict]) -> str | None:
+    """Where and how the folds were computed (torch, CPU kernels, training precision), when they say."""
+    seen = {(m["compute"]["torch"], m["compute"]["device"], m["compute"]["cpu_capability"],
+             m["compute"]["native_cpu_bf16"], m.get("train_precision", "unknown"))
+            for m in folds.values() if "compute" in m}
+    return "; ".join(f"torch {t} on {d}, CPU kernels {c} (native bf16: {'yes' if b else 'no'}), "
+                     f"training in {p}" for t, d, c, b, p in sorted(seen)) or None
+
+
 def scored_as(folds: dict[int, dict]) -> str:
     """:func:`scoring_of` as a caption's sentence."""
     scored = scoring_of(folds)
