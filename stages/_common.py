@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -29,7 +30,10 @@ def stage_main(
     ``options`` (a function adding arguments), validate params, run.
 
     Expected errors (:class:`PipelineError`) print one line and return 1; the stage's
-    outputs are written atomically, so nothing half-written is left behind.
+    outputs are written atomically, so nothing half-written is left behind. SIGINT (Ctrl-C) and
+    SIGTERM stop the stage with one line and status 130, keeping its finished shards and
+    checkpoints for the next run to resume from -- SIGINT also when the launcher ignored it (a
+    background job of a script), since a stage is always meant to be interruptible.
     """
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}")
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
@@ -40,10 +44,22 @@ def stage_main(
     if options:
         options(parser)
     args = parser.parse_args(argv)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         params = load_params(args.params)
         run(params, args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as exc:
+        print(f"{name}: stopped by {exc.args[0] if exc.args else 'SIGINT'}; finished shards and checkpoints "
+              "are kept: run it again to resume", file=sys.stderr)
+        return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)

@@ -160,7 +160,8 @@ class PriorsParams(Section):
     image_size: PositiveInt | None = None  # CLIP input side; None: the CLIP's own
     shard_size: PositiveInt = 256  # images per shard (the unit of work, resume and Zarr shard)
     batch_size: PositiveInt = 64
-    precision: Precision = "fp32"  # auto: fp16 on CUDA (ViT-B-16); the tiny CLIP gains nothing from bf16
+    # fp32: the same priors on every CPU kind (they feed every later stage); auto: fp16 on CUDA
+    precision: Precision = "fp32"
 
     @model_validator(mode="after")
     def _templates_take_a_name(self) -> PriorsParams:
