@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -627,3 +628,38 @@ def test_each_evaluation_protocol_scores_and_says_so(model_inputs, pipeline_run,
     # the same VTP maps, scored three ways (the smoke model itself is too weak to tell them apart)
     assert len({m["shot1"]["prior_miou"] for m in got.values()}) == 3
     assert abs(got["hsnet"]["shot1"]["miou"] - got["original"]["shot1"]["miou"]) < 5  # same input, resampled
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_training_within_seconds_and_a_rerun_resumes(model_inputs, pipeline_run, tmp_path,
+                                                                     sig):
+    """Ctrl-C (SIGINT: also when the launcher ignores it, as a script's background job does) and
+    SIGTERM stop ``train@k`` within seconds with one line and status 130, the epoch checkpoint
+    kept; a rerun resumes from it."""
+    import signal
+    import time
+
+    params = write_params(tmp_path / "params.yaml", {"train": {"epochs": 20, "batch_size": 8},
+                                                     "model": {"hidden": 8}})
+    cmd = [sys.executable, "-m", "stages.train", *model_args(pipeline_run, params, tmp_path),
+           "--plots", str(tmp_path / "plots")]
+    checkpoint = tmp_path / "models/.fold1.partial/checkpoint.pt"
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert checkpoint.exists(), proc.communicate()[0][-2000:]
+    sent = time.monotonic()
+    proc.send_signal(getattr(signal, sig))
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130 and time.monotonic() - sent < 15, out[-2000:]
+    assert f"train: stopped by {sig}" in out and "Traceback" not in out
+    assert checkpoint.exists() and not (tmp_path / "models/fold1").exists()
+    if sig == "SIGINT":
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        epochs = [int(e) for e in re.findall(r"fold 1 epoch (\d+):", done.stdout + done.stderr)]
+        assert epochs and epochs[0] > 1 and epochs[-1] == 20  # resumed, not restarted
+        assert (tmp_path / "models/fold1/model.pt").is_file()
