@@ -42,3 +42,17 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=60):
         yield
+
+
+def run_first_stages(params: Path | str, root: Path) -> None:
+    """prepare -> split -> episodes through the stages' main(), as DVC calls them, writing
+    ``root/{synthetic,index,splits,episodes}``."""
+    from stages import episodes, prepare, split
+
+    params = str(params)
+    assert prepare.main(["--params", params, "--synthetic", str(root / "synthetic"),
+                         "--index", str(root / "index")]) == 0
+    assert split.main(["--params", params, "--index", str(root / "index"),
+                       "--out", str(root / "splits")]) == 0
+    assert episodes.main(["--params", params, "--splits", str(root / "splits"),
+                          "--out", str(root / "episodes")]) == 0

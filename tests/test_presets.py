@@ -70,8 +70,7 @@ def as_coco_2014(root: Path) -> None:
 def test_a_preset_indexes_a_dataset_of_its_layout_and_dvc_plans_every_stage(tmp_path, preset, prefect_server):
     """The embedded generator writes its benchmark as VOC and as COCO: the preset's adapter reads
     it, the split and episodes follow the preset's protocol, and `dvc repro --dry` plans the rest."""
-    from stages import episodes, prepare, split
-    from tests.conftest import SMOKE, write_benchmark
+    from tests.conftest import SMOKE, run_first_stages, write_benchmark
 
     name, layout = PRESETS[preset]
     coco_size = {"train_images": 800, "val_images": 800}  # 80 classes: every one needs images in each role
@@ -87,13 +86,7 @@ def test_a_preset_indexes_a_dataset_of_its_layout_and_dvc_plans_every_stage(tmp_
              "episodes.val_episodes=10", "episodes.shots=[1]", "split.min_pixels=1",
              "split.novel_in_train=mask"]
     apply_preset(repo / "params.yaml", REPO / preset, small)
-    params = str(repo / "params.yaml")
-    assert prepare.main(["--params", params, "--synthetic", str(repo / "data/synthetic"),
-                         "--index", str(repo / "data/index")]) == 0
-    assert split.main(["--params", params, "--index", str(repo / "data/index"),
-                       "--out", str(repo / "data/splits")]) == 0
-    assert episodes.main(["--params", params, "--splits", str(repo / "data/splits"),
-                          "--out", str(repo / "data/episodes")]) == 0
+    run_first_stages(repo / "params.yaml", repo / "data")
     meta = yaml.safe_load((repo / "data/episodes/meta.json").read_text())
     assert meta["train_sampling"] == "epoch" and meta["protocol"] == "hsnet"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}

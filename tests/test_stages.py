@@ -24,7 +24,7 @@ from pipeline.datasets import synthetic_writer
 from pipeline.priors.store import PriorStore
 from pipeline.tinyclip.model import build_tiny
 from stages import clip_model, episodes, prepare, priors, split
-from tests.conftest import SMOKE
+from tests.conftest import SMOKE, run_first_stages
 from tests.test_adapters import make_voc
 
 pytestmark = pytest.mark.slow
@@ -63,13 +63,7 @@ def files_of(root: Path) -> dict[str, bytes]:
 def pipeline_run(tmp_path_factory, prefect_server) -> Path:
     """prepare -> split -> episodes through the stages' main(), as DVC calls them."""
     out = tmp_path_factory.mktemp("run")
-    params = str(write_params(out / "params.yaml"))
-    assert prepare.main(["--params", params, "--synthetic", str(out / "synthetic"),
-                         "--index", str(out / "index")]) == 0
-    assert split.main(["--params", params, "--index", str(out / "index"),
-                       "--out", str(out / "splits")]) == 0
-    assert episodes.main(["--params", params, "--splits", str(out / "splits"),
-                          "--out", str(out / "episodes")]) == 0
+    run_first_stages(write_params(out / "params.yaml"), out)
     return out
 
 
