@@ -203,3 +203,15 @@ def test_tables_say_how_the_folds_were_scored():
     folds = {k: fold_metrics(k) | {"scored": "label and prediction at 400x400 (HSNet)"} for k in range(4)}
     assert tables.results_table(folds).caption.endswith("Scored: label and prediction at 400x400 (HSNet).")
     assert "Scored:" not in tables.results_table({k: fold_metrics(k) for k in range(4)}).caption
+
+
+def test_provenance_repeats_no_raw_clip_floats():
+    """clip.json's figures reach the provenance rounded (stages/report.py); the table adds only
+    what else it says in words, never a float such as 0.921999990940094."""
+    data = inputs()
+    data.clip = {"zero_shot_top1": 0.921999990940094, "dense_chance_miou": 0.024807209976451815,
+                 "source": "trained", "model": "tiny-vit", "precision": "bf16"}
+    table = next(s for s in document.build(data) if s.title == "Provenance").tables[0]
+    cells = [value for _, value in table.rows]
+    assert ["CLIP source", "trained"] in table.rows
+    assert not any(re.search(r"\d\.\d{4,}", cell) for cell in cells), cells

@@ -172,11 +172,11 @@ def build(inputs: Inputs) -> list[Section]:
             )
         )
     rows = [[key, value] for key, value in inputs.provenance.items()]
-    if inputs.clip:
+    if inputs.clip:  # its figures are in the provenance already, rounded: here what else it says
         rows += [
             [f"CLIP {key.replace('_', ' ')}", str(value)]
             for key, value in sorted(inputs.clip.items())
-            if isinstance(value, (int, float, str)) and key != "model"
+            if isinstance(value, str) and key not in ("model", "precision")
         ]
     sections.append(
         Section(
