@@ -75,13 +75,13 @@ def stored_manifests(episodes_dir: Path, training: bool) -> dict:
     return {name: table for name, table in manifests.items() if training or not name.startswith("train/")}
 
 
-def shard_plan(manifests: dict, features: Path, size: int, budget: int) -> tuple[int, int]:
-    """Episodes per shard (as many as ``budget`` bytes hold) and how many shards fit it at once."""
+def shard_plan(manifests: dict, features: Path, size: int, batch_size: int, budget: int) -> tuple[int, int]:
+    """Episodes per shard and how many shard tasks fit ``budget`` bytes at once."""
     shots = max(int(t["shot"].max()) for t in manifests.values())
     attrs = FeatureStore(features).attrs
     shape = (attrs["channels"], *attrs["grid"])
-    shard = store.shard_episodes(shots, shape, size, budget)
-    return shard, store.shards_at_once(shard, shots, shape, size, budget)
+    shard = store.shard_episodes(shots, shape, budget)
+    return shard, store.shards_at_once(shard, batch_size, shots, shape, size, budget)
 
 
 @flow(name="pseudo-masks")
@@ -122,7 +122,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
     training = params.train.sampling == "pool" and params.train.features == "precomputed"
     budget = params.orchestration.cache_bytes
     shard, at_once = shard_plan(stored_manifests(Path(args.episodes), training), Path(args.features),
-                                params.backbone.image_size, budget)
+                                params.backbone.image_size, params.pseudo_masks.batch_size, budget)
     n = concurrency(params.orchestration, on_device=True, at_most=at_once)
     metrics = run_flow(build_pseudo_masks, params.orchestration, on_device=True, at_most=at_once,
                        cfg=params.pseudo_masks,

@@ -103,20 +103,21 @@ def test_initial_masks_from_labels_and_vtp():
 
 
 def test_pseudo_mask_shards_are_sized_by_memory():
-    from pipeline.pseudomasks.store import MAX_SHARD, shard_episodes, shards_at_once
+    from pipeline.pseudomasks.store import MAX_SHARD, episode_bytes, shard_episodes, shards_at_once
 
-    per_image = 5 * 473**2 + 4 * 3600  # masks at 473 px, background on ResNet-50's 60 x 60 grid
-    # the embedded benchmark (192 x 16 x 16 features, 256 px masks, 5 shots): the cap, two at once
-    assert shard_episodes(5, (192, 16, 16), 256, 4 * 2**30) == MAX_SHARD
-    assert shards_at_once(MAX_SHARD, 5, (192, 16, 16), 256, 4 * 2**30) == 2  # 2.0 GB a shard
-    assert shards_at_once(MAX_SHARD, 5, (192, 16, 16), 256, 16 * 2**30) == 8
-    # PASCAL-shaped: hundreds of episodes fit 4 GiB, and one such shard at a time
-    pascal = shard_episodes(5, (1536, 60, 60), 473, 4 * 2**30)
-    assert 6 * per_image * pascal <= 4 * 2**30 < 6 * per_image * (pascal + 1) and 500 <= pascal < MAX_SHARD
-    assert shards_at_once(pascal, 5, (1536, 60, 60), 473, 4 * 2**30) == 1
-    assert shard_episodes(5, (1536, 60, 60), 473, 0) == 2**30 // (6 * per_image)  # 1 GiB at least
-    assert shard_episodes(5, (1536, 60, 60), 20_000, 0) == 1  # never less than one episode
-    assert shards_at_once(1, 5, (1536, 60, 60), 20_000, 0) == 1
+    pascal = (1536, 60, 60)  # ResNet-50 at 473 px
+    # what a shard keeps is a float32 grid per image and episode: the cap, for any real grid
+    assert shard_episodes(5, (192, 16, 16), 4 * 2**30) == shard_episodes(5, pascal, 0) == MAX_SHARD
+    assert shard_episodes(5, (1536, 4000, 4000), 0) == 2**30 // (6 * 4 * 4000**2)
+    assert shard_episodes(5, (1, 20_000, 20_000), 0) == 1  # never less than one episode
+    # a batch in flight: per image float32 features (and two working copies) and six masks
+    assert episode_bytes(5, pascal, 473) == 6 * (12 * 1536 * 3600 + 6 * 473**2)
+    # the embedded benchmark (64 episodes a batch, 4 GiB): 11 tasks fit, so the CPU count runs
+    assert shards_at_once(MAX_SHARD, 64, 5, (192, 16, 16), 256, 4 * 2**30) == 11
+    # PASCAL-shaped: a task of 2 episodes a batch (0.9 GB with its shard) fits 4 GiB four times;
+    # one of 64 (26 GB) does not fit at all, and runs alone
+    assert shards_at_once(MAX_SHARD, 2, 5, pascal, 473, 4 * 2**30) == 4
+    assert shards_at_once(MAX_SHARD, 64, 5, pascal, 473, 4 * 2**30) == 1
 
 
 def test_feature_shards_are_sized_by_memory():

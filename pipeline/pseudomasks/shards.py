@@ -1,9 +1,9 @@
 """The unit of work of the pseudo_masks stage: a range of one manifest's episodes.
 
-Per shard every (image, class) pair's initial mask and background similarity are computed once,
-then the episodes are refined in batches (:func:`pipeline.pseudomasks.refine.refine_masks`), each
-batch reading its images' features from ``data/features.zarr``, and the masks are written to their
-rows of ``data/pseudo_masks.zarr`` (whole Zarr shards: parallel writers never share one).
+Per shard every (image, class) pair's background similarity is computed once, then the episodes
+are refined in batches (:func:`pipeline.pseudomasks.refine.refine_masks`), each batch reading its
+images' features from ``data/features.zarr`` and writing its masks to their rows of
+``data/pseudo_masks.zarr`` (one task per Zarr shard: parallel writers never share one).
 """
 
 from __future__ import annotations
@@ -51,45 +51,46 @@ class Refiner:
 
 
 def refine_shard(root: zarr.Group, manifest: str, episodes: pd.DataFrame, refiner: Refiner) -> None:
-    """Fill the rows of ``episodes`` (consecutive rows of one manifest).
+    """Fill the rows of ``episodes`` (consecutive rows of one manifest), batch by batch.
 
-    Features are read batch by batch (float16 as stored, widened exactly to float32), never for
-    the whole shard at once: the shard's working memory is its batches' and its masks', however
-    many distinct images its episodes use."""
-    def features(images: list[str]) -> torch.Tensor:
-        return refiner.features.read(images).to(refiner.device).float()
+    Every (image, class) pair's background similarity (it needs the pair's features and initial
+    mask) is computed once per shard and kept, ``(h, w)`` floats a pair; features (read float16 as
+    stored, widened exactly to float32), initial and refined masks live for one batch, whose masks
+    are written as it finishes. So a shard's memory does not grow with its episodes or with the
+    distinct images they use."""
+    def features(pairs: list[tuple[str, int]]) -> torch.Tensor:
+        return refiner.features.read([image for image, _ in pairs]).to(refiner.device).float()
 
-    # every (image, class) pair once: its initial mask and its background similarity
+    def initial(pairs: list[tuple[str, int]]) -> torch.Tensor:
+        images, classes = map(list, zip(*pairs, strict=True))
+        return refiner.initial(refiner.labels(images), images, classes)
+
     shot = len(episodes["supports"].iloc[0])
     classes = episodes["class_id"].astype(int).to_numpy()
     s_pairs = [(s, c) for ss, c in zip(episodes["supports"], classes, strict=True) for s in ss]
     q_pairs = list(zip(episodes["query"], classes, strict=True))
     pairs = sorted(set(s_pairs) | set(q_pairs))
     slot = {p: j for j, p in enumerate(pairs)}
-    init, background = [], []
+    background = []
     for j in range(0, len(pairs), refiner.batch_size):
-        images, pair_classes = map(list, zip(*pairs[j: j + refiner.batch_size], strict=True))
-        feats = features(images)
-        init.append(refiner.initial(refiner.labels(images), images, pair_classes))
-        background.append(background_similarity(feats, mask_to_grid(init[-1], feats.shape[-2:]),
-                                                refiner.temperature))
-    init, background = torch.cat(init), torch.cat(background)
-    out = {name: [] for name in ARRAYS}
+        part = pairs[j: j + refiner.batch_size]
+        feats = features(part)
+        grids = mask_to_grid(initial(part).to(refiner.device), feats.shape[-2:])
+        background.append(background_similarity(feats, grids, refiner.temperature))
+    background = torch.cat(background)
+    arrays = {name: root[f"{manifest}/{name}"] for name in ARRAYS}
+    first = int(episodes["episode"].iloc[0])
     for start in range(0, len(episodes), refiner.batch_size):
         stop = min(start + refiner.batch_size, len(episodes))
-        s_slots = torch.tensor([slot[p] for p in s_pairs[start * shot: stop * shot]])
-        q_slots = torch.tensor([slot[p] for p in q_pairs[start: stop]])
-        s_init, q_init = init[s_slots].view(stop - start, shot, *init.shape[1:]), init[q_slots]
-        s_feats = features([i for i, _ in s_pairs[start * shot: stop * shot]])
-        q_feats = features([i for i, _ in q_pairs[start: stop]])
-        known = torch.cat([background[s_slots], background[q_slots]])
-        s_ref, q_ref = refine_masks(s_feats.view(stop - start, shot, *s_feats.shape[1:]), s_init, q_feats,
-                                    q_init, alpha=refiner.alpha, temperature=refiner.temperature,
-                                    background=known)
-        out["support_initial"].append(s_init)
-        out["support_refined"].append(s_ref)
-        out["query_initial"].append(q_init)
-        out["query_refined"].append(q_ref)
-    first = int(episodes["episode"].iloc[0])
-    for name, parts in out.items():
-        root[f"{manifest}/{name}"][first: first + len(episodes)] = torch.cat(parts).cpu().numpy()
+        s_part, q_part = s_pairs[start * shot: stop * shot], q_pairs[start: stop]
+        s_init, q_init = initial(s_part).to(refiner.device), initial(q_part).to(refiner.device)
+        s_feats = features(s_part)
+        known = background[[slot[p] for p in s_part + q_part]]
+        s_init = s_init.view(stop - start, shot, *s_init.shape[1:])
+        s_ref, q_ref = refine_masks(s_feats.view(stop - start, shot, *s_feats.shape[1:]), s_init,
+                                    features(q_part), q_init, alpha=refiner.alpha,
+                                    temperature=refiner.temperature, background=known)
+        done = {"support_initial": s_init, "support_refined": s_ref, "query_initial": q_init,
+                "query_refined": q_ref}
+        for name, masks in done.items():
+            arrays[name][first + start: first + stop] = masks.cpu().numpy()

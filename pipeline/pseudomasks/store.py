@@ -10,7 +10,8 @@
 
 S is ``backbone.image_size``; episode e of ``test/fold0/shot1_seed0`` is row e. Each array is
 sharded by ``attrs["shard"]`` episodes (:func:`shard_episodes`: as many as fit the memory
-budget, at most ``MAX_SHARD``), the unit of work of :func:`pipeline.pseudomasks.shards.refine_shard`.
+budget, at most ``MAX_SHARD``), the unit of work of :func:`pipeline.pseudomasks.shards.refine_shard`,
+which writes each batch's rows as it finishes.
 """
 
 from __future__ import annotations
@@ -26,30 +27,37 @@ from pipeline.core.artifacts import StoreReader, read_rows
 from pipeline.core.errors import PipelineError
 
 MAX_SHARD = 1000  # episodes per shard at most
-MIN_SHARD_BYTES = 2**30  # a shard may always use this much working memory (cache_gb 0 included)
+MIN_SHARD_BYTES = 2**30  # a shard task may always use this much memory (cache_gb 0 included)
 ARRAYS = ("support_initial", "support_refined", "query_initial", "query_refined")
 Role = Literal["support", "query"]
 Kind = Literal["initial", "refined"]
 
 
 def episode_bytes(shots: int, feature_shape: Sequence[int], size: int) -> int:
-    """Memory one episode holds in its shard at most: per image, its initial mask, the masks kept
-    until the shard is written with their copies on the way (five ``size²`` bool maps in all), and
-    its float32 background similarity on the ``(C, h, w)`` feature grid. Features are read batch
-    by batch (``pseudo_masks.batch_size``), not held per shard."""
-    return (shots + 1) * (5 * size * size + 4 * int(np.prod(feature_shape[-2:])))
+    """Memory of one episode in a batch being refined: per image, its float32 features
+    ``feature_shape`` ``(C, h, w)`` with two working copies, and six ``size²`` masks (initial and
+    refined, on their way to the store)."""
+    return (shots + 1) * (3 * 4 * int(np.prod(feature_shape)) + 6 * size * size)
 
 
-def shard_episodes(shots: int, feature_shape: Sequence[int], size: int, budget: int) -> int:
-    """Episodes per shard such that a shard's working memory (:func:`episode_bytes` each) fits
-    ``budget`` bytes (at least ``MIN_SHARD_BYTES``)."""
-    per_episode = episode_bytes(shots, feature_shape, size)
-    return max(1, min(MAX_SHARD, max(budget, MIN_SHARD_BYTES) // per_episode))
+def kept_bytes(shots: int, feature_shape: Sequence[int]) -> int:
+    """Memory a shard keeps per episode until it is done: per image, a float32 background
+    similarity on the ``(h, w)`` grid."""
+    return (shots + 1) * 4 * int(np.prod(feature_shape[-2:]))
 
 
-def shards_at_once(shard: int, shots: int, feature_shape: Sequence[int], size: int, budget: int) -> int:
-    """How many shards of ``shard`` episodes fit ``budget`` bytes together (at least one)."""
-    return max(1, max(budget, MIN_SHARD_BYTES) // (shard * episode_bytes(shots, feature_shape, size)))
+def shard_episodes(shots: int, feature_shape: Sequence[int], budget: int) -> int:
+    """Episodes per shard (at most ``MAX_SHARD``) such that what a shard keeps fits ``budget``
+    bytes (at least ``MIN_SHARD_BYTES``)."""
+    return max(1, min(MAX_SHARD, max(budget, MIN_SHARD_BYTES) // kept_bytes(shots, feature_shape)))
+
+
+def shards_at_once(shard: int, batch_size: int, shots: int, feature_shape: Sequence[int], size: int,
+                   budget: int) -> int:
+    """How many shard tasks (each ``shard`` episodes kept, ``batch_size`` in flight) fit ``budget``
+    bytes together (at least one)."""
+    task = shard * kept_bytes(shots, feature_shape) + batch_size * episode_bytes(shots, feature_shape, size)
+    return max(1, max(budget, MIN_SHARD_BYTES) // task)
 
 
 def create(root: zarr.Group, manifests: dict[str, pd.DataFrame], size: int, shard: int) -> None:
