@@ -210,8 +210,9 @@ def test_provenance_repeats_no_raw_clip_floats():
     what else it says in words, never a float such as 0.921999990940094."""
     data = inputs()
     data.clip = {"zero_shot_top1": 0.921999990940094, "dense_chance_miou": 0.024807209976451815,
-                 "source": "trained", "model": "tiny-vit", "precision": "bf16"}
+                 "source": "trained", "model": "tiny-vit", "precision": "bf16", "sha256": "ab12"}
     table = next(s for s in document.build(data) if s.title == "Provenance").tables[0]
     cells = [value for _, value in table.rows]
     assert ["CLIP source", "trained"] in table.rows
+    assert not {"CLIP sha256", "CLIP precision", "CLIP model"} & {item for item, _ in table.rows}  # above
     assert not any(re.search(r"\d\.\d{4,}", cell) for cell in cells), cells

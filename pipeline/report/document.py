@@ -176,7 +176,7 @@ def build(inputs: Inputs) -> list[Section]:
         rows += [
             [f"CLIP {key.replace('_', ' ')}", str(value)]
             for key, value in sorted(inputs.clip.items())
-            if isinstance(value, str) and key not in ("model", "precision")
+            if isinstance(value, str) and key not in ("model", "precision", "sha256")
         ]
     sections.append(
         Section(
