@@ -2,8 +2,9 @@
 
 * ``tiny-vit`` / ``tiny-resnet``: installed from the shipped fixture (``fixtures/<model>``, see
   ``pipeline/tinyclip/fixture.py``) when it was made with the same params and caption corpus, else
-  trained here on the synthetic caption corpus (two phases, checkpointed: a crashed run
-  resumes); then evaluated: zero-shot top-1 on held-out single-object images and MaskCLIP dense
+  trained here on the synthetic caption corpus, rendered first (in shards, from the generator
+  params in ``data/synthetic/meta.json``) and deleted after (two phases, checkpointed: a crashed
+  run resumes); then evaluated: zero-shot top-1 on held-out single-object images and MaskCLIP dense
   mIoU on benchmark val images, with chance levels. ``--retrain --write-fixture`` (``make
   tiny-clip``) retrains from scratch and rewrites the fixture.
 * any open_clip model: loaded with its pretrained tag or checkpoint, verified, saved.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -22,14 +24,15 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from prefect import flow
+from prefect import flow, task
 
 from pipeline.clip.loader import ClipBundle, load_pretrained, save_local_dir
 from pipeline.core.artifacts import Staging, fingerprint, write_json
 from pipeline.core.errors import PipelineError
-from pipeline.core.orchestration import run_flow
-from pipeline.core.params import ClipParams, Params
+from pipeline.core.orchestration import run_flow, run_shards
+from pipeline.core.params import ClipParams, Params, SyntheticParams
 from pipeline.core.precision import resolve
+from pipeline.datasets import synthetic_writer
 from pipeline.datasets.synthetic_writer import CAPTIONS_DIR, VOC_DIR
 from pipeline.tinyclip import evaluate as evaluate_tiny
 from pipeline.tinyclip import fixture
@@ -47,11 +50,30 @@ def _val_images(synthetic: Path, n: int) -> tuple[list[torch.Tensor], list[np.nd
     return images, [np.asarray(Image.open(voc / "SegmentationClassAug" / f"{i}.png")) for i in ids]
 
 
-def train(cfg: ClipParams, corpus_dir: Path, staging: Staging) -> tuple[ClipBundle, dict, Any]:
+@task
+def caption_shard(root: Path, name: str, indices: range, cfg: SyntheticParams) -> str:
+    synthetic_writer.write_caption_shard(root, indices, cfg)
+    return name
+
+
+def render_corpus(staging: Staging, generator: dict) -> Path:
+    """Render the caption corpus of the synthetic benchmark's ``generator`` params into the
+    staging folder, shard by shard (finished shards survive a crash), and return its folder."""
+    cfg = SyntheticParams(**generator)
+    shards = {f"captions-{start:06d}": range(start, min(start + cfg.shard_size, cfg.caption_images))
+              for start in range(0, cfg.caption_images, cfg.shard_size)}
+    run_shards(staging, lambda name: caption_shard.submit(staging.path, name, shards[name], cfg), shards,
+               "caption corpus shards")
+    return staging.path / CAPTIONS_DIR
+
+
+def train(cfg: ClipParams, generator: dict, staging: Staging) -> tuple[ClipBundle, dict, Any]:
     """Train the tiny CLIP on the caption corpus: the model, its training figures, its phase-1 heads."""
     bundle = tiny.build_tiny(cfg.model, cfg.tiny.seed)
     patch = bundle.model_cfg["vision_cfg"].get("patch_size", 32)  # ResNet: layer4 stride
+    corpus_dir = render_corpus(staging, generator)
     corpus = train_tiny.load_corpus(corpus_dir, bundle.image_size, patch)
+    shutil.rmtree(corpus_dir)  # in memory now; a crash before here re-renders only missing shards
     start = time.perf_counter()
     phase1, heads = train_tiny.train_phase1(bundle, corpus, cfg.tiny, staging.path / "phase1.ckpt")
     phase2 = train_tiny.train_phase2(bundle, corpus, cfg.tiny)
@@ -80,14 +102,16 @@ def evaluate(bundle: ClipBundle, cfg: ClipParams, synthetic: Path, heads: Any = 
 @flow(name="clip-model")
 def build_clip(cfg: ClipParams, synthetic: Path, out: Path, metrics_path: Path, fixtures: Path,
                retrain: bool = False, write_fixture: bool = False) -> dict:
-    corpus_dir = synthetic / CAPTIONS_DIR
-    if cfg.model in tiny.TINY_MODELS and not corpus_dir.is_dir():
-        raise PipelineError(f"clip.model = {cfg.model!r} trains on the synthetic caption corpus "
-                            f"({corpus_dir} is missing: set dataset.name: synthetic)")
-    staging = Staging(out, fingerprint(cfg.model_dump()))
-    metrics: dict[str, Any] = {}
+    generator = None
     if cfg.model in tiny.TINY_MODELS:
-        generator = json.loads((synthetic / "meta.json").read_text())["generator"]
+        meta = synthetic / "meta.json"
+        if not meta.is_file():
+            raise PipelineError(f"clip.model = {cfg.model!r} is made from the synthetic benchmark's caption "
+                                f"corpus ({meta} is missing: set dataset.name: synthetic)")
+        generator = json.loads(meta.read_text())["generator"]
+    staging = Staging(out, fingerprint([cfg.model_dump(), generator]))
+    metrics: dict[str, Any] = {}
+    if generator is not None:
         clip_key = {"model": cfg.model, "tiny": cfg.tiny.model_dump()}
         installed = None if retrain else fixture.install(fixtures / cfg.model, clip_key, generator)
         if installed is not None:
@@ -95,7 +119,7 @@ def build_clip(cfg: ClipParams, synthetic: Path, out: Path, metrics_path: Path, 
             metrics |= evaluate(bundle, cfg, synthetic)
             metrics["source"] = {"fixture": str(fixtures / cfg.model), **provenance}
         else:
-            bundle, training, heads = train(cfg, corpus_dir, staging)
+            bundle, training, heads = train(cfg, generator, staging)
             if write_fixture:
                 fixture.round_to_fp16(bundle)
             metrics |= evaluate(bundle, cfg, synthetic, heads) | training

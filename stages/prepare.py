@@ -1,7 +1,8 @@
 """`prepare`: generate the synthetic benchmark (when chosen) and index the dataset.
 
-Writes ``data/synthetic/`` (the benchmark in VOC and COCO layouts plus the caption corpus;
-only a note when a real dataset is chosen) and ``data/index/`` (``index.parquet``,
+Writes ``data/synthetic/`` (the benchmark in VOC and COCO layouts and the generator's params;
+only a note when a real dataset is chosen; the tiny CLIP's caption corpus is rendered by
+``clip_model``, and only when it trains) and ``data/index/`` (``index.parquet``,
 ``meta.json``, and for COCO the rendered label maps). Shards resume after a crash.
 """
 
@@ -35,10 +36,7 @@ def _shards(n: int, size: int) -> list[range]:
 
 @task
 def benchmark_shard(root: Path, split: str, indices: range, cfg: SyntheticParams) -> str:
-    if split == "captions":
-        synthetic_writer.write_caption_shard(root, indices, cfg)
-    else:
-        synthetic_writer.write_benchmark_shard(root, split, indices, cfg)
+    synthetic_writer.write_benchmark_shard(root, split, indices, cfg)
     return f"{split}-{indices.start:06d}"
 
 
@@ -46,8 +44,7 @@ def benchmark_shard(root: Path, split: str, indices: range, cfg: SyntheticParams
 def generate_synthetic(out: Path, cfg: SyntheticParams) -> None:
     staging = Staging(out, fingerprint(cfg.model_dump()))
     jobs = {f"{split}-{r.start:06d}": (split, r)
-            for split, n in (("train", cfg.train_images), ("val", cfg.val_images),
-                             ("captions", cfg.caption_images))
+            for split, n in (("train", cfg.train_images), ("val", cfg.val_images))
             for r in _shards(n, cfg.shard_size)}
     run_shards(staging, lambda name: benchmark_shard.submit(staging.path, *jobs[name], cfg), jobs,
                "synthetic shards")

@@ -108,7 +108,7 @@ def test_expected_errors_are_one_line_with_no_artifact(pipeline_run, tmp_path, c
         ({"clip": {"model": "tiny-vit"}},
          clip_model, ["--synthetic", str(tmp_path / "nothing"), "--out", str(tmp_path / "m"),
                       "--metrics", str(tmp_path / "clip.json")],
-         "clip.model = 'tiny-vit' trains on the synthetic caption corpus"),
+         "clip.model = 'tiny-vit' is made from the synthetic benchmark's caption corpus"),
         ({"clip": {"model": "tiny-vit", "pretrained": "openai"}},
          clip_model, ["--out", str(tmp_path / "m")], "the tiny models are trained by the clip_model stage"),
         ({"split": {"min_pixels": -1}},
@@ -210,7 +210,10 @@ def test_dvc_reruns_only_the_stages_a_param_touches(tmp_path):
     assert all(f"Running stage '{s}'" in out for s in folds)
     assert not any(f"Running stage '{s}'" in out for s in ("features", "priors", "pseudo_masks", "episodes"))
     assert dirty_after({"prepare": {"synthetic": {**SMOKE.model_dump(), "seed": 1}}}) == {"prepare"}
-    assert json.loads((repo / "data/metrics/clip.json").read_text())["model"] == "tiny-vit"
+    clip = json.loads((repo / "data/metrics/clip.json").read_text())
+    assert clip["model"] == "tiny-vit" and clip["source"] == "trained"  # smoke params: no fixture matches
+    # the caption corpus is rendered by clip_model, for its training only, and not kept
+    assert not list(repo.glob("data/**/captions")) and not list(repo.glob("data/.*.partial"))
     assert (repo / "data/priors_preview.png").is_file() and (repo / "data/pseudo_masks.zarr").is_dir()
     assert "fold0" in json.loads((repo / "data/metrics/pseudo_masks.json").read_text())
     for k in range(4):

@@ -72,6 +72,7 @@ def test_caption_names_colour_and_shape_of_every_object():
 
 
 def test_written_benchmark_layouts_and_caption_corpus(benchmark_root):
+    """The benchmark through the writer (tests write the caption corpus too: prepare does not)."""
     voc = benchmark_root / "VOC2012"
     val_ids = (voc / "ImageSets/Segmentation/val.txt").read_text().split()
     train_ids = (voc / "ImageSets/SegmentationAug/train_aug.txt").read_text().split()

@@ -8,12 +8,15 @@ Under ``root``::
     VOC2012/ImageSets/SegmentationAug/train_aug.txt
     COCO/{train,val}2014/{id}.jpg                   hard links to the same JPEGs
     COCO/annotations/instances_{train,val}2014.json the same samples as COCO instances
-    captions/part-*.parquet                         the image-caption corpus (CLIP pretraining)
     meta.json                                       generator params, class names, counts
 
 COCO has no void band: each image's band is one ``iscrowd=1`` region (crowd → 255 in the
 adapter), so both adapters give identical label maps. COCO category ids are deliberately
 non-contiguous (``3k + 2``) to exercise the adapter's mapping to 1..C.
+
+The tiny CLIP's image-caption corpus (``captions/part-*.parquet``, :func:`write_caption_shard`) is
+rendered where it is trained (the ``clip_model`` stage), never by default: a shipped tiny CLIP
+does not need it.
 """
 
 from __future__ import annotations
@@ -188,7 +191,6 @@ def finalize(root: Path, cfg: SyntheticParams) -> dict[str, Any]:
     for shard in (root / "_shards").glob("*.json"):
         shard.unlink()
     (root / "_shards").rmdir()
-    meta = {"generator": cfg.model_dump(), "class_names": list(SHAPE_NAMES),
-            "images": counts | {"captions": cfg.caption_images}}
+    meta = {"generator": cfg.model_dump(), "class_names": list(SHAPE_NAMES), "images": counts}
     (root / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta
