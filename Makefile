@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup repro preset test lint lock tiny-clip ablation dvc-deps clean-venv
+.PHONY: setup repro preset params test lint lock tiny-clip ablation dvc-deps clean-venv
 
 setup: $(STAMP)
 
@@ -20,8 +20,13 @@ $(STAMP): requirements.lock pyproject.toml
 # matrices are derived from the code and params first (a no-op when they are current).
 # `make repro CONFIG=configs/pascal-5i.yaml DATASET_ROOT=/data/VOC2012` first writes the preset and
 # the dataset's root into params.yaml (so DVC tracks them), validated.
-repro: setup preset dvc-deps
+repro: setup preset params dvc-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+# The whole params.yaml validated in about a second, before DVC removes any output or a stage
+# starts: unknown or missing sections and keys, types, allowed values, YAML line and column.
+params: setup preset
+	$(BIN)/python -m pipeline.core.params params.yaml
 
 preset: setup
 ifneq ($(CONFIG)$(DATASET_ROOT),)
@@ -29,7 +34,7 @@ ifneq ($(CONFIG)$(DATASET_ROOT),)
 endif
 
 # Rewrite dvc.yaml's source deps (each stage's import closure) and fold matrices (split.num_folds).
-dvc-deps: setup preset
+dvc-deps: setup preset params
 	$(BIN)/python -m stages._deps
 
 # Retrain the shipped tiny CLIP from scratch (~15 min on 2 cores) and rewrite fixtures/tiny-vit;

@@ -61,7 +61,7 @@ def test_load_params_errors_name_the_file(tmp_path):
         load_params(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("dataset: [unclosed\n")
-    with pytest.raises(PipelineError, match="bad.yaml: not valid YAML"):
+    with pytest.raises(PipelineError, match=r"bad.yaml:2:1: not valid YAML \(expected .,. or .\]."):
         load_params(bad)
     listed = tmp_path / "list.yaml"
     listed.write_text(yaml.safe_dump([1, 2]))
@@ -73,3 +73,34 @@ def test_params_are_frozen():
     params = Params()
     with pytest.raises(ValidationError, match="frozen"):
         params.episodes.shots = [1]  # type: ignore[misc]
+
+
+def test_yaml_errors_give_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dataset:\n  name: synthetic\ntrain:\n  lr: [0.1\n  epochs: 3\n")
+    with pytest.raises(PipelineError) as err:
+        load_params(bad)
+    assert str(err.value).startswith(f"{bad}:5:") and "not valid YAML" in str(err.value)
+
+
+def test_the_params_check_make_repro_runs_first(tmp_path, capsys):
+    """`python -m pipeline.core.params`: the shipped file passes; a typo'd section, a missing
+    section (DVC would delete outputs before failing) and a bad orchestration value (no stage lists
+    those params, so DVC never runs a stage that would see it) each fail with one line."""
+    from pipeline.core import params as schema
+
+    assert schema.main([str(REPO / "params.yaml")]) == 0
+    shipped = yaml.safe_load((REPO / "params.yaml").read_text())
+    cases = [
+        ({**{k: v for k, v in shipped.items() if k != "train"}, "trian": shipped["train"]},
+         "unknown key 'trian'"),
+        ({k: v for k, v in shipped.items() if k != "evaluate"}, "section 'evaluate' is missing"),
+        ({**shipped, "orchestration": {**shipped["orchestration"], "task_runner": "thread"}},
+         "orchestration.task_runner = 'thread'"),
+    ]
+    for raw, expected in cases:
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        assert schema.main([str(path)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert expected in err and err.startswith("error: ") and "\n" not in err, err

@@ -343,14 +343,54 @@ def parse_params(raw: dict[str, Any] | None, source: str = "params.yaml") -> Par
         raise PipelineError(_describe(exc.errors(), source)) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    path = Path(path)
+def _read_yaml(path: Path) -> dict[str, Any] | None:
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise PipelineError(f"{path}: not found (run from the repository root)") from None
     except yaml.YAMLError as exc:
-        raise PipelineError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise PipelineError(f"{path}{where}: not valid YAML ({problem})") from None
     if raw is not None and not isinstance(raw, dict):
         raise PipelineError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    return parse_params(raw, str(path))
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    return parse_params(_read_yaml(path), str(path))
+
+
+def check_complete(path: str | Path = "params.yaml") -> Params:
+    """Validate ``path`` as ``dvc repro`` needs it: valid, and every section written out (DVC
+    reads each stage's sections from the file itself; with one missing it fails only after it
+    has removed that stage's outputs)."""
+    path = Path(path)
+    raw = _read_yaml(path) or {}
+    params = parse_params(raw, str(path))
+    missing = [name for name in Params.model_fields if name not in raw]
+    if missing:
+        raise PipelineError(f"{path}: section {missing[0]!r} is missing (dvc.yaml's stages read every "
+                            "section from the file; the shipped params.yaml has them all)")
+    return params
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.core.params [params.yaml]``: validate the whole file in about a second
+    (``make repro`` runs it before DVC touches anything)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    path = Path(args[0] if args else "params.yaml")
+    try:
+        check_complete(path)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
