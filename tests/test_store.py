@@ -1,8 +1,12 @@
+import os
+import stat
+
 import numpy as np
 import pytest
 import zarr
 
 from pipeline.core.artifacts import Staging, StoreReader, fingerprint, read_rows, write_atomic, write_json
+from pipeline.core.errors import PipelineError
 
 
 def test_commit_is_atomic_and_replaces_the_old_artifact(tmp_path):
@@ -55,3 +59,34 @@ def test_rows_come_in_the_order_asked_with_repeats_streamed_or_cached(tmp_path, 
         np.testing.assert_array_equal(reader.read_rows("x", rows), values[rows])
     assert read_rows(root["x"], []).shape == (0, 3, 2)
     assert (reader.cached("x") is not None) == bool(cache_bytes)
+
+
+def test_debris_of_a_crashed_commit_never_blocks_the_next(tmp_path):
+    """A `.old` left by a crashed commit (read-only folders, as DVC protects outputs) and a stale
+    `.partial` are removed; the output is replaced; nothing is left beside it."""
+    final = tmp_path / "splits"
+    (final / "sub").mkdir(parents=True)
+    cached = tmp_path / "cache"  # a DVC cache file, hardlinked into the output
+    cached.write_text("old")
+    cached.chmod(0o444)
+    os.link(cached, final / "sub" / "a.txt")
+    trash = tmp_path / ".splits.old" / "deep"
+    trash.mkdir(parents=True)
+    (trash / "f").write_text("x")
+    for folder in (trash, trash.parent, final / "sub", final):
+        folder.chmod(0o555)
+    (tmp_path / ".splits.partial").mkdir()  # no fingerprint: from some other run
+    staging = Staging(final, "fp")
+    (staging.path / "b.txt").write_text("new")
+    staging.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "splits"]
+    assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
+    assert stat.S_IMODE(cached.stat().st_mode) == 0o444  # links' files keep their modes
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path):
+    (tmp_path / "data").write_text("a file where a folder should be")
+    with pytest.raises(PipelineError) as err:
+        Staging(tmp_path / "data" / "splits", "fp")
+    message = str(err.value)
+    assert message.startswith(f"cannot write {tmp_path / 'data' / 'splits'}: ") and "\n" not in message

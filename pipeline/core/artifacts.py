@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -51,10 +52,11 @@ class Staging:
         self.final = Path(final)
         self.path = self.final.with_name(f".{self.final.name}.partial")
         marker = self.path / _FINGERPRINT
-        if self.path.exists() and (not marker.exists() or marker.read_text() != fingerprint):
-            shutil.rmtree(self.path)  # left by a run with other params: start over
-        self.path.mkdir(parents=True, exist_ok=True)
-        marker.write_text(fingerprint)
+        with _one_line(self.final):
+            if self.path.exists() and (not marker.exists() or marker.read_text() != fingerprint):
+                remove_tree(self.path)  # left by a run with other params: start over
+            self.path.mkdir(parents=True, exist_ok=True)
+            marker.write_text(fingerprint)
 
     def _marker(self, shard: str) -> Path:
         return self.path / ".done" / shard
@@ -70,18 +72,56 @@ class Staging:
         return [s for s in shards if not self.is_done(s)]
 
     def commit(self) -> Path:
-        """Drop the bookkeeping and rename the staging directory onto the final path."""
-        shutil.rmtree(self.path / ".done", ignore_errors=True)
-        (self.path / _FINGERPRINT).unlink()
-        if self.final.exists():
+        """Drop the bookkeeping and rename the staging directory onto the final path. The
+        previous output goes to ``.<name>.old`` first and is removed last; one left behind by a
+        crashed run (read-only, as DVC leaves its outputs) is removed, never in the way."""
+        with _one_line(self.final):
+            remove_tree(self.path / ".done")
+            (self.path / _FINGERPRINT).unlink()
             trash = self.final.with_name(f".{self.final.name}.old")
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(self.final, trash)
+            remove_tree(trash)
+            if self.final.exists() or self.final.is_symlink():
+                os.replace(self.final, trash)
             os.replace(self.path, self.final)
-            shutil.rmtree(trash)
-        else:
-            os.replace(self.path, self.final)
+            remove_tree(trash)
         return self.final
+
+
+class _one_line:
+    """Turn an OSError while writing ``final`` into a one-line :class:`PipelineError`."""
+
+    def __init__(self, final: Path) -> None:
+        self.final = final
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> bool:
+        if isinstance(exc, OSError):
+            raise PipelineError(f"cannot write {self.final}: {exc.strerror or exc} "
+                                f"({exc.filename or self.final})") from None
+        return False
+
+
+def remove_tree(path: Path) -> None:
+    """Remove the folder ``path`` if it exists, even one left read-only (as DVC protects its
+    outputs): its folders are made writable first (files keep their modes: they may be links
+    into DVC's cache), so nothing a crashed run left can block the next."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+        return
+
+    def writable(folder: str) -> None:
+        if not os.path.islink(folder):
+            os.chmod(folder, os.stat(folder).st_mode | stat.S_IRWXU)
+
+    writable(str(path))
+    for root, folders, _ in os.walk(path):
+        for folder in folders:
+            writable(os.path.join(root, folder))
+    shutil.rmtree(path)
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
