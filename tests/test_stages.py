@@ -419,13 +419,13 @@ def test_train_resumes_then_evaluate_reports_model_and_priors(model_inputs, pipe
     with pytest.raises(RuntimeError, match="simulated crash"):
         train.main(args)
     assert not (tmp_path / "models/fold1").exists()
-    checkpoint = torch.load(tmp_path / "models/.fold1.partial/checkpoint.pt", weights_only=False)
-    first_epoch = checkpoint["state"].history
+    checkpoint = torch.load(tmp_path / "models/.fold1.partial/checkpoint.pt", weights_only=True)
+    first_epoch = checkpoint["state"]["history"]
     assert [r["epoch"] for r in first_epoch] == [1]
     calls.clear()
     assert train.main(args) == 0
     assert len(calls) == 7  # only the second epoch ran
-    saved = torch.load(tmp_path / "models/fold1/model.pt", weights_only=False)
+    saved = torch.load(tmp_path / "models/fold1/model.pt", weights_only=True)
     assert [r["epoch"] for r in saved["history"]] == [1, 2] and saved["history"][0] == first_epoch[0]
     assert not (tmp_path / "models/fold1/checkpoint.pt").exists()
     curves = pd.read_csv(tmp_path / "plots/fold1.csv")
@@ -548,7 +548,7 @@ def test_epoch_sampling_draws_every_pair_and_trains_on_fresh_episodes(model_inpu
     assert sorted(seen) == ["train/fold1/epoch0", "train/fold1/epoch1"]
     assert all(len(rows) == 16 for rows in seen.values()) and seen["train/fold1/epoch0"] != seen[
         "train/fold1/epoch1"]
-    history = torch.load(tmp_path / "models/fold1/model.pt", weights_only=False)["history"]
+    history = torch.load(tmp_path / "models/fold1/model.pt", weights_only=True)["history"]
     assert [r["epoch"] for r in history] == [1, 2]
 
 

@@ -185,3 +185,43 @@ def test_poly_schedule_decays_the_lr_of_every_step_to_zero():
         trained(epochs=2, fold=fold, lr_schedule="poly", poly_power=0.9)
     expected = [TRAIN.lr * (1 - step / 8) ** 0.9 for step in range(8)]
     assert seen == pytest.approx(expected)
+
+
+class _Payload:
+    """Unpickling this runs code: what a crafted checkpoint would do."""
+
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_checkpoints_load_safely_and_are_verified(tmp_path, capsys):
+    """model.pt round trips (sha256 checked); a changed file, a missing hash and a crafted
+    pickle (even with a matching hash) are each refused with one line, running nothing."""
+    import hashlib
+
+    from pipeline.core.errors import PipelineError
+    from pipeline.fewshot.checkpoint import load_model, save_model, sha_file
+
+    model, state = trained(tmp_path / "ckpt.pt", epochs=1)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["state"]["epoch"] == 1  # plain data
+    path = tmp_path / "model.pt"
+    record = save_model(path, state, CFG, C, circle=True, fold=0)
+    loaded, saved = load_model(path, torch.device("cpu"))
+    assert saved["best_epoch"] == record["best_epoch"] == 1
+    assert all(torch.equal(v, state.best_state[k]) for k, v in loaded.state_dict().items())
+
+    def refused(expected: str) -> None:
+        with pytest.raises(PipelineError) as err:
+            load_model(path, torch.device("cpu"))
+        assert expected in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+    good = path.read_bytes()
+    path.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    refused("differs from model.pt.sha256")
+    path.write_bytes(good)
+    sha_file(path).unlink()
+    refused("model.pt.sha256: missing")
+    torch.save({"state_dict": _Payload()}, path)
+    sha_file(path).write_text(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  model.pt\n")
+    refused("refused: it holds more than tensors and plain data")
+    assert "pwned" not in capsys.readouterr().out

@@ -54,7 +54,7 @@ def text_embeddings(
         key = json.dumps([weights_sha, list(names), list(templates)]).encode()
         cache = Path(cache_dir) / f"text-{hashlib.sha256(key).hexdigest()[:20]}.pt"
         if cache.exists():
-            return torch.load(cache)
+            return torch.load(cache, weights_only=True)
     device = next(model.parameters()).device
     rows = []
     for name in names:

@@ -2,11 +2,15 @@
 
 Holds the best validation epoch's ``state_dict``, the model params it was built with, the backbone's
 feature channels, whether it was trained (and so predicts) with circle inference, the fold, and
-the training history.
+the training history; ``model.pt.sha256`` beside it (``sha256sum -c`` format) is checked on load,
+and the file is read with ``torch.load(weights_only=True)``: tensors and plain data only, so a
+replaced or crafted file cannot run code.
 """
 
 from __future__ import annotations
 
+import hashlib
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +41,35 @@ def save_model(
         "precision": state.precision,
     }
     torch.save(saved, path)
+    sha_file(path).write_text(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.name}\n")
     return {k: v for k, v in saved.items() if k != "state_dict"}
 
 
-def load_model(path: Path, device: torch.device) -> tuple[LFSS, dict[str, Any]]:
-    """The model in eval mode on ``device``, and the saved record."""
+def sha_file(path: Path) -> Path:
+    return path.with_name(f"{path.name}.sha256")
+
+
+def safe_load(path: Path, device: torch.device | str = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``; anything else in the file is one-line error."""
     try:
-        saved = torch.load(path, map_location=device, weights_only=False)
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: missing (run the train stage for this fold)") from None
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise PipelineError(f"{path}: refused: it holds more than tensors and plain data "
+                            f"({str(exc).splitlines()[0][:120]})") from None
+
+
+def load_model(path: Path, device: torch.device) -> tuple[LFSS, dict[str, Any]]:
+    """The model in eval mode on ``device``, and the saved record, once the file's sha256 matches."""
+    try:
+        blob = path.read_bytes()
+        expected = sha_file(path).read_text().split()[0]
+    except FileNotFoundError as exc:
+        raise PipelineError(f"{exc.filename}: missing (run the train stage for this fold)") from None
+    sha = hashlib.sha256(blob).hexdigest()
+    if sha != expected:
+        raise PipelineError(f"{path}: sha256 {sha[:12]}… differs from {sha_file(path).name} "
+                            f"({expected[:12]}…): the checkpoint was changed or damaged (re-run train)")
+    saved = safe_load(path, device)
     model = LFSS(saved["feat_channels"], ModelParams(**saved["model"])).to(device)
     model.load_state_dict(saved["state_dict"])
     return model.eval(), saved

@@ -191,12 +191,12 @@ def fit(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, cfg.epochs * steps))
     state = State()
     if checkpoint is not None and checkpoint.exists():
-        saved = torch.load(checkpoint, map_location=device, weights_only=False)
+        saved = torch.load(checkpoint, map_location=device, weights_only=True)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
         schedule.load_state_dict(saved["schedule"])
-        state = saved["state"]
+        state = State(**saved["state"])
         state.history = same_keys(state.history)
     state.precision = resolved
     for epoch in range(state.epoch, cfg.epochs):
@@ -243,7 +243,7 @@ def fit(
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
                 "schedule": schedule.state_dict(),
-                "state": state,
+                "state": vars(state),  # plain data: loads with weights_only=True
             }
             write_atomic(checkpoint, lambda tmp, saved=saved: torch.save(saved, tmp))
         if distributed:

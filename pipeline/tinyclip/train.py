@@ -149,7 +149,7 @@ def train_phase1(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, cfg.phase1_steps, cfg.warmup))
     start, losses = 0, []
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)
         visual.load_state_dict(state["visual"])
         heads.load_state_dict(state["heads"])
         opt.load_state_dict(state["opt"])
