@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 from collections.abc import Callable
 from functools import partial
@@ -53,13 +54,16 @@ def generate_synthetic(out: Path, cfg: SyntheticParams) -> None:
 
 
 @task
-def index_shard(parts: Path, name: str, make_rows: Callable[[], list[IndexRow]]) -> str:
-    write_index(make_rows(), parts / f"{name}.parquet")
+def index_shard(parts: Path, name: str, make_rows: Callable[..., list[IndexRow]], skip: bool) -> str:
+    skipped: list[str] | None = [] if skip else None
+    write_index(make_rows(skipped=skipped), parts / f"{name}.parquet")
+    if skipped:
+        write_json(parts / f"{name}.skipped.json", skipped)
     return name
 
 
 @flow(name="prepare-index")
-def build_index(dataset: DatasetParams, root: Path, out: Path) -> None:
+def build_index(dataset: DatasetParams, root: Path, out: Path, on_bad_image: str = "fail") -> None:
     # Open (and so validate) the dataset before anything is written.
     if dataset.name == "coco":
         class_names = coco.COCO_CLASSES
@@ -70,7 +74,7 @@ def build_index(dataset: DatasetParams, root: Path, out: Path) -> None:
         lists = layout.image_lists()
 
     staging = Staging(out, fingerprint({"dataset": dataset.model_dump(), "root": str(root),
-                                       "schema": str(INDEX_SCHEMA)}))
+                                       "schema": str(INDEX_SCHEMA), "on_bad_image": on_bad_image}))
     parts = staging.path / "parts"
     parts.mkdir(exist_ok=True)
     jobs: dict[str, Callable[[], list[IndexRow]]] = {}
@@ -86,18 +90,22 @@ def build_index(dataset: DatasetParams, root: Path, out: Path) -> None:
             for r in _shards(len(ids), INDEX_SHARD):
                 jobs[f"{split_name}-{r.start:07d}"] = partial(
                     voc.voc_rows, layout, split_name, ids[r.start:r.stop], len(class_names))
-    run_shards(staging, lambda name: index_shard.submit(parts, name, jobs[name]), jobs, "index shards")
+    skip = on_bad_image == "skip"
+    run_shards(staging, lambda name: index_shard.submit(parts, name, jobs[name], skip), jobs,
+               "index shards (every image and mask decoded)")
     order = sorted(jobs, key=lambda name: (name.split("-")[0] != "train", name))
     table = pa.concat_tables([pq.read_table(parts / f"{name}.parquet") for name in order])
     pq.write_table(table, staging.path / "index.parquet")
-    for name in order:
-        (parts / f"{name}.parquet").unlink()
-    parts.rmdir()
+    skipped = [reason for name in order if (parts / f"{name}.skipped.json").is_file()
+               for reason in json.loads((parts / f"{name}.skipped.json").read_text())]
+    shutil.rmtree(parts)
     areas = [h * w for h, w in zip(table["height"].to_pylist(), table["width"].to_pylist(), strict=True)]
     meta = {"dataset": dataset.name, "root": str(root), "class_names": list(class_names),
             "adapter": "coco" if dataset.name == "coco" else "voc",
             "images": {s: table["split"].to_pylist().count(s) for s in ("train", "val")},
             "median_image_area": statistics.median(areas)}
+    if on_bad_image == "skip":
+        meta["skipped"] = skipped
     write_json(staging.path / "meta.json", meta)
     staging.commit()
 
@@ -110,15 +118,18 @@ def run(params: Params, args: argparse.Namespace) -> None:
         root = synthetic_out
     else:
         root = params.dataset.resolved_root
-    run_flow(build_index, params.orchestration, dataset=params.dataset, root=root, out=index_out)
+    run_flow(build_index, params.orchestration, dataset=params.dataset, root=root, out=index_out,
+             on_bad_image=params.prepare.on_bad_image)
     if params.dataset.name != "synthetic":  # DVC expects the output; say why it is empty
         staging = Staging(synthetic_out, "note")
         (staging.path / "README.md").write_text(
             f"Not generated: dataset.name is {params.dataset.name!r}.\n")
         staging.commit()
     meta = json.loads((index_out / "meta.json").read_text())
+    skipped = meta.get("skipped")
+    skipped = f"; {len(skipped)} broken ones skipped (listed in its meta.json)" if skipped else ""
     print(f"prepare: {meta['dataset']}: {meta['images']['train']} train + "
-          f"{meta['images']['val']} val images indexed in {index_out}")
+          f"{meta['images']['val']} val images indexed in {index_out}{skipped}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,14 +69,17 @@ def load_samples(predictions: Path, index: pd.DataFrame, class_names: list[str])
 
 def provenance(params: Params, splits: dict, clip_dir: Path, clip: dict | None,
                scored: str = "the prediction upsampled to each label's own size",
-               compute: str | None = None) -> dict[str, str]:
+               compute: str | None = None, skipped: list[str] | None = None) -> dict[str, str]:
     """What a reader needs to reproduce or cite the numbers (``scored``: how the folds were scored;
-    ``compute``: where and in which precision)."""
+    ``compute``: where and in which precision; ``skipped``: broken images ``prepare`` left out)."""
     episodes, names = params.episodes, splits["class_names"]
     sha_file = clip_dir / "sha256.txt"
     out = {
         "dataset": params.dataset.name
         + (f" ({params.dataset.root})" if params.dataset.root else " (the embedded synthetic benchmark)"),
+        **({"images skipped": f"{len(skipped)} broken images or masks left out by prepare "
+                              f"(on_bad_image: skip; listed in data/index/meta.json), first: {skipped[0]}"}
+           if skipped else {}),
         "folds": f"{len(splits['folds'])}, {splits['convention']} convention",
         **{
             f"fold {f['fold']} novel classes": ", ".join(names[c - 1] for c in f["novel"])
@@ -130,7 +133,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
         samples=load_samples(Path(args.predictions), index.set_index("image_id"), meta["class_names"]),
         ablations=ablations["runs"] if ablations else None,
         provenance=provenance(params, splits, Path(args.clip), clip, scoring_of(folds) or "unknown",
-                              compute_of(folds)),
+                              compute_of(folds), meta.get("skipped")),
         params_yaml=Path(args.params).read_text()
         if Path(args.params).is_file()
         else yaml.safe_dump(params.model_dump()),

@@ -122,6 +122,30 @@ def test_unreadable_image_names_the_file(tmp_path):
         voc.voc_rows(voc.open_voc(root), "val", ["b"], 20)
 
 
+def test_broken_images_fail_in_prepare_or_are_skipped_and_listed(tmp_path):
+    """A truncated JPEG (its header reads fine), a zero-byte one and a truncated mask each stop
+    the index with one line naming the file; with a ``skipped`` list they are left out instead."""
+    ids = ["a", "b", "c", "d"]
+    size = (96, 128)
+    root = make_voc(tmp_path / "VOC2012", ids[:2], ids[2:], size=size)
+    jpeg = (root / "JPEGImages" / "b.jpg").read_bytes()
+    (root / "JPEGImages" / "b.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    assert Image.open(root / "JPEGImages" / "b.jpg").size == size[::-1]  # the header alone passes
+    (root / "JPEGImages" / "c.jpg").write_bytes(b"")
+    png = (root / "SegmentationClassAug" / "d.png").read_bytes()
+    (root / "SegmentationClassAug" / "d.png").write_bytes(png[: len(png) // 2])
+    layout = voc.open_voc(root)
+    for image_id, culprit in (("b", "b.jpg: unreadable image (image file is truncated"),
+                              ("c", "c.jpg: unreadable image"), ("d", "d.png: unreadable mask")):
+        with pytest.raises(PipelineError) as err:
+            voc.voc_rows(layout, "val", [image_id], 20)
+        assert culprit in one_line(err), one_line(err)
+    skipped: list[str] = []
+    rows = voc.voc_rows(layout, "val", ids, 20, skipped=skipped)
+    assert [r.image_id for r in rows] == ["a"]
+    assert [s.split(":")[0].rsplit("/", 1)[1] for s in skipped] == ["b.jpg", "c.jpg", "d.png"]
+
+
 def test_mask_size_mismatch_and_bad_labels_name_the_mask(tmp_path):
     root = make_voc(tmp_path / "VOC2012", ["a"], ["b"])
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / "SegmentationClassAug" / "b.png")

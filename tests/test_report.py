@@ -216,3 +216,15 @@ def test_provenance_repeats_no_raw_clip_floats():
     assert ["CLIP source", "trained"] in table.rows
     assert not {"CLIP sha256", "CLIP precision", "CLIP model"} & {item for item, _ in table.rows}  # above
     assert not any(re.search(r"\d\.\d{4,}", cell) for cell in cells), cells
+
+
+def test_provenance_says_which_broken_images_prepare_skipped(tmp_path):
+    from pipeline.core.params import Params
+    from stages.report import provenance
+
+    splits = {"class_names": ["a", "b"], "folds": [{"fold": 0, "novel": [1]}, {"fold": 1, "novel": [2]}],
+              "convention": "contiguous", "min_pixels": 2, "novel_in_train": "drop"}
+    assert "images skipped" not in provenance(Params(), splits, tmp_path, None)
+    line = provenance(Params(), splits, tmp_path, None, skipped=["x/b.jpg: unreadable image (truncated)"] * 3)
+    assert line["images skipped"].startswith("3 broken images or masks left out by prepare")
+    assert line["images skipped"].endswith("first: x/b.jpg: unreadable image (truncated)")

@@ -168,6 +168,27 @@ def test_prepare_resumes_after_a_crash(pipeline_run, tmp_path, monkeypatch):
     assert files_of(tmp_path / "synthetic") == files_of(pipeline_run / "synthetic")
 
 
+def test_prepare_fails_on_a_truncated_image_or_skips_and_lists_it(tmp_path, prefect_server, capsys):
+    root = make_voc(tmp_path / "VOC2012", ["a", "b", "c"], ["d", "e"], size=(60, 80))
+    jpeg = (root / "JPEGImages" / "b.jpg").read_bytes()
+    (root / "JPEGImages" / "b.jpg").write_bytes(jpeg[: len(jpeg) // 2])  # its header still reads
+    paths = ["--synthetic", str(tmp_path / "synthetic"), "--index", str(tmp_path / "index")]
+    for on_bad in ("fail", "skip"):
+        params = write_params(tmp_path / "params.yaml", {"dataset": {"name": "pascal", "root": str(root)},
+                                                         "prepare": {"on_bad_image": on_bad}})
+        code = prepare.main(["--params", str(params), *paths])
+        if on_bad == "fail":
+            err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+            assert code == 1 and err.startswith(f"error: {root / 'JPEGImages' / 'b.jpg'}: unreadable image "
+                                                "(image file is truncated") and "\n" not in err, err
+            assert not (tmp_path / "index").exists()
+    assert code == 0
+    meta = json.loads((tmp_path / "index/meta.json").read_text())
+    assert meta["images"] == {"train": 2, "val": 2} and len(meta["skipped"]) == 1
+    assert meta["skipped"][0].startswith(f"{root / 'JPEGImages' / 'b.jpg'}: unreadable image")
+    assert "1 broken ones skipped" in capsys.readouterr().out
+
+
 def test_dvc_reruns_only_the_stages_a_param_touches(tmp_path):
     """`dvc repro` in a copy of the project; then which stages does each param change dirty?"""
     repo = tmp_path / "repo"

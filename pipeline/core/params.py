@@ -72,6 +72,9 @@ class SyntheticParams(Section):
 
 class PrepareParams(Section):
     synthetic: SyntheticParams = SyntheticParams()
+    # An image or mask that does not decode, or whose sizes or labels are wrong: fail (one line
+    # naming the file) or skip it (listed in data/index/meta.json and the report).
+    on_bad_image: Literal["fail", "skip"] = "fail"
 
 
 class SplitParams(Section):

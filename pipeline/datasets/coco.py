@@ -22,7 +22,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline.core.errors import PipelineError
-from pipeline.datasets.index import IGNORE, IndexRow, index_row
+from pipeline.datasets.index import IGNORE, IndexRow, checked_rows, index_row
 
 # The 80 COCO-2014 classes in sorted category-id order (class id = position + 1).
 COCO_CLASSES: tuple[str, ...] = (
@@ -149,18 +149,21 @@ def open_coco(root: Path, split: str, expected_names: tuple[str, ...] | None) ->
     return CocoSplit(root, split, records, mapping, names)
 
 
-def coco_rows(split: CocoSplit, mask_dir: Path, final_mask_dir: Path, num_classes: int) -> list[IndexRow]:
-    """Render and index the label maps of ``split.records`` (narrow it with :meth:`shard`).
+def coco_rows(split: CocoSplit, mask_dir: Path, final_mask_dir: Path, num_classes: int,
+              skipped: list[str] | None = None) -> list[IndexRow]:
+    """Render and index the label maps of ``split.records`` (narrow it with :meth:`shard`);
+    each image is decoded once (``skipped``: broken ones are left out and listed there).
 
     The PNGs are written under ``mask_dir`` (a staging directory) and recorded in the rows
     under ``final_mask_dir``, where they will be once the stage commits.
     """
     mask_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for record in split.records:
+
+    def row(record: Any) -> IndexRow:
         label = render_label(record, split.class_of_category, split.annotation_path)
         stem = Path(record.info["file_name"]).stem
         Image.fromarray(label).save(mask_dir / f"{stem}.png")
-        rows.append(index_row(stem, split.split, split.image_dir / record.info["file_name"],
-                              final_mask_dir / f"{stem}.png", "coco", label, num_classes))
-    return rows
+        return index_row(stem, split.split, split.image_dir / record.info["file_name"],
+                         final_mask_dir / f"{stem}.png", "coco", label, num_classes)
+
+    return checked_rows(row, split.records, skipped)

@@ -16,14 +16,17 @@ class_pixels   list<int32>     pixel count of each class in ``class_ids``
 ignore_pixels  int32           pixels labelled 255
 =============  ==============  ==========================================================
 
-``meta.json`` beside it names the dataset, its root and the class names (id = position + 1).
+``meta.json`` beside it names the dataset, its root and the class names (id = position + 1),
+and lists the images ``prepare.on_bad_image: skip`` left out (``skipped``: one reason each).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -34,6 +37,7 @@ from PIL import Image, UnidentifiedImageError
 from pipeline.core.errors import PipelineError
 
 IGNORE = 255
+T = TypeVar("T")
 
 INDEX_SCHEMA = pa.schema([
     ("image_id", pa.string()),
@@ -75,9 +79,11 @@ def read_label(path: Path) -> np.ndarray:
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """``(H, W)`` of an image from its header; one-line error if missing or unreadable."""
+    """``(H, W)`` of an image, decoded in full once (a truncated or damaged file fails here, in
+    ``prepare``, not hours later in a stage that reads it); one-line error if unreadable."""
     try:
         with Image.open(path) as im:
+            im.load()
             width, height = im.size
             return height, width
     except (OSError, UnidentifiedImageError, ValueError) as exc:
@@ -110,6 +116,21 @@ def index_row(
         image_id, split, str(image_path), str(mask_path), source, height, width,
         present.tolist(), counts[present].tolist(), int(counts[IGNORE]),
     )
+
+
+def checked_rows(make_row: Callable[[T], IndexRow], items: Iterable[T],
+                 skipped: list[str] | None) -> list[IndexRow]:
+    """``make_row(item)`` for every item; with a ``skipped`` list, an item whose files are broken
+    (any :class:`PipelineError`) is left out and its one-line reason appended instead."""
+    rows = []
+    for item in items:
+        try:
+            rows.append(make_row(item))
+        except PipelineError as exc:
+            if skipped is None:
+                raise
+            skipped.append(str(exc))
+    return rows
 
 
 def write_index(rows: list[IndexRow], path: Path) -> None:

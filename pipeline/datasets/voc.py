@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.errors import PipelineError
-from pipeline.datasets.index import IndexRow, index_row, read_label
+from pipeline.datasets.index import IndexRow, checked_rows, index_row, read_label
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -80,11 +80,13 @@ def open_voc(root: Path) -> VocLayout:
     return VocLayout(root)
 
 
-def voc_rows(layout: VocLayout, split: str, ids: list[str], num_classes: int) -> list[IndexRow]:
-    """Index rows of ``ids``: reads each mask, checks it against its image's size."""
-    rows = []
-    for image_id in ids:
+def voc_rows(layout: VocLayout, split: str, ids: list[str], num_classes: int,
+             skipped: list[str] | None = None) -> list[IndexRow]:
+    """Index rows of ``ids``: decodes each image and mask, checks their sizes and labels
+    (``skipped``: broken pairs are left out and listed there instead of failing)."""
+    def row(image_id: str) -> IndexRow:
         mask = layout.mask_path(image_id)
-        rows.append(index_row(image_id, split, layout.image_path(image_id), mask, "voc",
-                              read_label(mask), num_classes))
-    return rows
+        return index_row(image_id, split, layout.image_path(image_id), mask, "voc", read_label(mask),
+                         num_classes)
+
+    return checked_rows(row, ids, skipped)
