@@ -17,11 +17,12 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $@
 
 # Stage commands call `python`: put the venv first on PATH. dvc.yaml's source deps and fold
-# matrices are derived from the code and params first (a no-op when they are current).
+# matrices are derived from the code and params first (a no-op when they are current). One local
+# Prefect server serves every stage of the run (its UI address is printed; it stops with the run).
 # `make repro CONFIG=configs/pascal-5i.yaml DATASET_ROOT=/data/VOC2012` first writes the preset and
 # the dataset's root into params.yaml (so DVC tracks them), validated.
 repro: setup preset params dvc-deps
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m stages._prefect_server dvc repro
 
 # The whole params.yaml validated in about a second, before DVC removes any output or a stage
 # starts: unknown or missing sections and keys, types, allowed values, YAML line and column.
@@ -46,8 +47,8 @@ tiny-clip: setup
 # The component ablations (LFSS Table 4 + the PI-CLIP priors) as DVC experiments, about 10 min each
 # on 2 cores; their results go to ablations/results.json and into the report's Ablation table.
 ablation: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m stages.ablation
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro report
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m stages._prefect_server python -m stages.ablation
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m stages._prefect_server dvc repro report
 
 test: setup
 	$(BIN)/python -m pytest
