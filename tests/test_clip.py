@@ -223,3 +223,28 @@ def test_options_keep_shapes(cfg):
     composed = prompt_denoising(key_smoothing(plain, attention_keys(model.visual, images)), 0.3)
     assert torch.allclose(smoothed, composed, atol=1e-5)
     assert attention_keys(model.visual, images).shape[:2] == (2, plain.shape[-2] * plain.shape[-1])
+
+
+@pytest.mark.parametrize("shape,size", [((6, 20, 8, 8), (64, 64)), ((3, 81, 7, 9), (45, 60)),
+                                        ((2, 5, 16, 16), None), ((2, 1, 4, 4), (9, 9))])
+def test_labels_from_scores_equal_the_plain_upsample_then_argmax(shape, size):
+    """The running maximum over classes = argmax(1) of the upsampled maps (ties: the first class)."""
+    from pipeline.clip.dense import labels_from_scores
+
+    scores = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).half()
+    scores[0, -1] = scores[0, 0]  # a tie everywhere: the first class wins, as with argmax
+    if size is None:
+        plain = scores.float()
+    else:  # each class upsampled alone: all-at-once may round a class 1 ulp apart, moving exact ties
+        plain = torch.cat([F.interpolate(scores[:, k: k + 1].float(), size=size, mode="bilinear",
+                                         align_corners=False) for k in range(shape[1])], 1)
+    assert torch.equal(labels_from_scores(scores, size), plain.argmax(1))
+
+
+def test_labels_from_scores_on_the_benchmark_shape_equal_upsampling_all_classes_at_once():
+    """8x8 -> 256 (the embedded benchmark): bit-identical to the one-call upsample + argmax."""
+    from pipeline.clip.dense import labels_from_scores
+
+    scores = torch.randn(16, 20, 8, 8, generator=torch.Generator().manual_seed(1)).half()
+    at_once = F.interpolate(scores.float(), size=(256, 256), mode="bilinear", align_corners=False)
+    assert torch.equal(labels_from_scores(scores, (256, 256)), at_once.argmax(1))

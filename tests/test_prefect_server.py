@@ -47,7 +47,8 @@ def test_the_command_sees_one_live_server_that_stops_with_it():
     assert url.startswith("http://127.0.0.1:") and url.endswith("/api") and status == "200"
     assert "UI at http://127.0.0.1:" in err
     port = int(url.split(":")[2].split("/")[0])
-    assert subprocess.run(["pgrep", "-f", "--", f"--port {port}"], capture_output=True).returncode == 1  # gone
+    gone = subprocess.run(["pgrep", "-f", "--", f"--port {port}"], capture_output=True).returncode == 1
+    assert gone
 
 
 def test_no_server_outlives_a_killed_run():

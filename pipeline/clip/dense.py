@@ -171,11 +171,24 @@ def maskclip_scores(
 
 
 def labels_from_scores(scores: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """``(B, K, h, w)`` scores -> ``(B, H, W)`` argmax over the classes (index 0 = first class),
-    the scores upsampled bilinearly to ``size`` first (default: no upsampling)."""
-    if size is not None and tuple(size) != tuple(scores.shape[-2:]):
-        scores = F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False)
-    return scores.argmax(1)
+    """``(B, K, h, w)`` scores -> ``(B, H, W)`` argmax over the classes (index 0 = first class;
+    ties go to the first), the scores upsampled bilinearly to ``size`` first (default: none).
+
+    Upsampled one class at a time with a running maximum: the labels of upsampling all ``K``
+    maps and taking ``argmax(1)`` (bilinear upsampling is per channel; at some sizes the
+    all-at-once kernel rounds a channel 1 ulp differently, which can move an exact tie), 2-3.6x
+    faster on a CPU (argmax over a non-last dim is slow) and in ``O(B H W)`` memory instead of
+    ``O(B K H W)`` (4.6 GB for 64 COCO images at 473 px)."""
+    if size is None or tuple(size) == tuple(scores.shape[-2:]):
+        return scores.argmax(1)
+    scores = scores.float()
+    best = F.interpolate(scores[:, :1], size=size, mode="bilinear", align_corners=False)[:, 0]
+    labels = torch.zeros(best.shape, dtype=torch.long, device=best.device)
+    for k in range(1, scores.shape[1]):
+        up = F.interpolate(scores[:, k: k + 1], size=size, mode="bilinear", align_corners=False)[:, 0]
+        labels.masked_fill_(up > best, k)
+        best = torch.maximum(best, up)
+    return labels
 
 
 def maskclip_labels(

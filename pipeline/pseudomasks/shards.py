@@ -37,10 +37,14 @@ class Refiner:
     device: str
 
     def labels(self, ids: list[str]) -> torch.Tensor:
-        """``(I, S, S)`` MaskCLIP label maps (class ids) from the stored scores."""
-        scores = torch.from_numpy(self.priors.maskclip_scores(ids).astype(np.float32))
-        return torch.cat([labels_from_scores(scores[i: i + self.batch_size], (self.size, self.size)) + 1
-                          for i in range(0, len(ids), self.batch_size)])
+        """``(I, S, S)`` MaskCLIP label maps (class ids) from the stored scores, each distinct
+        image's computed once."""
+        distinct = sorted(set(ids))
+        scores = torch.from_numpy(self.priors.maskclip_scores(distinct).astype(np.float32))
+        maps = torch.cat([labels_from_scores(scores[i: i + self.batch_size], (self.size, self.size)) + 1
+                          for i in range(0, len(distinct), self.batch_size)])
+        row = {image: j for j, image in enumerate(distinct)}
+        return maps if distinct == ids else maps[[row[image] for image in ids]]
 
     def initial(self, labels: torch.Tensor, images: list[str], classes: list[int]) -> torch.Tensor:
         vtp = None
@@ -83,14 +87,14 @@ def refine_shard(root: zarr.Group, manifest: str, episodes: pd.DataFrame, refine
     for start in range(0, len(episodes), refiner.batch_size):
         stop = min(start + refiner.batch_size, len(episodes))
         s_part, q_part = s_pairs[start * shot: stop * shot], q_pairs[start: stop]
-        s_init, q_init = initial(s_part).to(refiner.device), initial(q_part).to(refiner.device)
-        s_feats = features(s_part)
+        n = len(s_part)  # supports first, then queries: one read and one label pass for both
+        init, feats = initial(s_part + q_part).to(refiner.device), features(s_part + q_part)
         known = background[[slot[p] for p in s_part + q_part]]
-        s_init = s_init.view(stop - start, shot, *s_init.shape[1:])
-        s_ref, q_ref = refine_masks(s_feats.view(stop - start, shot, *s_feats.shape[1:]), s_init,
-                                    features(q_part), q_init, alpha=refiner.alpha,
+        s_init = init[:n].view(stop - start, shot, *init.shape[1:])
+        s_ref, q_ref = refine_masks(feats[:n].view(stop - start, shot, *feats.shape[1:]), s_init,
+                                    feats[n:], init[n:], alpha=refiner.alpha,
                                     temperature=refiner.temperature, background=known)
-        done = {"support_initial": s_init, "support_refined": s_ref, "query_initial": q_init,
+        done = {"support_initial": s_init, "support_refined": s_ref, "query_initial": init[n:],
                 "query_refined": q_ref}
         for name, masks in done.items():
             arrays[name][first + start: first + stop] = masks.cpu().numpy()
