@@ -5,8 +5,8 @@ Reads ``data/metrics/fold{k}.json`` (evaluate), ``data/metrics/pseudo_masks.json
 ``data/predictions/fold{k}.npz`` (sample predictions), ``ablations/results.json`` (written by
 ``make ablation``; optional), ``data/splits/meta.json`` (folds) and ``data/index``; writes
 ``reports/report.md`` (+ ``reports/figures/``), a self-contained ``reports/report.html``,
-``reports/tables.tex`` (booktabs) and ``reports/metrics.json`` (DVC metrics: mean and per-fold
-mIoU, FB-IoU and priors-alone mIoU).
+``reports/tables.tex`` (booktabs) and ``reports/metrics.json`` (the one DVC metrics file: the
+headline figures, :func:`pipeline.report.document.summary_metrics`).
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
     write_atomic(out / "report.md", lambda tmp: tmp.write_text(document.render_markdown(sections, TITLE)))
     write_atomic(out / "report.html", lambda tmp: tmp.write_text(document.render_html(sections, TITLE)))
     write_atomic(out / "tables.tex", lambda tmp: tmp.write_text(document.render_latex(sections)))
-    write_json(out / "metrics.json", document.summary_metrics(folds))
+    write_json(out / "metrics.json", document.summary_metrics(folds, inputs.pseudo, clip))
     print(f"report: {out / 'report.html'}")
 
 
