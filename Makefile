@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup repro preset params test lint lock tiny-clip ablation dvc-deps clean-venv
+.PHONY: setup repro preset params push pull test lint lock tiny-clip ablation dvc-deps clean-venv
 
 setup: $(STAMP)
 
@@ -33,6 +33,13 @@ preset: setup
 ifneq ($(CONFIG)$(DATASET_ROOT),)
 	$(BIN)/python -m pipeline.core.presets $(CONFIG) $(if $(DATASET_ROOT),--set dataset.root=$(DATASET_ROOT))
 endif
+
+# Share every artifact through the DVC remote (`dvc remote add -d NAME URL` first; README).
+push: setup
+	$(BIN)/dvc push
+
+pull: setup
+	$(BIN)/dvc pull
 
 # Rewrite dvc.yaml's source deps (each stage's import closure) and fold matrices (split.num_folds).
 dvc-deps: setup preset params

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.core.artifacts import write_json
+from pipeline.core.artifacts import git_state, write_json
 
 # name -> params overriding the committed ones ({} is the committed configuration itself)
 ABLATIONS: dict[str, dict[str, object]] = {
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                     "overrides": overrides,
                     "base": committed,
                     "model": model_params(Path("params.yaml")),
+                    "commit": (git_state() or ("unknown", False))[0],
                     "folds": fold_metrics(Path("data/metrics")),
                 }
             )

@@ -237,3 +237,17 @@ def test_provenance_says_which_broken_images_prepare_skipped(tmp_path):
     line = provenance(Params(), splits, tmp_path, None, skipped=["x/b.jpg: unreadable image (truncated)"] * 3)
     assert line["images skipped"].startswith("3 broken images or masks left out by prepare")
     assert line["images skipped"].endswith("first: x/b.jpg: unreadable image (truncated)")
+
+
+def test_the_ablation_table_says_where_its_rows_come_from_and_if_they_match():
+    data = inputs()
+    full = next(run for run in data.ablations if not run.get("overrides"))
+    assert document.ablation_provenance(data.ablations, data.folds).startswith(
+        "Rows from `ablations/results.json` (commit not recorded)")
+    same = [{**run, "folds": data.folds, "commit": "abcdef123"} for run in data.ablations]
+    text = document.ablation_provenance(same, data.folds)
+    assert text.startswith("Rows from `ablations/results.json` (commit abcdef1)")
+    assert "is this run's main table" in text
+    other = {k: {**m, "shot1": {**m["shot1"], "miou": m["shot1"]["miou"] + 1}} for k, m in data.folds.items()}
+    moved = [{**run, "folds": other} if run is full else run for run in data.ablations]
+    assert "differs from the main table above" in document.ablation_provenance(moved, data.folds)

@@ -208,7 +208,7 @@ def test_dvc_reruns_only_the_stages_a_param_touches(tmp_path):
 
     run("git", "init", "-q")
     run(sys.executable, "-m", "dvc", "init", "-q")
-    run(sys.executable, "-m", "dvc", "repro")
+    run(sys.executable, "-m", "stages._prefect_server", sys.executable, "-m", "dvc", "repro")  # as make repro
 
     def dirty_after(overrides: dict) -> set[str]:
         write_params(repo / "params.yaml", overrides)
@@ -216,6 +216,24 @@ def test_dvc_reruns_only_the_stages_a_param_touches(tmp_path):
         return set(status)
 
     assert dirty_after({}) == set()
+    # a collaborator's clone gets every artifact from the remote instead of recomputing it
+    run(sys.executable, "-m", "dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote"))
+    run(sys.executable, "-m", "dvc", "push", "-q")
+    run("git", "add", "-A")
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run")
+    run("git", "clone", "-q", str(repo), str(tmp_path / "clone"))
+    clone = {**env, "PYTHONPATH": str(tmp_path / "clone")}
+
+    def in_clone(*cmd: str) -> str:
+        done = subprocess.run(cmd, cwd=tmp_path / "clone", env=clone, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    in_clone(sys.executable, "-m", "dvc", "pull", "-q")
+    assert json.loads(in_clone(sys.executable, "-m", "dvc", "status", "--json")) == {}
+    assert "up to date" in in_clone(sys.executable, "-m", "dvc", "repro")
+    for output in ("reports/metrics.json", "data/models/fold0/model.pt"):
+        assert (tmp_path / "clone" / output).read_bytes() == (repo / output).read_bytes()
     # the report lists the params its provenance shows (dataset, split, episodes, backbone, ...)
     assert dirty_after({"episodes": {"test_episodes": 61}}) == {"episodes", "report"}
     assert dirty_after({"split": {"novel_in_train": "mask"}}) == {"split", "report"}

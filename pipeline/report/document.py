@@ -67,6 +67,26 @@ def summary_metrics(folds: dict[int, dict], pseudo: dict | None = None, clip: di
     return out
 
 
+def ablation_provenance(runs: list[dict], folds: dict[int, dict]) -> str:
+    """Where the ablation rows come from (``ablations/results.json`` is committed, so it may be
+    older than this run) and whether its full-model row agrees with the main table's."""
+    commits = sorted({run["commit"][:7] if run.get("commit") else "not recorded" for run in runs})
+    text = f"Rows from `ablations/results.json` (commit {', '.join(commits)})"
+    full = next((run for run in runs if not run.get("overrides")), None)
+    if full is None:
+        return text + "."
+    shots = [s for s in tables.shots_of(folds) if s in tables.shots_of(full["folds"])]
+    ours = [float(np.mean([folds[k][f"shot{s}"]["miou"] for k in folds])) for s in shots]
+    theirs = [float(np.mean([f[f"shot{s}"]["miou"] for f in full["folds"].values()])) for s in shots]
+    pairs = " / ".join(f"{a:.2f}" for a in theirs)
+    main = " / ".join(f"{b:.2f}" for b in ours)
+    if all(abs(a - b) < 0.005 for a, b in zip(theirs, ours, strict=True)):
+        return f"{text}: its full-model row ({pairs}) is this run's main table."
+    return (f"{text}: its full-model row ({pairs}) differs from the main table above ({main}), so the "
+            "ablations were made with other code or params than this run: re-run `make ablation` "
+            "before comparing rows with the main table.")
+
+
 def build(inputs: Inputs) -> list[Section]:
     folds, summary = inputs.folds, summary_metrics(inputs.folds)
     shots = tables.shots_of(folds)
@@ -122,7 +142,8 @@ def build(inputs: Inputs) -> list[Section]:
                 "Ablation",
                 [
                     "Each row is a full run (`make ablation`: `dvc exp run -S ...`) with "
-                    "the marked components; mIoU is the mean over folds."
+                    "the marked components; mIoU is the mean over folds.",
+                    ablation_provenance(inputs.ablations, folds),
                 ],
                 [tables.ablation_table(inputs.ablations)],
             )
