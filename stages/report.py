@@ -1,7 +1,7 @@
 """`report`: the paper-ready report from every fold's metrics.
 
 Reads ``data/metrics/fold{k}.json`` (evaluate), ``data/metrics/pseudo_masks.json``,
-``data/metrics/clip.json``, ``data/plots/train/fold{k}.csv`` (training curves),
+``data/metrics/clip.json``, ``data/plots/train/fold{k}/`` (training curves, DVCLive),
 ``data/predictions/fold{k}.npz`` (sample predictions), ``ablations/results.json`` (written by
 ``make ablation``; optional), ``data/splits/meta.json`` (folds) and ``data/index``; writes
 ``reports/report.md`` (+ ``reports/figures/``), a self-contained ``reports/report.html``,
@@ -44,6 +44,13 @@ def git_commit(root: Path = Path(".")) -> str:
         return "unknown (not a git checkout)"
     commit, dirty = state
     return commit[:7] + (" (with uncommitted changes)" if dirty else "")
+
+
+def read_curves(folder: Path) -> pd.DataFrame:
+    """A fold's training curves as DVCLive wrote them (stages/train.py): ``epoch, loss, val_miou``."""
+    tsvs = sorted((folder / "plots/metrics").glob("*.tsv"))
+    columns = [pd.read_csv(tsv, sep="\t", index_col="step") for tsv in tsvs]
+    return pd.concat(columns, axis=1).rename_axis("epoch").reset_index()
 
 
 def load_samples(predictions: Path, index: pd.DataFrame, class_names: list[str]) -> list[Sample]:
@@ -120,7 +127,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
     if not folds:
         raise PipelineError(f"{metrics_dir}: no fold*.json (run the evaluate stages first)")
     index, meta = read_index_dir(Path(args.index))
-    curves = {int(p.stem[4:]): pd.read_csv(p) for p in sorted(Path(args.curves).glob("fold*.csv"))}
+    curves = {int(p.name[4:]): read_curves(p) for p in sorted(Path(args.curves).glob("fold*")) if p.is_dir()}
     ablations, clip = read_json(Path(args.ablations)), read_json(metrics_dir / "clip.json")
     splits = read_json(Path(args.splits) / "meta.json")
     if splits is None:

@@ -5,9 +5,9 @@ Reads ``data/index``, ``data/episodes`` (the fold's training episodes (the pool,
 ``data/models/clip`` (the backbone, under ``train.features: online``),
 ``data/features.zarr``, ``data/priors.zarr`` and ``data/pseudo_masks.zarr``; writes
 ``data/models/fold{k}/model.pt`` (the best validation epoch's weights, the model params and the
-training history) and ``data/plots/train/fold{k}.csv`` (loss and validation mIoU per epoch, for
-``dvc plots``). A checkpoint is written every epoch in the staging directory: a re-run after a
-crash resumes from it.
+training history) and ``data/plots/train/fold{k}/`` (loss and validation mIoU per epoch through
+DVCLive, written as each epoch ends: ``dvc plots show`` or VS Code's DVC view while it trains). A
+checkpoint is written every epoch in the staging directory: a re-run after a crash resumes from it.
 
 One fold is one process, or one ``torchrun`` group (DistributedDataParallel):
 ``torchrun --nproc-per-node=2 -m stages.train --fold 0``. DVC's ``train@fold`` matrix is the
@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pipeline.core.artifacts import Staging, fingerprint, write_atomic
+from pipeline.core.artifacts import Staging, fingerprint
 from pipeline.core.errors import PipelineError
 from pipeline.core.params import Params
 from pipeline.datasets.episodes import draw_epoch_episodes, query_pairs, read_manifests
@@ -148,6 +148,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
                 f"val mIoU {r['val_miou']:.2f} ({r['seconds']:.0f} s)"
             ),
             progress=progress,
+            curves=lambda history: write_curves(Path(args.plots) / f"fold{fold}", history),
             loader_workers=loader_workers(bank, params.orchestration.loader_workers,
                                           images=online.source is not None),
             online=online,
@@ -157,11 +158,27 @@ def run(params: Params, args: argparse.Namespace) -> None:
     best = save_model(staging.path / MODEL_FILE, state, params.model, bank.features.shape[1],
                       params.train.circle, fold)
     (staging.path / "checkpoint.pt").unlink()
-    curves = Path(args.plots) / f"fold{fold}.csv"
-    write_atomic(curves, lambda tmp: pd.DataFrame(state.history).to_csv(tmp, index=False))
     staging.commit()
     print(f"train: fold {fold}: best val mIoU {best['best_val_miou']:.2f} at epoch {best['best_epoch']} "
           f"-> {out}")
+
+
+def write_curves(folder: Path, history: list[dict]) -> None:
+    """The training curves through DVCLive: ``folder/plots/metrics/{loss,val_miou}.tsv`` (step =
+    epoch) and ``folder/metrics.json`` (the last epoch's). Rewritten from the whole history after
+    every epoch, so a resumed run writes the same files as an uninterrupted one."""
+    from dvclive import Live
+
+    with Live(dir=str(folder), resume=False, report=None, save_dvc_exp=False, dvcyaml=None,
+              monitor_system=False) as live:
+        for record in history:
+            live.step = record["epoch"]
+            for key in CURVES:
+                live.log_metric(key, record[key])
+            live.next_step()
+
+
+CURVES = ("loss", "val_miou")
 
 
 def main(argv: list[str] | None = None) -> int:

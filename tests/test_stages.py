@@ -467,12 +467,17 @@ def test_train_resumes_then_evaluate_reports_model_and_priors(model_inputs, pipe
     saved = torch.load(tmp_path / "models/fold1/model.pt", weights_only=True)
     assert [r["epoch"] for r in saved["history"]] == [1, 2] and saved["history"][0] == first_epoch[0]
     assert not (tmp_path / "models/fold1/checkpoint.pt").exists()
-    curves = pd.read_csv(tmp_path / "plots/fold1.csv")
-    assert list(curves.columns) == ["epoch", "loss", "val_miou"] and len(curves) == 2
+    from stages.report import read_curves
+
+    curves = read_curves(tmp_path / "plots/fold1")  # DVCLive's files
+    assert list(curves.columns) == ["epoch", "loss", "val_miou"] and list(curves["epoch"]) == [1, 2]
+    keys = ("epoch", "loss", "val_miou")
+    assert curves.to_dict("records") == [{k: r[k] for k in keys} for r in saved["history"]]
     monkeypatch.setattr(train_lib, "episode_loss", real)
     again = tmp_path / "again"
     assert train.main(model_args(pipeline_run, model_inputs, again) + ["--plots", str(again / "plots")]) == 0
-    for path in ("models/fold1/model.pt", "plots/fold1.csv"):  # resumed == uninterrupted, byte for byte
+    curve_files = ("plots/fold1/plots/metrics/val_miou.tsv", "plots/fold1/metrics.json")
+    for path in ("models/fold1/model.pt", *curve_files):  # resumed == uninterrupted, byte for byte
         assert (again / path).read_bytes() == (tmp_path / path).read_bytes(), path
 
     metrics_dir = tmp_path / "metrics"

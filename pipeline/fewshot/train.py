@@ -163,6 +163,7 @@ def fit(
     checkpoint: Path | None = None,
     device: torch.device | str = "cpu",
     log: Callable[[dict], None] = print,
+    curves: Callable[[list[dict]], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
     loader_workers: int = 0,
     online: Online = Online(),
@@ -171,7 +172,8 @@ def fit(
     exists); returns the final state, whose ``best_state`` holds the best validation epoch.
 
     ``train``: the fixed pool, or ``epoch -> that epoch's episodes`` (every epoch must have as
-    many); ``online``: what the training step computes itself (pseudo-masks, features).
+    many); ``online``: what the training step computes itself (pseudo-masks, features);
+    ``curves(history)`` after every epoch gets every epoch's record so far (resumed ones included).
     ``loader_workers`` processes read batches ahead (:func:`~pipeline.fewshot.data.prefetched`)."""
     episodes_of = train if callable(train) else lambda epoch: train
     device = torch.device(device)
@@ -249,4 +251,6 @@ def fit(
         if distributed:
             dist.barrier()
         log(record | {"seconds": round(time.perf_counter() - start, 2)})
+        if curves is not None and rank == 0:
+            curves(state.history)
     return state
