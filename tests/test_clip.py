@@ -248,3 +248,24 @@ def test_labels_from_scores_on_the_benchmark_shape_equal_upsampling_all_classes_
     scores = torch.randn(16, 20, 8, 8, generator=torch.Generator().manual_seed(1)).half()
     at_once = F.interpolate(scores.float(), size=(256, 256), mode="bilinear", align_corners=False)
     assert torch.equal(labels_from_scores(scores, (256, 256)), at_once.argmax(1))
+
+
+def test_pretrained_weights_come_from_the_cache_first_and_a_failure_keeps_its_whole_cause(monkeypatch):
+    """The first lookup is offline (no network, no retries); only if the cache lacks the weights
+    is a download tried; its failure's root cause is said whole, on one line."""
+    seen = []
+
+    def create_model(*args, **kwargs):
+        seen.append(huggingface_hub.constants.HF_HUB_OFFLINE)
+        try:
+            raise OSError("Connection to huggingface.co timed out.\n(connect timeout=10)")
+        except OSError as exc:
+            raise RuntimeError("Failed to download file (open_clip_model.safetensors) for timm/x.") from exc
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(open_clip, "create_model", create_model)
+    with pytest.raises(PipelineError) as err:
+        loader.load_pretrained("RN50", "openai")
+    assert seen == [True, False] and huggingface_hub.constants.HF_HUB_OFFLINE is False
+    assert "(Connection to huggingface.co timed out. (connect timeout=10))" in str(err.value)
+    assert "\n" not in str(err.value)

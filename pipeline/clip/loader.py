@@ -13,13 +13,16 @@ config (none for pretrained models), so custom towers round-trip too.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.constants
 import open_clip
 import torch
 from safetensors.torch import load_file, save_file
@@ -70,10 +73,17 @@ def load_pretrained(name: str, pretrained: str | None, cache_dir: str | None = N
         raise PipelineError(f"clip.pretrained = {pretrained!r}: neither a pretrained tag of {name} "
                             f"({', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'}) "
                             "nor a checkpoint file")
+    def create() -> open_clip.CLIP:
+        return open_clip.create_model(name, pretrained=pretrained, cache_dir=cache_dir,
+                                      force_quick_gelu=quick_gelu and not name.endswith("-quickgelu"))
+
     logging.disable(logging.ERROR)  # open_clip logs the failure itself; we say it in one line
     try:
-        model = open_clip.create_model(name, pretrained=pretrained, cache_dir=cache_dir,
-                                       force_quick_gelu=quick_gelu and not name.endswith("-quickgelu"))
+        try:
+            with _hub_offline():  # the local cache first: no network, no retries
+                model = create()
+        except Exception:  # noqa: BLE001 - not cached: download, if there is a network
+            model = create()
     except Exception as exc:  # open_clip wraps download errors in RuntimeError
         raise PipelineError(_missing_weights(name, pretrained, cache_dir, exc)) from None
     finally:
@@ -86,8 +96,26 @@ def load_pretrained(name: str, pretrained: str | None, cache_dir: str | None = N
                       tuple(visual.image_std or open_clip.OPENAI_DATASET_STD), int(size))
 
 
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Hugging Face Hub lookups from the local cache only, for the duration."""
+    before = huggingface_hub.constants.HF_HUB_OFFLINE
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        huggingface_hub.constants.HF_HUB_OFFLINE = before
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
 def _missing_weights(name: str, pretrained: str | None, cache_dir: str | None, exc: Exception) -> str:
-    reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+    cause = _root_cause(exc)
+    reason = " ".join(str(cause).split()) or type(cause).__name__  # the whole cause, on one line
     return (f"clip.pretrained = {pretrained!r}: weights for {name} are not cached and cannot be "
             f"downloaded ({reason}); give a local checkpoint path as clip.pretrained, or fill the "
             f"cache dir ({cache_dir or 'HF_HUB_CACHE / ~/.cache'}) on a machine with network")
