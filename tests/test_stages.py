@@ -208,6 +208,9 @@ def test_dvc_reruns_only_the_stages_a_param_touches(tmp_path):
 
     run("git", "init", "-q")
     run(sys.executable, "-m", "dvc", "init", "-q")
+    # a clone has commits (DVCLive's Live() fails in a git repo without any: scmrepo "Empty git repo")
+    run("git", "add", "-A")
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "code")
     run(sys.executable, "-m", "stages._prefect_server", sys.executable, "-m", "dvc", "repro")  # as make repro
 
     def dirty_after(overrides: dict) -> set[str]:
