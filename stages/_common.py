@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.interrupt import Stopped, clear_stop, request_stop
 from pipeline.core.params import Params, load_params
 
 #: The inputs of a fold's training and evaluation (``--name`` options and their defaults).
@@ -51,15 +52,18 @@ def stage_main(
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as exc:
-        print(f"{name}: stopped by {exc.args[0] if exc.args else 'SIGINT'}; finished shards and checkpoints "
+    except (KeyboardInterrupt, Stopped) as exc:
+        by = exc.args[0] if isinstance(exc, KeyboardInterrupt) and exc.args else "SIGINT"
+        print(f"{name}: stopped by {by}; finished shards and checkpoints "
               "are kept: run it again to resume", file=sys.stderr)
         return 130
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        clear_stop()
     return 0
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    request_stop()  # tasks running in other threads stop at their next batch
     raise KeyboardInterrupt(signal.Signals(signum).name)

@@ -52,11 +52,15 @@ def task_runner(cfg: OrchestrationParams, workers: int) -> TaskRunner:
 
 
 class _HideExpectedErrors(logging.Filter):
-    """Drops Prefect's own report of a :class:`PipelineError`: the stage prints it in one line."""
+    """Drops Prefect's own report of a :class:`PipelineError` or of an interrupt (its "Crash
+    detected! Execution was aborted by an interrupt/a termination signal"): the stage says either in
+    one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, PipelineError) and "PipelineError" not in record.getMessage()
+        message = record.getMessage()
+        return (not isinstance(exc, PipelineError | KeyboardInterrupt) and "PipelineError" not in message
+                and "Execution was aborted by a" not in message)
 
 
 def configure_logging(cfg: OrchestrationParams) -> None:

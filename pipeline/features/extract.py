@@ -8,6 +8,7 @@ import torch
 import zarr
 
 from pipeline.core.images import load_normalized
+from pipeline.core.interrupt import check_stop
 from pipeline.features.backbone import Backbone
 
 
@@ -19,6 +20,7 @@ def extract_shard(
     device = next(backbone.parameters()).device
     out = []
     for start in range(0, len(paths), batch_size):
+        check_stop()
         images = load_normalized(paths[start : start + batch_size], size, backbone.mean, backbone.std, device)
         out.append(backbone(images).to(torch.float16).cpu())
     root["features"][rows.start : rows.stop] = torch.cat(out).numpy()

@@ -18,6 +18,7 @@ import zarr
 from pipeline.clip.loader import ClipBundle, load_local_dir
 from pipeline.clip.prompts import text_embeddings
 from pipeline.core.images import load_normalized
+from pipeline.core.interrupt import check_stop
 from pipeline.core.params import PriorsParams
 from pipeline.core.precision import Resolved, autocast, resolve
 from pipeline.priors.extract import extract_priors
@@ -84,6 +85,7 @@ def extract_image_shard(
              "pairs/class_id", "pairs/vtp", "pairs/pir")
     out = {name: np.zeros((n, *root[name].shape[1:]), root[name].dtype) for name in names}
     for start in range(0, n, ex.batch_size):
+        check_stop()
         part = slice(start, min(start + ex.batch_size, n))
         got = ex.priors(ex.load_images(paths[part]), pair_classes[part], image_labels[part])
         out["images/maskclip_scores"][part] = got.maskclip_scores.cpu().numpy()

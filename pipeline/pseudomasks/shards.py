@@ -16,6 +16,7 @@ import torch
 import zarr
 
 from pipeline.clip.dense import labels_from_scores
+from pipeline.core.interrupt import check_stop
 from pipeline.core.tensors import mask_to_grid
 from pipeline.features.store import FeatureStore
 from pipeline.priors.store import PriorStore
@@ -77,6 +78,7 @@ def refine_shard(root: zarr.Group, manifest: str, episodes: pd.DataFrame, refine
     slot = {p: j for j, p in enumerate(pairs)}
     background = []
     for j in range(0, len(pairs), refiner.batch_size):
+        check_stop()
         part = pairs[j: j + refiner.batch_size]
         feats = features(part)
         grids = mask_to_grid(initial(part).to(refiner.device), feats.shape[-2:])
@@ -85,6 +87,7 @@ def refine_shard(root: zarr.Group, manifest: str, episodes: pd.DataFrame, refine
     arrays = {name: root[f"{manifest}/{name}"] for name in ARRAYS}
     first = int(episodes["episode"].iloc[0])
     for start in range(0, len(episodes), refiner.batch_size):
+        check_stop()
         stop = min(start + refiner.batch_size, len(episodes))
         s_part, q_part = s_pairs[start * shot: stop * shot], q_pairs[start: stop]
         n = len(s_part)  # supports first, then queries: one read and one label pass for both

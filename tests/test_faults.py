@@ -1,0 +1,77 @@
+"""Faults and interruptions: a stop reaches tasks in other threads at their next batch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.core.interrupt import Stopped, check_stop, clear_stop, request_stop
+from stages._common import stage_main
+
+
+@pytest.fixture
+def stop_requested():
+    request_stop()
+    yield
+    clear_stop()
+
+
+def test_every_shard_loop_stops_at_its_next_batch(stop_requested):
+    """With a stop requested, each stage's shard loop raises before its next batch."""
+    from pipeline.features.extract import extract_shard
+    from pipeline.priors.shards import extract_image_shard
+    from pipeline.pseudomasks.shards import refine_shard
+
+    class Nothing:  # any use beyond the stop check would fail loudly
+        batch_size = 4
+
+    with pytest.raises(Stopped):
+        extract_shard(None, range(3), ["a", "b", "c"], torch.nn.Linear(1, 1), 32)
+    names = ("images/maskclip_scores", "images/maskclip_labels", "images/tokens_0", "images/tokens_1",
+             "pairs/class_id", "pairs/vtp", "pairs/pir")
+    root = {name: np.zeros((2, 1)) for name in names}
+    with pytest.raises(Stopped):
+        extract_image_shard(root, range(2), ["a", "b"], [[1], [1]], [[1], [1]], Nothing())
+    episodes = pd.DataFrame({"episode": [0], "query": ["q"], "supports": [["s"]], "class_id": [1]})
+    with pytest.raises(Stopped):
+        refine_shard(None, "m", episodes, Nothing())
+
+
+def test_a_signal_stops_a_stage_and_its_task_threads_within_a_batch(tmp_path, capsys):
+    """SIGTERM to a stage whose tasks run in threads (the default runner): the main thread stops
+    with one line and status 130, and a task thread stops at its next check, not at the end
+    of its shard; the stop does not outlive the stage."""
+    (tmp_path / "params.yaml").write_text("")
+    finished: list[str] = []
+
+    def shard() -> None:  # a 60-s shard of 0.05-s batches
+        try:
+            for _ in range(1200):
+                check_stop()
+                time.sleep(0.05)
+            finished.append("shard")
+        except Stopped:
+            finished.append("stopped")
+
+    def run(params, args) -> None:
+        worker = threading.Thread(target=shard)
+        worker.start()
+        try:
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGTERM)
+            worker.join()
+        finally:  # as a task runner's shutdown: wait for the task
+            worker.join()
+
+    start = time.monotonic()
+    assert stage_main("demo", run, {}, ["--params", str(tmp_path / "params.yaml")]) == 130
+    assert finished == ["stopped"] and time.monotonic() - start < 10  # the shard needed 60 s
+    assert capsys.readouterr().err.strip().startswith("demo: stopped by SIGTERM; finished shards")
+    check_stop()  # cleared: the next stage in this process runs
