@@ -165,7 +165,8 @@ def run(params: Params, args: argparse.Namespace) -> None:
 
 def write_curves(folder: Path, history: list[dict]) -> None:
     """The training curves through DVCLive: ``folder/plots/metrics/{loss,val_miou}.tsv`` (step =
-    epoch) and ``folder/metrics.json`` (the last epoch's). Rewritten from the whole history after
+    epoch) and ``folder/metrics.json`` (a DVC metrics file: the last epoch's validation mIoU and
+    step, so ``dvc exp show`` follows a training run). Rewritten from the whole history after
     every epoch, so a resumed run writes the same files as an uninterrupted one."""
     from dvclive import Live
 
@@ -175,6 +176,7 @@ def write_curves(folder: Path, history: list[dict]) -> None:
             live.step = record["epoch"]
             for key in CURVES:
                 live.log_metric(key, record[key])
+            live.summary.pop("loss")  # a plot only: DVC's metric columns stay few
             live.next_step()
 
 

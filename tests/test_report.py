@@ -146,15 +146,16 @@ def test_summary_metrics_average_the_folds_in_few_columns():
     data = inputs()
     data.clip = {"zero_shot_top1": 0.921999990940094, "dense_maskclip_miou": 0.3101, "zero_shot_chance": 0.05}
     summary = document.summary_metrics(data.folds, data.pseudo, data.clip)
-    assert summary["shot1"]["mean"] == {"miou": 52.5, "fbiou": 71.5, "prior_miou": 31.5}
+    assert summary["shot1"]["mean"] == {"miou": 52.5, "fbiou": 71.5} and summary["prior_miou"] == 31.5
     assert summary["shot5"]["fold3"] == {"miou": 58.0}
     assert summary["clip"] == {"zero_shot_top1": 92.2, "dense_maskclip_miou": 31.01}
-    assert summary["pseudo_masks"] == data.pseudo["mean"]
+    assert summary["pseudo_masks"] == {"query_initial_miou": 19.0, "query_refined_miou": 24.0}
 
     def leaves(tree: dict) -> int:
         return sum(leaves(v) if isinstance(v, dict) else 1 for v in tree.values())
 
-    assert leaves(summary) <= 25  # `dvc exp show` stays readable
+    # with DVCLive's two columns per fold (validation mIoU, step): `dvc exp show` stays readable
+    assert leaves(summary) + 2 * len(data.folds) <= 25
 
 
 @pytest.mark.skipif(

@@ -261,7 +261,14 @@ def test_dvc_reruns_only_the_stages_a_param_touches(tmp_path):
     for k in range(4):
         assert "prior_miou" in json.loads((repo / f"data/metrics/fold{k}.json").read_text())["shot1"]
     summary = json.loads((repo / "reports/metrics.json").read_text())
-    assert set(summary["shot1"]["mean"]) == {"miou", "fbiou", "prior_miou"}
+    assert set(summary["shot1"]["mean"]) == {"miou", "fbiou"} and "prior_miou" in summary
+    shown = subprocess.run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], cwd=repo, env=env,
+                           capture_output=True, text=True, check=True).stdout
+
+    def leaves(tree: object) -> int:
+        return sum(leaves(v) for v in tree.values()) if isinstance(tree, dict) else 1
+
+    assert leaves(json.loads(shown)) <= 25  # headline figures only (DVCLive's included)
     assert "Novel-class mIoU" in (repo / "reports/report.html").read_text()
     assert r"\begin{tabular}" in (repo / "reports/tables.tex").read_text()
     dirty_after({"episodes": {"shots": [1, 2]}})
@@ -476,6 +483,8 @@ def test_train_resumes_then_evaluate_reports_model_and_priors(model_inputs, pipe
     assert list(curves.columns) == ["epoch", "loss", "val_miou"] and list(curves["epoch"]) == [1, 2]
     keys = ("epoch", "loss", "val_miou")
     assert curves.to_dict("records") == [{k: r[k] for k in keys} for r in saved["history"]]
+    last = json.loads((tmp_path / "plots/fold1/metrics.json").read_text())  # a DVC metric: few columns
+    assert last == {"val_miou": saved["history"][-1]["val_miou"], "step": 2}
     monkeypatch.setattr(train_lib, "episode_loss", real)
     again = tmp_path / "again"
     assert train.main(model_args(pipeline_run, model_inputs, again) + ["--plots", str(again / "plots")]) == 0
