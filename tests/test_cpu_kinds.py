@@ -2,10 +2,11 @@
 AVX2 kernels only (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``, as on a CPU without
 AVX-512), each in a fresh process (:mod:`tests.cpu_kind_run`).
 
-What holds (README, "Reproducibility"): splits and episode manifests are bit-identical on every
-machine (integer and numpy-RNG work only); float stores agree within float rounding; pseudo-masks
-within a few boundary pixels; metrics within the tolerances below. On one machine and CPU kind
-every artifact is bit-identical (tests/test_stages.py: rebuilds and resumes byte for byte).
+What holds (README, "Reproducibility"): the benchmark, index, splits and episode manifests are
+bit-identical (integer, seeded NumPy and Pillow work only); float stores agree within float
+rounding; pseudo-masks within a few boundary pixels; metrics within the tolerances below. On one
+machine and CPU kind every artifact is bit-identical (tests/test_stages.py: rebuilds and resumes
+byte for byte).
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline.clip.loader import load_local_dir, save_local_dir
-from tests.conftest import run_first_stages
 from tests.test_stages import IN_PROCESS, REPO, files_of, write_params, zarr_arrays
 
 pytestmark = pytest.mark.slow
@@ -28,11 +29,10 @@ AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 @pytest.fixture(scope="module")
-def kinds(tmp_path_factory, prefect_server) -> Path:
+def kinds(tmp_path_factory) -> Path:
     """``native/`` and ``avx2/``: the same pipeline under each kind of kernels."""
     run = tmp_path_factory.mktemp("kinds")
     params = write_params(run / "params.yaml", {**IN_PROCESS, "train": {"epochs": 2, "batch_size": 8}})
-    run_first_stages(params, run)
     bundle = load_local_dir(REPO / "fixtures/tiny-vit")  # the trained tiny CLIP: meaningful numbers
     save_local_dir(bundle, run / "clip")
     for kind, extra in (("native", {}), ("avx2", AVX2)):
@@ -45,8 +45,11 @@ def kinds(tmp_path_factory, prefect_server) -> Path:
 
 def test_manifests_are_bit_identical_across_cpu_kinds(kinds):
     assert json.loads((kinds / "avx2/kernels.json").read_text())["cpu_capability"] == "AVX2"
-    for folder in ("splits", "episodes"):
+    for folder in ("synthetic", "splits", "episodes"):
         assert files_of(kinds / "native" / folder) == files_of(kinds / "avx2" / folder)
+    index = [pd.read_parquet(kinds / k / "index/index.parquet") for k in ("native", "avx2")]
+    where = ["image_path", "mask_path"]  # each run's own folder
+    pd.testing.assert_frame_equal(index[0].drop(columns=where), index[1].drop(columns=where))
 
 
 def test_float_stores_agree_across_cpu_kinds(kinds):
