@@ -66,7 +66,7 @@ class OnlineRefiner:
         self, query_feats: torch.Tensor, support_feats: torch.Tensor, x: MaskInputs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, C, h, w)`` query and ``(B, K, C, h, w)`` support features -> the query ``(B, h, w)``
-        and support ``(B, K, h, w)`` float16 pseudo-masks at the feature grid (fraction of each cell)."""
+        and support ``(B, K, h, w)`` pseudo-masks at the feature grid (fraction of each cell)."""
         b, k = support_feats.shape[:2]
         s_init = self.initial(x.support_scores.flatten(0, 1), x.classes.repeat_interleave(k),
                               None if x.support_vtp is None else x.support_vtp.flatten(0, 1))
@@ -76,6 +76,5 @@ class OnlineRefiner:
             s_init, q_init = refine_masks(support_feats.float(), s_init, query_feats.float(), q_init,
                                           alpha=self.alpha, temperature=self.temperature)
         grid = query_feats.shape[-2:]
-        # float16, as the stored masks are (data/pseudo_masks.zarr -> EpisodeTable): the model then
-        # gets the very tensors, dtype included, whichever way its masks were made
-        return mask_to_grid(q_init, grid).half(), mask_to_grid(s_init, grid).half()
+        # rounded to float16 as the stored masks are (data/pseudo_masks.zarr -> EpisodeTable)
+        return mask_to_grid(q_init, grid).half().float(), mask_to_grid(s_init, grid).half().float()
