@@ -56,7 +56,8 @@ def with_features(shots: list[Episodes], backbone: torch.nn.Module) -> list[Epis
     support are images, with their features instead: the frozen backbone in float32 whatever the
     autocast, rounded to float16 as the features stage stores them."""
     def features(images: torch.Tensor) -> torch.Tensor:
-        return backbone(images).half().float()
+        return backbone(images).half().float().contiguous()  # the stored layout: kernels (and so
+        # rounding) follow memory layout, and the trunk's output is a channels-last view
 
     with torch.autocast(shots[0].query.device.type, enabled=False):
         query = features(shots[0].query)
