@@ -73,12 +73,13 @@ def train(cfg: ClipParams, generator: dict, staging: Staging) -> tuple[ClipBundl
     patch = bundle.model_cfg["vision_cfg"].get("patch_size", 32)  # ResNet: layer4 stride
     corpus_dir = render_corpus(staging, generator)
     corpus = train_tiny.load_corpus(corpus_dir, bundle.image_size, patch)
-    shutil.rmtree(corpus_dir)  # in memory now; a crash before here re-renders only missing shards
     start = time.perf_counter()
     phase1, heads = train_tiny.train_phase1(bundle, corpus, cfg.tiny, staging.path / "phase1.ckpt")
     phase2 = train_tiny.train_phase2(bundle, corpus, cfg.tiny)
     seconds = time.perf_counter() - start
     (staging.path / "phase1.ckpt").unlink()
+    shutil.rmtree(corpus_dir)  # kept until here: a run resumed from phase1.ckpt (its shards marked
+    # done) reads it again
     return bundle, {
         "train_seconds": round(seconds, 1),
         "precision": resolve(cfg.tiny.precision, "cpu"),
