@@ -80,7 +80,7 @@ def shard_plan(manifests: dict, features: Path, size: int, batch_size: int, budg
     shots = max(int(t["shot"].max()) for t in manifests.values())
     attrs = FeatureStore(features).attrs
     shape = (attrs["channels"], *attrs["grid"])
-    shard = store.shard_episodes(shots, shape, budget)
+    shard = store.shard_episodes(shots, shape, size, budget)
     return shard, store.shards_at_once(shard, batch_size, shots, shape, size, budget)
 
 

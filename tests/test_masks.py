@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,14 +107,15 @@ def test_pseudo_mask_shards_are_sized_by_memory():
     from pipeline.pseudomasks.store import MAX_SHARD, episode_bytes, shard_episodes, shards_at_once
 
     pascal = (1536, 60, 60)  # ResNet-50 at 473 px
-    # what a shard keeps is a float32 grid per image and episode: the cap, for any real grid
-    assert shard_episodes(5, (192, 16, 16), 4 * 2**30) == shard_episodes(5, pascal, 0) == MAX_SHARD
-    assert shard_episodes(5, (1536, 4000, 4000), 0) == 2**30 // (6 * 4 * 4000**2)
-    assert shard_episodes(5, (1, 20_000, 20_000), 0) == 1  # never less than one episode
+    # what a shard keeps is a float32 grid and a packed mask per image and episode: the cap, for
+    # any real grid
+    assert shard_episodes(5, (192, 16, 16), 256, 4 * 2**30) == shard_episodes(5, pascal, 473, 0) == MAX_SHARD
+    assert shard_episodes(5, (1536, 4000, 4000), 473, 0) == 2**30 // (6 * (4 * 4000**2 + 27_966))
+    assert shard_episodes(5, (1, 20_000, 20_000), 473, 0) == 1  # never less than one episode
     # a batch in flight: per image float32 features (and two working copies) and six masks
     assert episode_bytes(5, pascal, 473) == 6 * (12 * 1536 * 3600 + 6 * 473**2)
-    # the embedded benchmark (64 episodes a batch, 4 GiB): 11 tasks fit, so the CPU count runs
-    assert shards_at_once(MAX_SHARD, 64, 5, (192, 16, 16), 256, 4 * 2**30) == 11
+    # the embedded benchmark (64 episodes a batch, 4 GiB): 9 tasks fit, so the CPU count runs
+    assert shards_at_once(MAX_SHARD, 64, 5, (192, 16, 16), 256, 4 * 2**30) == 9
     # PASCAL-shaped: a task of 2 episodes a batch (0.9 GB with its shard) fits 4 GiB four times;
     # one of 64 (26 GB) does not fit at all, and runs alone
     assert shards_at_once(MAX_SHARD, 2, 5, pascal, 473, 4 * 2**30) == 4
@@ -126,3 +128,13 @@ def test_feature_shards_are_sized_by_memory():
     assert shard_images(192, (16, 16)) == MAX_SHARD  # the embedded benchmark: unchanged layout
     pascal = shard_images(1536, (60, 60))  # ResNet-50 at 473 px: 10.6 MB per image
     assert pascal * 2 * 1536 * 3600 <= SHARD_BYTES < (pascal + 1) * 2 * 1536 * 3600
+
+
+@pytest.mark.parametrize("size", [7, 16])  # 49 pixels: the last byte is partly padding
+def test_kept_initial_masks_round_trip_through_their_bits(size):
+    from pipeline.pseudomasks.shards import pack_masks, unpack_masks
+
+    masks = torch.rand(5, size, size, generator=torch.Generator().manual_seed(0)) > 0.5
+    packed = pack_masks(masks)
+    assert packed.shape == (5, -(-size * size // 8)) and packed.dtype == np.uint8
+    assert torch.equal(unpack_masks(packed[[3, 0, 3]], size), masks[[3, 0, 3]])

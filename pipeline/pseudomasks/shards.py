@@ -1,9 +1,9 @@
 """The unit of work of the pseudo_masks stage: a range of one manifest's episodes.
 
-Per shard every (image, class) pair's background similarity is computed once, then the episodes
-are refined in batches (:func:`pipeline.pseudomasks.refine.refine_masks`), each batch reading its
-images' features from ``data/features.zarr`` and writing its masks to their rows of
-``data/pseudo_masks.zarr`` (one task per Zarr shard: parallel writers never share one).
+Per shard every (image, class) pair's initial mask and background similarity are computed once,
+then the episodes are refined in batches (:func:`pipeline.pseudomasks.refine.refine_masks`), each
+batch reading its images' features from ``data/features.zarr`` and writing its masks to their
+rows of ``data/pseudo_masks.zarr`` (one task per Zarr shard: parallel writers never share one).
 """
 
 from __future__ import annotations
@@ -55,14 +55,26 @@ class Refiner:
         return initial_masks(labels, torch.tensor(classes), vtp, vtp_threshold=self.vtp_threshold)
 
 
+def pack_masks(masks: torch.Tensor) -> np.ndarray:
+    """``(P, S, S)`` bool -> ``(P, ⌈S²/8⌉)`` uint8, eight pixels a byte."""
+    return np.packbits(masks.cpu().numpy().reshape(len(masks), -1), axis=1)
+
+
+def unpack_masks(packed: np.ndarray, size: int) -> torch.Tensor:
+    """The inverse of :func:`pack_masks`: ``(P, S, S)`` bool."""
+    bits = np.unpackbits(packed, axis=1, count=size * size)
+    return torch.from_numpy(bits.view(bool).reshape(len(packed), size, size))
+
+
 def refine_shard(root: zarr.Group, manifest: str, episodes: pd.DataFrame, refiner: Refiner) -> None:
     """Fill the rows of ``episodes`` (consecutive rows of one manifest), batch by batch.
 
-    Every (image, class) pair's background similarity (it needs the pair's features and initial
-    mask) is computed once per shard and kept, ``(h, w)`` floats a pair; features (read float16 as
-    stored, widened exactly to float32), initial and refined masks live for one batch, whose masks
-    are written as it finishes. So a shard's memory does not grow with its episodes or with the
-    distinct images they use."""
+    Every (image, class) pair's initial mask (its MaskCLIP label map: most of the stage's work)
+    and background similarity are computed once per shard and kept, ``S²`` bits and ``(h, w)``
+    floats a pair (a pair recurs in many episodes: 5-shot test episodes reuse a few hundred
+    images thousands of times); features (read float16 as stored, widened exactly to float32) and
+    refined masks live for one batch, whose masks are written as it finishes. So a shard's
+    memory grows with its episodes by at most :func:`pipeline.pseudomasks.store.kept_bytes`."""
     def features(pairs: list[tuple[str, int]]) -> torch.Tensor:
         return refiner.features.read([image for image, _ in pairs]).to(refiner.device).float()
 
@@ -76,23 +88,25 @@ def refine_shard(root: zarr.Group, manifest: str, episodes: pd.DataFrame, refine
     q_pairs = list(zip(episodes["query"], classes, strict=True))
     pairs = sorted(set(s_pairs) | set(q_pairs))
     slot = {p: j for j, p in enumerate(pairs)}
-    background = []
+    background, kept = [], []
     for j in range(0, len(pairs), refiner.batch_size):
         check_stop()
         part = pairs[j: j + refiner.batch_size]
-        feats = features(part)
-        grids = mask_to_grid(initial(part).to(refiner.device), feats.shape[-2:])
+        feats, masks = features(part), initial(part)
+        kept.append(pack_masks(masks))
+        grids = mask_to_grid(masks.to(refiner.device), feats.shape[-2:])
         background.append(background_similarity(feats, grids, refiner.temperature))
-    background = torch.cat(background)
+    background, kept = torch.cat(background), np.concatenate(kept)
     arrays = {name: root[f"{manifest}/{name}"] for name in ARRAYS}
     first = int(episodes["episode"].iloc[0])
     for start in range(0, len(episodes), refiner.batch_size):
         check_stop()
         stop = min(start + refiner.batch_size, len(episodes))
         s_part, q_part = s_pairs[start * shot: stop * shot], q_pairs[start: stop]
-        n = len(s_part)  # supports first, then queries: one read and one label pass for both
-        init, feats = initial(s_part + q_part).to(refiner.device), features(s_part + q_part)
-        known = background[[slot[p] for p in s_part + q_part]]
+        n = len(s_part)  # supports first, then queries: one read for both
+        rows = [slot[p] for p in s_part + q_part]
+        init = unpack_masks(kept[rows], refiner.size).to(refiner.device)
+        feats, known = features(s_part + q_part), background[rows]
         s_init = init[:n].view(stop - start, shot, *init.shape[1:])
         s_ref, q_ref = refine_masks(feats[:n].view(stop - start, shot, *feats.shape[1:]), s_init,
                                     feats[n:], init[n:], alpha=refiner.alpha,

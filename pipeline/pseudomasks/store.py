@@ -40,23 +40,24 @@ def episode_bytes(shots: int, feature_shape: Sequence[int], size: int) -> int:
     return (shots + 1) * (3 * 4 * int(np.prod(feature_shape)) + 6 * size * size)
 
 
-def kept_bytes(shots: int, feature_shape: Sequence[int]) -> int:
+def kept_bytes(shots: int, feature_shape: Sequence[int], size: int) -> int:
     """Memory a shard keeps per episode until it is done: per image, a float32 background
-    similarity on the ``(h, w)`` grid."""
-    return (shots + 1) * 4 * int(np.prod(feature_shape[-2:]))
+    similarity on the ``(h, w)`` grid and its ``size²`` initial mask, a bit a pixel."""
+    return (shots + 1) * (4 * int(np.prod(feature_shape[-2:])) + -(-size * size // 8))
 
 
-def shard_episodes(shots: int, feature_shape: Sequence[int], budget: int) -> int:
+def shard_episodes(shots: int, feature_shape: Sequence[int], size: int, budget: int) -> int:
     """Episodes per shard (at most ``MAX_SHARD``) such that what a shard keeps fits ``budget``
     bytes (at least ``MIN_SHARD_BYTES``)."""
-    return max(1, min(MAX_SHARD, max(budget, MIN_SHARD_BYTES) // kept_bytes(shots, feature_shape)))
+    return max(1, min(MAX_SHARD, max(budget, MIN_SHARD_BYTES) // kept_bytes(shots, feature_shape, size)))
 
 
 def shards_at_once(shard: int, batch_size: int, shots: int, feature_shape: Sequence[int], size: int,
                    budget: int) -> int:
     """How many shard tasks (each ``shard`` episodes kept, ``batch_size`` in flight) fit ``budget``
     bytes together (at least one)."""
-    task = shard * kept_bytes(shots, feature_shape) + batch_size * episode_bytes(shots, feature_shape, size)
+    task = (shard * kept_bytes(shots, feature_shape, size)
+            + batch_size * episode_bytes(shots, feature_shape, size))
     return max(1, max(budget, MIN_SHARD_BYTES) // task)
 
 
