@@ -12,68 +12,17 @@ your own), COMMAND simply uses it.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import stages  # noqa: F401  (Prefect's environment: no telemetry, quiet logs)
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the parent dies (Linux; a no-op elsewhere)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(log: Path, timeout: float = 90.0) -> tuple[subprocess.Popen, str]:
-    """A Prefect API server (with its UI) on a free local port; returns it and its API URL."""
-    import prefect
-
-    port = _free_port()
-    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent),
-               "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
-               "--port", str(port), "--log-level", "error", "--lifespan", "on"]
-    with log.open("w") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-    url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"error: the Prefect server exited ({log}: {log.read_text()[-300:]!r})")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                if answer.status == 200:
-                    return server, url
-        except OSError:
-            time.sleep(0.3)
-    stop(server)
-    raise SystemExit(f"error: the Prefect server did not answer within {timeout:.0f} s (log: {log})")
-
-
-def stop(server: subprocess.Popen) -> None:
-    server.terminate()
-    try:
-        server.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
+from pipeline.core.errors import PipelineError
+from pipeline.core.prefect_server import start_server, stop
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         return subprocess.call(command)
     log = Path(tempfile.gettempdir()) / f"prefect-server-{os.getpid()}.log"
     started = time.perf_counter()
-    server, url = start_server(log)
+    try:
+        server, url = start_server(log)
+    except PipelineError as exc:
+        raise SystemExit(f"error: {exc}") from None
     print(f"Prefect: one server for every stage, up in {time.perf_counter() - started:.1f} s; "
           f"UI at {url.removesuffix('/api')} while this runs", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

@@ -63,7 +63,8 @@ def render_corpus(staging: Staging, generator: dict) -> Path:
     shards = {f"captions-{start:06d}": range(start, min(start + cfg.shard_size, cfg.caption_images))
               for start in range(0, cfg.caption_images, cfg.shard_size)}
     run_shards(staging, lambda name: caption_shard.submit(staging.path, name, shards[name], cfg), shards,
-               "caption corpus shards")
+               "caption corpus shards",
+               lambda name: [synthetic_writer.caption_shard_file(staging.path, shards[name])])
     return staging.path / CAPTIONS_DIR
 
 

@@ -17,7 +17,7 @@ import zarr
 from prefect import flow, task
 
 from pipeline.clip.loader import SHA_FILE
-from pipeline.core.artifacts import Staging, fingerprint
+from pipeline.core.artifacts import Staging, fingerprint, zarr_shard_files
 from pipeline.core.orchestration import concurrency, run_flow, run_shards
 from pipeline.core.params import BackboneParams, Params
 from pipeline.datasets.episodes import episode_images, read_manifests
@@ -89,6 +89,7 @@ def build_features(
         ),
         shards,
         "features: image shards",
+        files=lambda name: zarr_shard_files(staging.path, shards[name].start // shard),
     )
     staging.commit()
     return {"images": len(image_ids), "channels": int(probe.shape[1]), "grid": list(probe.shape[-2:])}

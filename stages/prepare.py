@@ -48,7 +48,8 @@ def generate_synthetic(out: Path, cfg: SyntheticParams) -> None:
             for split, n in (("train", cfg.train_images), ("val", cfg.val_images))
             for r in _shards(n, cfg.shard_size)}
     run_shards(staging, lambda name: benchmark_shard.submit(staging.path, *jobs[name], cfg), jobs,
-               "synthetic shards")
+               "synthetic shards",
+               lambda name: synthetic_writer.benchmark_shard_files(staging.path, *jobs[name]))
     synthetic_writer.finalize(staging.path, cfg)
     staging.commit()
 
@@ -92,7 +93,8 @@ def build_index(dataset: DatasetParams, root: Path, out: Path, on_bad_image: str
                     voc.voc_rows, layout, split_name, ids[r.start:r.stop], len(class_names))
     skip = on_bad_image == "skip"
     run_shards(staging, lambda name: index_shard.submit(parts, name, jobs[name], skip), jobs,
-               "index shards (every image and mask decoded)")
+               "index shards (every image and mask decoded)",
+               lambda name: [parts / f"{name}.parquet", parts / f"{name}.skipped.json"])
     order = sorted(jobs, key=lambda name: (name.split("-")[0] != "train", name))
     table = pa.concat_tables([pq.read_table(parts / f"{name}.parquet") for name in order])
     pq.write_table(table, staging.path / "index.parquet")

@@ -19,7 +19,7 @@ import zarr
 from prefect import flow, task
 
 from pipeline.clip.prompts import VOCABULARIES
-from pipeline.core.artifacts import Staging, fingerprint, write_atomic
+from pipeline.core.artifacts import Staging, fingerprint, write_atomic, zarr_shard_files
 from pipeline.core.errors import PipelineError
 from pipeline.core.orchestration import concurrency, run_flow, run_shards
 from pipeline.core.params import Params, PriorsParams
@@ -84,7 +84,8 @@ def build_priors(cfg: PriorsParams, dataset: str, index_dir: Path, episodes_dir:
                                   [pairs[i] for i in ids], [list(index.at[i, "class_ids"]) for i in ids],
                                   str(clip_dir), cfg, tuple(names), threads)
 
-    run_shards(staging, submit_images, shards, "priors: image shards")
+    run_shards(staging, submit_images, shards, "priors: image shards",
+               files=lambda name: zarr_shard_files(zarr_path, shards[name].start // cfg.shard_size))
     examples = preview.pick_examples(manifests)
     write_atomic(preview_path, lambda tmp: preview.render(store.PriorStore(zarr_path), examples, index, tmp))
     staging.commit()

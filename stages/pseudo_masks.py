@@ -21,7 +21,7 @@ import torch
 import zarr
 from prefect import flow, task
 
-from pipeline.core.artifacts import Staging, fingerprint, write_json
+from pipeline.core.artifacts import Staging, fingerprint, write_json, zarr_shard_files
 from pipeline.core.orchestration import concurrency, gather, run_flow, run_shards
 from pipeline.core.params import BackboneParams, Params, PseudoMaskParams
 from pipeline.datasets.episodes import read_manifests
@@ -101,8 +101,13 @@ def build_pseudo_masks(cfg: PseudoMaskParams, backbone: BackboneParams, index_di
     threads = max(1, (os.cpu_count() or 1) // workers)
     jobs = {f"{m.replace('/', '-')}-{s:06d}": (m, t.iloc[s: s + shard])
             for m, t in manifests.items() for s in range(0, len(t), shard)}
+    def files(name: str) -> list[Path]:
+        manifest, episodes = jobs[name]
+        return zarr_shard_files(staging.path, int(episodes["episode"].iloc[0]) // shard,
+                                [f"{manifest}/{array}" for array in store.ARRAYS])
+
     run_shards(staging, lambda name: refine_task.submit(staging.path, name, *jobs[name], context, threads),
-               jobs, "pseudo-masks: episode shards")
+               jobs, "pseudo-masks: episode shards", files)
     mask_paths = dict(zip(index.image_id, index.mask_path, strict=True))
     chosen = evaluated_manifests(manifests)
     meters = gather([evaluate_task.submit(staging.path, m, manifests[m], mask_paths, len(meta["class_names"]))

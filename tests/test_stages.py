@@ -719,3 +719,121 @@ def test_a_signal_stops_training_within_seconds_and_a_rerun_resumes(model_inputs
         epochs = [int(e) for e in re.findall(r"fold 1 epoch (\d+):", done.stdout + done.stderr)]
         assert epochs and epochs[0] > 1 and epochs[-1] == 20  # resumed, not restarted
         assert (tmp_path / "models/fold1/model.pt").is_file()
+
+
+# --- SIGKILL: no handler runs, nothing is flushed; a re-run of the stage itself must recover ----------
+
+def children(pid: int) -> set[int]:
+    """The child processes of ``pid`` (a Prefect server, task-runner workers)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
+
+
+def kill_when(cmd: list[str], ready, log: Path, timeout: float = 300) -> set[int]:
+    """Run a stage in a process of its own and SIGKILL it as soon as ``ready()``; then no child
+    of it (its Prefect server: a parent-death signal) may outlive it for more than a few seconds.
+    Returns the children it had."""
+    import time
+
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                env={k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"})
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"finished before the kill: {log.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.02)
+    orphans = had = children(proc.pid)
+    proc.kill()
+    proc.wait()
+    while orphans and time.monotonic() < deadline:
+        orphans = {c for c in orphans if Path(f"/proc/{c}").exists()
+                   and Path(f"/proc/{c}/stat").read_text().split()[2] != "Z"}
+        time.sleep(0.2)
+    assert not orphans, f"left running after SIGKILL: {orphans}"
+    return had
+
+
+def truncate_a_finished_shard(partial: Path) -> str:
+    """Cut the first file a finished shard recorded to half its size; returns the shard."""
+    for marker in sorted((partial / ".done").iterdir()):
+        record = json.loads(marker.read_text())
+        name = next((n for n, digest in sorted(record.items()) if digest), None)
+        if name:
+            data = (partial / name).read_bytes()
+            (partial / name).write_bytes(data[: len(data) // 2])
+            return marker.name
+    raise AssertionError(f"no finished shard with files in {partial}")
+
+
+def test_priors_killed_then_rerun_equal_an_uninterrupted_run(priors_run, pipeline_run, tmp_path, capsys):
+    """SIGKILL once a shard is finished, then a finished shard's file cut short on disk: the re-run
+    redoes that shard and the missing ones, and the store equals an uninterrupted run bit for bit."""
+    out = tmp_path / "priors.zarr"
+    args = priors_args(pipeline_run, out)
+    partial = tmp_path / ".priors.zarr.partial"
+    server = kill_when([sys.executable, "-m", "stages.priors", *args],
+                       lambda: any((partial / ".done").glob("images-*")), tmp_path / "killed.log")
+    assert server  # a stage run by hand starts its own Prefect server: it went with the stage
+    assert not out.exists()
+    shard = truncate_a_finished_shard(partial)
+    assert priors.main(args) == 0
+    assert f"shard {shard}: " in capsys.readouterr().err
+    expected, got = zarr_arrays(priors_run), zarr_arrays(out)
+    assert expected.keys() == got.keys() and not partial.exists()
+    for name in expected:
+        assert np.array_equal(expected[name], got[name]), name
+
+
+def test_pseudo_masks_killed_then_rerun_equal_an_uninterrupted_run(model_inputs, pipeline_run, tmp_path,
+                                                                   capsys):
+    from stages import pseudo_masks
+
+    out, partial = tmp_path / "pseudo_masks.zarr", tmp_path / ".pseudo_masks.zarr.partial"
+    args = ["--params", str(model_inputs), "--index", str(pipeline_run / "index"),
+            "--episodes", str(pipeline_run / "episodes"), "--priors", str(pipeline_run / "priors.zarr"),
+            "--features", str(pipeline_run / "features.zarr"), "--out", str(out),
+            "--metrics", str(tmp_path / "pseudo_masks.json")]
+    kill_when([sys.executable, "-m", "stages.pseudo_masks", *args],
+              lambda: any((partial / ".done").glob("*")), tmp_path / "killed.log")
+    assert not out.exists() and not (tmp_path / "pseudo_masks.json").exists()
+    shard = truncate_a_finished_shard(partial)
+    assert pseudo_masks.main(args) == 0
+    assert f"shard {shard}: " in capsys.readouterr().err
+    expected, got = zarr_arrays(pipeline_run / "pseudo_masks.zarr"), zarr_arrays(out)
+    assert expected.keys() == got.keys() and not partial.exists()
+    for name in expected:
+        assert np.array_equal(expected[name], got[name]), name
+    assert (tmp_path / "pseudo_masks.json").read_bytes() == (pipeline_run / "pseudo_masks.json").read_bytes()
+
+
+def test_train_and_evaluate_killed_then_rerun_equal_an_uninterrupted_run(model_inputs, pipeline_run,
+                                                                         tmp_path):
+    """``train@k`` SIGKILLed after its first epoch's checkpoint resumes from it; ``evaluate@k``
+    SIGKILLed while it scores leaves nothing; both re-runs write the bytes of uninterrupted runs."""
+    from stages import evaluate, train
+
+    def train_args(root: Path) -> list[str]:
+        return [*model_args(pipeline_run, model_inputs, root), "--plots", str(root / "plots")]
+
+    def eval_args(root: Path) -> list[str]:
+        return [*model_args(pipeline_run, model_inputs, root), "--metrics", str(root / "metrics"),
+                "--predictions", str(root / "predictions")]
+
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    assert train.main(train_args(reference)) == 0 and evaluate.main(eval_args(reference)) == 0
+    checkpoint = killed / "models/.fold1.partial/checkpoint.pt"
+    kill_when([sys.executable, "-m", "stages.train", *train_args(killed)], checkpoint.exists,
+              tmp_path / "train.log")
+    assert not (killed / "models/fold1").exists()
+    assert train.main(train_args(killed)) == 0
+    log = tmp_path / "evaluate.log"
+    kill_when([sys.executable, "-m", "stages.evaluate", *eval_args(killed)],
+              lambda: "evaluate fold 1" in log.read_text(), log)
+    assert not [p for d in ("metrics", "predictions") for p in (killed / d).rglob("*") if p.is_file()]
+    assert evaluate.main(eval_args(killed)) == 0
+    for path in ("models/fold1/model.pt", "models/fold1/model.pt.sha256", "plots/fold1/metrics.json",
+                 "metrics/fold1.json", "predictions/fold1.npz"):
+        assert (killed / path).read_bytes() == (reference / path).read_bytes(), path

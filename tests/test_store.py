@@ -32,6 +32,44 @@ def test_finished_shards_survive_a_crash_only_with_the_same_fingerprint(tmp_path
     assert restarted.pending(["a", "b"]) == ["a", "b"] and not (restarted.path / "a.bin").exists()
 
 
+def test_a_finished_shard_whose_files_changed_is_redone(tmp_path, capsys):
+    """A ``.done`` marker records its shard's files: one truncated, overwritten or deleted after
+    it was finished makes the shard pending again (its files removed, one line said), and an
+    unfinished shard's half-written files go before it is redone."""
+    final = tmp_path / "artifact"
+    staging = Staging(final, "fp")
+    files = {s: [staging.path / f"{s}.bin", staging.path / f"{s}.absent"] for s in "abcde"}
+    for shard in "abcd":
+        files[shard][0].write_bytes(shard.encode() * 100)
+        staging.mark_done(shard, files[shard])
+    files["e"][0].write_bytes(b"half")  # a crash while writing shard e
+    files["a"][0].write_bytes(b"a" * 50)  # truncated
+    files["b"][0].write_bytes(b"B" * 100)  # same size, other bytes
+    files["c"][1].write_bytes(b"")  # a file that was not there is now
+    resumed = Staging(final, "fp")
+    assert resumed.pending("abcde", files.__getitem__) == ["a", "b", "c", "e"]
+    assert [p.name for p in sorted(staging.path.glob("*.bin"))] == ["d.bin"]
+    err = capsys.readouterr().err.splitlines()
+    changed = (("a", "bin"), ("b", "bin"), ("c", "absent"))
+    assert err == [f"{final}: shard {s}: {s}.{kind} changed since it was finished (truncated or "
+                   "overwritten): recomputing it" for s, kind in changed]
+    assert Staging(final, "fp").pending("abcde") == ["a", "b", "c", "e"]  # d still trusted
+
+
+def test_zarr_shard_files_are_the_files_a_shard_writes(tmp_path):
+    from pipeline.core.artifacts import zarr_shard_files
+
+    root = zarr.open_group(tmp_path / "s.zarr", mode="w")
+    for name in ("m/x", "y"):
+        root.create_array(name, shape=(10, 3), dtype="uint8", chunks=(1, 3), shards=(4, 3), fill_value=0)
+    before = {p for p in (tmp_path / "s.zarr").rglob("*") if p.is_file()}
+    root["m/x"][4:8] = 1
+    root["y"][4:8] = 2
+    written = {p for p in (tmp_path / "s.zarr").rglob("*") if p.is_file()} - before
+    assert set(zarr_shard_files(tmp_path / "s.zarr", 1)) == written
+    assert zarr_shard_files(tmp_path / "s.zarr", 1, ["y"]) == [tmp_path / "s.zarr/y/c/1/0"]
+
+
 def test_fingerprint_is_order_independent_and_write_json_is_stable(tmp_path):
     assert fingerprint({"a": 1, "b": 2}) == fingerprint({"b": 2, "a": 1})
     write_json(tmp_path / "x.json", {"b": 1, "a": [1, 2]})

@@ -3,9 +3,10 @@
 A stage builds its output in a *staging* directory beside the final path
 (``data/.index.partial`` for ``data/index``) and renames it into place only when complete,
 so an interrupted stage never leaves a half artifact that DVC could take for a finished one.
-Work inside is split into shards, each finished by an explicit ``.done`` marker: a re-run
-with the same fingerprint (the params that decide the content) skips finished shards;
-a different fingerprint starts over.
+Work inside is split into shards, each finished by an explicit ``.done`` marker that records
+the size and sha256 of the files the shard wrote: a re-run with the same fingerprint (the params
+that decide the content) skips finished shards whose files are intact, redoes one whose files
+changed since (truncated, overwritten, deleted), and a different fingerprint starts over.
 
 Also here: JSON written atomically, the read-only opening every store reader shares
 (:func:`open_store`), and the git state provenance records (:func:`git_state`).
@@ -19,6 +20,8 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,9 +46,11 @@ class Staging:
     Usage::
 
         staging = Staging(Path("data/index"), fingerprint(cfg))
-        for shard in staging.pending(shards):   # skips shards finished by an earlier run
-            write(staging.path, shard); staging.mark_done(shard)
-        staging.commit()                         # atomic rename into data/index
+        for shard in staging.pending(shards, files):  # skips shards finished by an earlier run
+            write(staging.path, shard); staging.mark_done(shard, files(shard))
+        staging.commit()                               # atomic rename into data/index
+
+    ``files(shard)``: the files a shard writes (paths inside the staging folder).
     """
 
     def __init__(self, final: Path, fingerprint: str) -> None:
@@ -62,14 +67,44 @@ class Staging:
         return self.path / ".done" / shard
 
     def is_done(self, shard: str) -> bool:
-        return self._marker(shard).exists()
+        """Finished, and every file it wrote still has the size and sha256 recorded then. A shard
+        whose files changed since is not: its marker and recorded files go, and it is redone."""
+        marker = self._marker(shard)
+        if not marker.exists():
+            return False
+        try:
+            record = json.loads(marker.read_text() or "{}")  # empty: a marker without files
+        except json.JSONDecodeError:
+            record = {"": "unreadable marker"}
+        changed = [name for name, digest in record.items() if file_digest(self.path / name) != digest]
+        if not changed:
+            return True
+        print(f"{self.final}: shard {shard}: {changed[0] or marker} changed since it was finished "
+              "(truncated or overwritten): recomputing it", file=sys.stderr)
+        for name in [n for n in record if n]:
+            (self.path / name).unlink(missing_ok=True)
+        marker.unlink()
+        return False
 
-    def mark_done(self, shard: str) -> None:
-        self._marker(shard).parent.mkdir(exist_ok=True)
-        self._marker(shard).touch()
+    def mark_done(self, shard: str, files: Iterable[Path] = ()) -> None:
+        """Mark ``shard`` finished, recording the size and sha256 of the ``files`` it wrote (inside
+        the staging folder; one that does not exist is recorded as absent)."""
+        record = {str(Path(f).relative_to(self.path)): file_digest(Path(f)) for f in files}
+        marker = self._marker(shard)
+        marker.parent.mkdir(exist_ok=True)
+        tmp = marker.with_name(f"{marker.name}.tmp")
+        tmp.write_text(json.dumps(record, sort_keys=True))
+        os.replace(tmp, marker)
 
-    def pending(self, shards: Iterable[str]) -> list[str]:
-        return [s for s in shards if not self.is_done(s)]
+    def pending(self, shards: Iterable[str],
+                files: Callable[[str], Iterable[Path]] | None = None) -> list[str]:
+        """The shards not finished; with ``files``, what an unfinished one may have half written is
+        removed first (a file cut short by a crash is never read back)."""
+        todo = [s for s in shards if not self.is_done(s)]
+        for shard in todo if files else ():
+            for path in files(shard):
+                Path(path).unlink(missing_ok=True)
+        return todo
 
     def commit(self) -> Path:
         """Drop the bookkeeping and rename the staging directory onto the final path. The
@@ -101,6 +136,33 @@ class _one_line:
             raise PipelineError(f"cannot write {self.final}: {exc.strerror or exc} "
                                 f"({exc.filename or self.final})") from None
         return False
+
+
+def file_digest(path: Path) -> list | None:
+    """``[size, sha256]`` of the file ``path``; None when there is none."""
+    try:
+        with path.open("rb") as f:
+            return [os.fstat(f.fileno()).st_size, hashlib.file_digest(f, "sha256").hexdigest()]
+    except FileNotFoundError:
+        return None
+
+
+def zarr_shard_files(root: Path, index: int, arrays: Iterable[str] | None = None) -> list[Path]:
+    """The files holding Zarr shard ``index`` (along the first axis) of each of ``arrays`` (default:
+    every array) of the Zarr group at ``root``; a shard whose chunks all equal the fill value has
+    no file."""
+    group = zarr.open_group(root, mode="r")
+    if arrays is None:
+        with warnings.catch_warnings():  # the staging folder's bookkeeping (.done/) is not Zarr's
+            warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+            members = group.members(max_depth=None)
+            arrays = [name for name, member in members if isinstance(member, zarr.Array)]
+    names = sorted(arrays)
+    files = []
+    for name in names:
+        array = group[name]
+        files.append(Path(root) / name / array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1)))
+    return files
 
 
 def remove_tree(path: Path) -> None:

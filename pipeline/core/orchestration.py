@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from pipeline.core.artifacts import Staging
 from pipeline.core.errors import PipelineError
 from pipeline.core.params import OrchestrationParams
+from pipeline.core.prefect_server import ensure_api
 
 
 def concurrency(cfg: OrchestrationParams, *, on_device: bool, at_most: int | None = None) -> int:
@@ -82,6 +84,7 @@ def run_flow(flow: Any, orchestration: OrchestrationParams, /, on_device: bool =
     """Run a Prefect flow with the configured task runner and :func:`concurrency` tasks at once
     (``on_device``: the flow's tasks compute on the accelerator when there is one)."""
     configure_logging(orchestration)
+    ensure_api()
     runner = task_runner(orchestration, concurrency(orchestration, on_device=on_device, at_most=at_most))
     return flow.with_options(task_runner=runner)(**kwargs)
 
@@ -109,16 +112,19 @@ def gather(futures: Iterable[Any], on_done: Callable[[Any], None] | None = None)
     return [f.result() for f in futures]
 
 
-def run_shards(staging: Staging, submit: Callable[[str], Any], shards: Iterable[str], desc: str) -> None:
+def run_shards(staging: Staging, submit: Callable[[str], Any], shards: Iterable[str], desc: str,
+               files: Callable[[str], Iterable[Path]] | None = None) -> None:
     """Submit every unfinished shard, mark each done as it finishes, and show progress.
 
     ``submit(name)`` submits one shard's Prefect task; the task must return ``name``.
+    ``files(name)``: the files the shard writes, checked on resume (:meth:`Staging.is_done`) and
+    removed before an unfinished shard is redone.
     """
     shards = list(shards)
-    pending = staging.pending(shards)
+    pending = staging.pending(shards, files)
     with tqdm(total=len(shards), initial=len(shards) - len(pending), desc=desc, file=sys.stderr) as bar:
         def done(name: str) -> None:
-            staging.mark_done(name)
+            staging.mark_done(name, files(name) if files else ())
             bar.update()
 
         gather([submit(name) for name in pending], done)

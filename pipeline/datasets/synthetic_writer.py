@@ -115,23 +115,33 @@ def write_benchmark_shard(root: Path, split: str, indices: range, cfg: Synthetic
     The shard's COCO records go to ``root/_shards/{split}-{start}.json`` until
     :func:`finalize` merges them.
     """
-    jpeg_dir, mask_dir = root / VOC_DIR / "JPEGImages", root / VOC_DIR / "SegmentationClassAug"
-    coco_dir = root / COCO_DIR / f"{split}2014"
-    for d in (jpeg_dir, mask_dir, coco_dir, root / "_shards"):
-        d.mkdir(parents=True, exist_ok=True)
+    files = benchmark_shard_files(root, split, indices)
+    for path in files[-1:] + files[:3]:
+        path.parent.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
-    for index in indices:
+    for k, index in enumerate(indices):
         scene, name = _render(split, index, cfg), image_id(split, index)
-        jpeg = jpeg_dir / f"{name}.jpg"
+        jpeg, mask, coco_jpeg = files[3 * k: 3 * k + 3]
         Image.fromarray(scene.image).save(jpeg, quality=JPEG_QUALITY)
-        (mask_dir / f"{name}.png").write_bytes(_label_png(scene.label))
-        _link(jpeg, coco_dir / f"{name}.jpg")
+        mask.write_bytes(_label_png(scene.label))
+        _link(jpeg, coco_jpeg)
         img_id = index + 1
         height, width = scene.label.shape
         images.append({"id": img_id, "file_name": f"{name}.jpg", "height": height, "width": width})
         annotations += coco_annotations(scene, img_id, first_ann_id=img_id * 100)
-    shard = root / "_shards" / f"{split}-{indices.start:06d}.json"
-    shard.write_text(json.dumps({"images": images, "annotations": annotations}))
+    files[-1].write_text(json.dumps({"images": images, "annotations": annotations}))
+
+
+def benchmark_shard_files(root: Path, split: str, indices: range) -> list[Path]:
+    """The files :func:`write_benchmark_shard` writes: per image its JPEG, label PNG and COCO-layout
+    JPEG (a hard link), then the shard's COCO records."""
+    files = []
+    for index in indices:
+        name = image_id(split, index)
+        files += [root / VOC_DIR / "JPEGImages" / f"{name}.jpg",
+                  root / VOC_DIR / "SegmentationClassAug" / f"{name}.png",
+                  root / COCO_DIR / f"{split}2014" / f"{name}.jpg"]
+    return [*files, root / "_shards" / f"{split}-{indices.start:06d}.json"]
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -165,7 +175,12 @@ def write_caption_shard(root: Path, indices: range, cfg: SyntheticParams) -> Non
         rows["colours"].append([o.colour for o in scene.objects])
     (root / CAPTIONS_DIR).mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pydict(rows, schema=CAPTION_SCHEMA)
-    pq.write_table(table, root / CAPTIONS_DIR / f"part-{indices.start:06d}.parquet")
+    pq.write_table(table, caption_shard_file(root, indices))
+
+
+def caption_shard_file(root: Path, indices: range) -> Path:
+    """The file :func:`write_caption_shard` writes."""
+    return root / CAPTIONS_DIR / f"part-{indices.start:06d}.parquet"
 
 
 def finalize(root: Path, cfg: SyntheticParams) -> dict[str, Any]:
