@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.interrupt import Stopped, clear_stop, request_stop
+from pipeline.core.interrupt import Stopped, clear_stop, request_stop, stop_workers
 from pipeline.core.params import Params, load_params
 
 #: The inputs of a fold's training and evaluation (``--name`` options and their defaults).
@@ -66,4 +66,5 @@ def stage_main(
 
 def _interrupt(signum: int, frame: object) -> None:
     request_stop()  # tasks running in other threads stop at their next batch
+    stop_workers()  # and those in worker processes now
     raise KeyboardInterrupt(signal.Signals(signum).name)

@@ -731,10 +731,12 @@ def children(pid: int) -> set[int]:
     return found
 
 
-def kill_when(cmd: list[str], ready, log: Path, timeout: float = 300) -> set[int]:
-    """Run a stage in a process of its own and SIGKILL it as soon as ``ready()``; then no child
-    of it (its Prefect server: a parent-death signal) may outlive it for more than a few seconds.
-    Returns the children it had."""
+def signal_when(cmd: list[str], ready, log: Path, sig: str = "SIGKILL", timeout: float = 300) -> dict:
+    """Run a stage in a process of its own and send it ``sig`` as soon as ``ready()``; no child of
+    it (its Prefect server, task-runner workers) may outlive it by more than a few seconds.
+    Returns its exit status, the seconds it took to exit after the signal, its children then and
+    its output."""
+    import signal
     import time
 
     with log.open("w") as out:
@@ -742,18 +744,20 @@ def kill_when(cmd: list[str], ready, log: Path, timeout: float = 300) -> set[int
                                 env={k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"})
     deadline = time.monotonic() + timeout
     while not ready():
-        assert proc.poll() is None, f"finished before the kill: {log.read_text()[-2000:]}"
+        assert proc.poll() is None, f"finished before the signal: {log.read_text()[-2000:]}"
         assert time.monotonic() < deadline, log.read_text()[-2000:]
         time.sleep(0.02)
     orphans = had = children(proc.pid)
-    proc.kill()
-    proc.wait()
-    while orphans and time.monotonic() < deadline:
+    sent = time.monotonic()
+    proc.send_signal(getattr(signal, sig))
+    proc.wait(timeout=120)
+    seconds = time.monotonic() - sent
+    while orphans and time.monotonic() < sent + 15:
         orphans = {c for c in orphans if Path(f"/proc/{c}").exists()
                    and Path(f"/proc/{c}/stat").read_text().split()[2] != "Z"}
         time.sleep(0.2)
-    assert not orphans, f"left running after SIGKILL: {orphans}"
-    return had
+    assert not orphans, f"left running after {sig}: {orphans}"
+    return {"status": proc.returncode, "seconds": seconds, "children": had, "output": log.read_text()}
 
 
 def truncate_a_finished_shard(partial: Path) -> str:
@@ -774,9 +778,9 @@ def test_priors_killed_then_rerun_equal_an_uninterrupted_run(priors_run, pipelin
     out = tmp_path / "priors.zarr"
     args = priors_args(pipeline_run, out)
     partial = tmp_path / ".priors.zarr.partial"
-    server = kill_when([sys.executable, "-m", "stages.priors", *args],
-                       lambda: any((partial / ".done").glob("images-*")), tmp_path / "killed.log")
-    assert server  # a stage run by hand starts its own Prefect server: it went with the stage
+    killed = signal_when([sys.executable, "-m", "stages.priors", *args],
+                         lambda: any((partial / ".done").glob("images-*")), tmp_path / "killed.log")
+    assert killed["children"]  # a stage run by hand starts its own Prefect server: it went too
     assert not out.exists()
     shard = truncate_a_finished_shard(partial)
     assert priors.main(args) == 0
@@ -796,8 +800,8 @@ def test_pseudo_masks_killed_then_rerun_equal_an_uninterrupted_run(model_inputs,
             "--episodes", str(pipeline_run / "episodes"), "--priors", str(pipeline_run / "priors.zarr"),
             "--features", str(pipeline_run / "features.zarr"), "--out", str(out),
             "--metrics", str(tmp_path / "pseudo_masks.json")]
-    kill_when([sys.executable, "-m", "stages.pseudo_masks", *args],
-              lambda: any((partial / ".done").glob("*")), tmp_path / "killed.log")
+    signal_when([sys.executable, "-m", "stages.pseudo_masks", *args],
+                lambda: any((partial / ".done").glob("*")), tmp_path / "killed.log")
     assert not out.exists() and not (tmp_path / "pseudo_masks.json").exists()
     shard = truncate_a_finished_shard(partial)
     assert pseudo_masks.main(args) == 0
@@ -825,15 +829,57 @@ def test_train_and_evaluate_killed_then_rerun_equal_an_uninterrupted_run(model_i
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     assert train.main(train_args(reference)) == 0 and evaluate.main(eval_args(reference)) == 0
     checkpoint = killed / "models/.fold1.partial/checkpoint.pt"
-    kill_when([sys.executable, "-m", "stages.train", *train_args(killed)], checkpoint.exists,
-              tmp_path / "train.log")
+    signal_when([sys.executable, "-m", "stages.train", *train_args(killed)], checkpoint.exists,
+                tmp_path / "train.log")
     assert not (killed / "models/fold1").exists()
     assert train.main(train_args(killed)) == 0
     log = tmp_path / "evaluate.log"
-    kill_when([sys.executable, "-m", "stages.evaluate", *eval_args(killed)],
-              lambda: "evaluate fold 1" in log.read_text(), log)
+    signal_when([sys.executable, "-m", "stages.evaluate", *eval_args(killed)],
+                lambda: "evaluate fold 1" in log.read_text(), log)
     assert not [p for d in ("metrics", "predictions") for p in (killed / d).rglob("*") if p.is_file()]
     assert evaluate.main(eval_args(killed)) == 0
     for path in ("models/fold1/model.pt", "models/fold1/model.pt.sha256", "plots/fold1/metrics.json",
                  "metrics/fold1.json", "predictions/fold1.npz"):
         assert (killed / path).read_bytes() == (reference / path).read_bytes(), path
+
+
+def test_sigterm_stops_a_process_pool_stage_and_its_workers(priors_run, pipeline_run, tmp_path):
+    """With ``task_runner: processes`` the tasks run in worker processes, which the stop flag does
+    not reach: SIGTERM terminates them (a pool would wait for their shards), the stage exits 130
+    within seconds with one line, finished shards kept, and no worker or server is left."""
+    out, partial = tmp_path / "priors.zarr", tmp_path / ".priors.zarr.partial"
+    args = priors_args(pipeline_run, out, {"orchestration": {"task_runner": "processes", "max_workers": 2},
+                                           "priors": {"shard_size": 16}})
+    stopped = signal_when([sys.executable, "-m", "stages.priors", *args],
+                          lambda: any((partial / ".done").glob("images-*")), tmp_path / "stage.log",
+                          "SIGTERM")
+    assert stopped["status"] == 130 and stopped["seconds"] < 20, stopped["output"][-2000:]
+    assert len(stopped["children"]) >= 3  # two workers and the Prefect server
+    assert "priors: stopped by SIGTERM" in stopped["output"] and "Traceback" not in stopped["output"]
+    assert list((partial / ".done").glob("images-*")) and not out.exists()
+
+
+def test_sigint_stops_the_tiny_clip_training_and_a_rerun_resumes(pipeline_run, tmp_path, capsys):
+    """``clip_model`` training the tiny CLIP (in the flow itself, not a task): Ctrl-C stops it within
+    seconds, its phase-1 checkpoint kept; the re-run resumes and leaves neither the checkpoint
+    nor the rendered caption corpus."""
+    from stages import clip_model
+
+    params = write_params(tmp_path / "params.yaml", {"clip": {
+        **SMOKE_PARAMS["clip"], "tiny": {**SMOKE_PARAMS["clip"]["tiny"], "phase1_steps": 300,
+                                         "checkpoint_every": 10}}})
+    out = tmp_path / "clip"
+    args = ["--params", str(params), "--synthetic", str(pipeline_run / "synthetic"), "--out", str(out),
+            "--metrics", str(tmp_path / "clip.json")]
+    checkpoint = tmp_path / ".clip.partial/phase1.ckpt"
+    stopped = signal_when([sys.executable, "-m", "stages.clip_model", *args], checkpoint.exists,
+                          tmp_path / "stage.log", "SIGINT")
+    assert stopped["status"] == 130 and stopped["seconds"] < 15, stopped["output"][-2000:]
+    assert "clip_model: stopped by SIGINT" in stopped["output"] and "Traceback" not in stopped["output"]
+    step = torch.load(checkpoint, weights_only=True)["step"]
+    assert 0 < step < 300 and not out.exists()
+    assert clip_model.main(args) == 0
+    assert f"| {step}/300 [" in capsys.readouterr().err  # phase 1 went on from the checkpoint
+    assert json.loads((tmp_path / "clip.json").read_text())["source"] == "trained"
+    assert not (tmp_path / ".clip.partial").exists() and not list(out.rglob("phase1.ckpt"))
+    assert not list(out.rglob("captions"))

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from pipeline.core.artifacts import Staging
 from pipeline.core.errors import PipelineError
+from pipeline.core.interrupt import die_with_parent
 from pipeline.core.params import OrchestrationParams
 from pipeline.core.prefect_server import ensure_api
 
@@ -42,7 +43,7 @@ def task_runner(cfg: OrchestrationParams, workers: int) -> TaskRunner:
     if cfg.task_runner == "threads":
         return ThreadPoolTaskRunner(max_workers=workers)
     if cfg.task_runner == "processes":
-        return ProcessPoolTaskRunner(max_workers=workers)
+        return ProcessPoolTaskRunner(max_workers=workers, initializer=die_with_parent)
     from prefect_dask import DaskTaskRunner
 
     if cfg.dask_address:
