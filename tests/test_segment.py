@@ -85,13 +85,15 @@ def agreement(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("manifest", [MANIFEST, MANIFEST5])
-def test_text_only_masks_are_evaluates(run_dir, tmp_path, manifest):
+def test_text_only_masks_are_evaluates(run_dir, segmenter, tmp_path, manifest):
     """Supports without masks (pseudo-masks made here: MaskCLIP + refiner) give evaluate@k's
-    masks, 1-shot and 5-shot, at each query's own size."""
+    masks, 1-shot and 5-shot, at each query's own size; the API's probabilities are evaluate's
+    to float rounding (the stores' float16 is reproduced, not approximated)."""
     run = RunDir(run_dir)
     rows = first_of_each_class(run, manifest)[:5 if manifest == MANIFEST else 2]
     ref = evaluate_episodes(run, FOLD, manifest, rows)
     names = run.class_names()
+    paths = dict(zip(run.index().image_id, run.index().image_path, strict=True))
     fractions = []
     for j, episode in ref.episodes.iterrows():
         got = cli_masks(run_dir, tmp_path / f"e{j}", episode, names)
@@ -99,6 +101,10 @@ def test_text_only_masks_are_evaluates(run_dir, tmp_path, manifest):
         assert got.shape == ref.labels[j].shape
         assert agreement(got, want) >= AGREE, (j, agreement(got, want))
         fractions.append(want.mean())
+        api = segmenter.segment([paths[episode["query"]]], names[episode["class_id"] - 1],
+                                [paths[s] for s in episode["supports"]])
+        assert api.mask_source == "pseudo-mask" and len(api.support_masks) == len(episode["supports"])
+        np.testing.assert_allclose(api.predictions[0].probability, ref.probabilities[j], atol=1e-5)
     assert any(0 < f < 1 for f in fractions)  # not a trivial all-or-nothing model
 
 
@@ -124,7 +130,7 @@ def test_mask_supports_are_evaluates_with_ground_truth_supports(run_dir, segment
                                 [index.at[s, "image_path"] for s in episode["supports"]],
                                 [np.asarray(Image.open(m)) > 0 for m in masks])
         assert api.mask_source == "given"
-        np.testing.assert_allclose(api.predictions[0].probability, ref.probabilities[j], atol=2e-3)
+        np.testing.assert_allclose(api.predictions[0].probability, ref.probabilities[j], atol=1e-5)
         differs += not np.array_equal(ref.probabilities[j], text.probabilities[j])
     assert differs  # the given masks were used: not the pseudo-mask predictions
 

@@ -31,6 +31,9 @@ class RunDir:
 
     root: Path
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
     @classmethod
     def open(cls, root: str | Path) -> RunDir:
         """The run at ``root``; one-line error when it is missing or holds no ``params.yaml``."""
