@@ -168,6 +168,7 @@ def test_outputs_summary_and_gallery(run_dir, segmenter, tmp_path):
     api = segmenter.segment(sorted(str(p) for p in folder.glob("*.jpg")), "star", [support])
     for pred, q in zip(api.predictions, summary["queries"], strict=True):
         assert np.array_equal(pred.mask, np.asarray(Image.open(out / q["mask"])) > 0)
+    assert Image.open(out / "gallery.png").size == (5 * 160, 30 + 2 * (160 + 28))  # supports, queries
     page = (out / "index.html").read_text()
     sources = re.findall(r'(?:src|href)="([^"]*)"', page)
     assert len(sources) == 5 + 1 and all(s.startswith("data:image/png;base64,") for s in sources)

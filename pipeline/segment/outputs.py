@@ -1,6 +1,6 @@
 """What ``lfss-segment`` writes: per query a mask PNG (0/255, the query's own size) and an overlay
-PNG, ``summary.json``, and ``index.html``, a self-contained gallery (every picture inlined as a
-data URI: the file can be mailed or opened anywhere)."""
+PNG, ``summary.json``, ``index.html``, a self-contained gallery (every picture inlined as a data
+URI: the file can be mailed or opened anywhere), and ``gallery.png``, the same tiles as one picture."""
 
 from __future__ import annotations
 
@@ -124,6 +124,31 @@ CLIP sha256 {str(summary['clip']['sha256'])[:12]}…; foreground where p &ge; {s
 """
 
 
+def contact_sheet(summary: dict[str, Any], queries: list[Image.Image], supports: list[Image.Image],
+                  tile: int = 160, columns: int = 5) -> Image.Image:
+    """The gallery as one picture (``gallery.png``: for places a page cannot go, e.g. a README):
+    a row of supports (green: the mask the model was given), then the query overlays (red), each
+    tile captioned with its name and foreground fraction."""
+    from PIL import ImageDraw
+
+    caption = 28
+    rows = 1 + -(-len(queries) // columns)
+    sheet = Image.new("RGB", (columns * tile, 30 + rows * (tile + caption)), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((6, 8), f"{summary['class']}: {len(supports)} support(s) ({summary['support_masks']}), "
+              f"{len(queries)} queries", fill="black")
+    tiles = [(im, s["image"], s["foreground_fraction"], (k, 0))
+             for k, (im, s) in enumerate(zip(supports[:columns], summary["supports"], strict=False))]
+    tiles += [(im, q["image"], q["foreground_fraction"], (j % columns, 1 + j // columns))
+              for j, (im, q) in enumerate(zip(queries, summary["queries"], strict=True))]
+    for image, name, fraction, (col, row) in tiles:
+        x, y = col * tile, 30 + row * (tile + caption)
+        sheet.paste(image.resize((tile - 8, tile - 8), Image.NEAREST), (x + 4, y + 4))
+        draw.text((x + 4, y + tile - 2), Path(name).name[:22], fill="black")
+        draw.text((x + 4, y + tile + 11), f"{100 * fraction:.1f}% foreground", fill="dimgray")
+    return sheet
+
+
 def write_outputs(out: Path, result: Segmentation, segmenter: Segmenter,
                   support_mask_files: list[str] | None = None) -> dict[str, Any]:
     """Write every output under ``out``; returns the summary."""
@@ -143,6 +168,7 @@ def write_outputs(out: Path, result: Segmentation, segmenter: Segmenter,
     write_json(out / "summary.json", summary)
     page = gallery_html(summary, overlays, supports)
     write_atomic(out / "index.html", lambda tmp: tmp.write_text(page))
+    contact_sheet(summary, overlays, supports).save(out / "gallery.png")
     return summary
 
 
