@@ -231,10 +231,12 @@ class Segmenter:
     # -- the steps --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def inputs(self, paths: Sequence[str | Path], target: Target, ex: Extractor) -> ImageInputs:
-        """The priors and features of ``paths`` for ``target``, each image forwarded once."""
+    def inputs(self, paths: Sequence[str | Path], target: Target, ex: Extractor,
+               sizes: list[tuple[int, int]] | None = None) -> ImageInputs:
+        """The priors and features of ``paths`` (of ``sizes``, when already checked) for
+        ``target``, each image forwarded once."""
         paths = [str(p) for p in paths]
-        sizes = checked_sizes(paths)
+        sizes = sizes or checked_sizes(paths)
         pairs = [[target.class_id]] * len(paths)  # one pair per image; its labels: the class alone
         got = ex.priors(ex.load_images(paths), pairs, pairs)
         side = self.params.backbone.image_size
@@ -299,10 +301,10 @@ class Segmenter:
             raise PipelineError("--support: give at least one support image")
         if not queries:
             raise PipelineError("--query: no query images")
-        checked_sizes(queries)  # every image readable before any work
+        q_sizes, s_sizes = checked_sizes(queries), checked_sizes(supports)  # all readable before any work
+        given = None if support_masks is None else self.given_masks(supports, support_masks, s_sizes)
         ex = self.extractor_for(target)
-        s_inputs = self.inputs(supports, target, ex)
-        given = self.given_masks(supports, support_masks, s_inputs) if support_masks is not None else None
+        s_inputs = self.inputs(supports, target, ex, s_sizes)
         grid = s_inputs.features.shape[-2:]
         given_grid = None if given is None else torch.stack(
             [round16(mask_to_grid(torch.from_numpy(m), grid)) for m in given]).to(self.device)
@@ -311,7 +313,7 @@ class Segmenter:
         starts = range(0, len(queries), self.batch_size)
         for start in progress(iter(starts)) if progress else starts:
             part = queries[start: start + self.batch_size]
-            q_inputs = self.inputs(part, target, ex)
+            q_inputs = self.inputs(part, target, ex, q_sizes[start: start + self.batch_size])
             probs, s_mask = self.predict(q_inputs, s_inputs, target, given_grid)
             if not result.support_masks:  # the first episode's (the same for every query when given)
                 result.support_masks = given if given is not None else [
@@ -324,13 +326,13 @@ class Segmenter:
         return result
 
     def given_masks(self, supports: Sequence[str | Path], masks: Sequence[str | Path | np.ndarray],
-                    s_inputs: ImageInputs) -> list[np.ndarray]:
+                    sizes: list[tuple[int, int]]) -> list[np.ndarray]:
         """The given support masks, one per support, each of its support's size."""
         if len(masks) != len(supports):
             raise PipelineError(f"--support-mask: {len(masks)} masks for {len(supports)} supports "
                                 "(give one mask per support, in the same order)")
         out = []
-        for mask, support, (h, w) in zip(masks, supports, s_inputs.sizes, strict=True):
+        for mask, support, (h, w) in zip(masks, supports, sizes, strict=True):
             array = read_mask(mask)
             if array.shape != (h, w):
                 name = "the mask" if isinstance(mask, np.ndarray) else str(mask)
