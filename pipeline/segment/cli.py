@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from pipeline.core.errors import PipelineError
@@ -55,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=int, default=0, help="the fold whose model to use (default: %(default)s)")
     p.add_argument("--model", help="a fold checkpoint (default: <run>/data/models/fold<fold>/model.pt)")
     p.add_argument("--batch-size", type=int, default=16, help="queries per forward (default: %(default)s)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="(default: cuda when present)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -70,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise PipelineError("--class: an empty class name")
         if args.batch_size < 1:
             raise PipelineError(f"--batch-size = {args.batch_size}: must be at least 1")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise PipelineError("--device cuda: no CUDA device here")
         queries = query_files(args.query)
         segmenter = Segmenter.from_run(args.run, fold=args.fold, model=args.model, device=args.device,
                                        batch_size=args.batch_size)
