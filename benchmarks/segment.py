@@ -89,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     run = RunDir.open(args.run)
-    rows = [fold_figures(run, k, args.queries, args.batch_size) for k in args.folds]
+    rows = []
+    for k in args.folds:
+        rows.append(fold_figures(run, k, args.queries, args.batch_size))
+        print(json.dumps(rows[-1]), flush=True)  # each fold as it ends (a long run keeps what it did)
     mean = {key: round(float(np.mean([r[key] for r in rows])), 2)
             for key in ("segment_miou", "evaluate_miou", "episodes_per_s", "batched_queries_per_s")}
     mean["pixel_agreement"] = round(float(np.mean([r["pixel_agreement"] for r in rows])), 6)
