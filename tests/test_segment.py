@@ -147,7 +147,7 @@ def test_outputs_summary_and_gallery(run_dir, segmenter, tmp_path):
     support = val["image_path"].iloc[10]
     out = tmp_path / "out"
     assert cli.main(["--run", str(run_dir), "--class", "Star", "--support", support, "--query", str(folder),
-                     "--out", str(out), "--batch-size", "2", "--no-progress"]) == 0
+                     "--out", str(out), "--batch-size", "2", "--threads", "1", "--no-progress"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["class"] == "star" and summary["class_id"] == 4 and summary["in_vocabulary"]
     assert summary["support_masks"] == "pseudo-mask" and summary["supports"][0]["image"] == support

@@ -57,6 +57,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="a fold checkpoint (default: <run>/data/models/fold<fold>/model.pt)")
     p.add_argument("--batch-size", type=int, default=16, help="queries per forward (default: %(default)s)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="(default: cuda when present)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core; on a machine "
+                   "shared with other jobs 1 is much faster: see the README)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -73,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise PipelineError(f"--batch-size = {args.batch_size}: must be at least 1")
         if args.device == "cuda" and not torch.cuda.is_available():
             raise PipelineError("--device cuda: no CUDA device here")
+        if args.threads is not None:
+            if args.threads < 1:
+                raise PipelineError(f"--threads = {args.threads}: must be at least 1")
+            torch.set_num_threads(args.threads)
         queries = query_files(args.query)
         segmenter = Segmenter.from_run(args.run, fold=args.fold, model=args.model, device=args.device,
                                        batch_size=args.batch_size)
