@@ -1,0 +1,176 @@
+"""What ``lfss-segment`` writes: per query a mask PNG (0/255, the query's own size) and an overlay
+PNG, ``summary.json``, ``index.html``, a self-contained gallery (every picture inlined as a data
+URI: the file can be mailed or opened anywhere), and ``gallery.png``, the same tiles as one picture."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipeline.core.artifacts import write_atomic, write_json
+from pipeline.segment.segmenter import THRESHOLD, Segmentation, Segmenter
+
+QUERY_TINT, SUPPORT_TINT = (255, 40, 40), (40, 200, 80)
+
+
+def overlay(image_path: str, mask: np.ndarray, tint: tuple[int, int, int]) -> Image.Image:
+    """The image with ``mask`` ``(H, W)`` tinted (half opacity) and its outline drawn in full."""
+    rgb = np.asarray(Image.open(image_path).convert("RGB")).astype(np.float32)
+    color = np.asarray(tint, np.float32)
+    out = rgb.copy()
+    out[mask] = 0.5 * rgb[mask] + 0.5 * color
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    out[mask & ~inner] = color
+    return Image.fromarray(out.round().astype(np.uint8))
+
+
+def unique_names(paths: list[str]) -> list[str]:
+    """A file-name stem per path, unique (``name``, ``name_2``, ...)."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in paths:
+        stem = Path(path).stem or "image"
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+    return names
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_uri(image: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
+
+
+def summary_of(result: Segmentation, segmenter: Segmenter, files: list[dict[str, str]],
+               support_files: list[str | None]) -> dict[str, Any]:
+    """``summary.json``: the class, the supports, per query the foreground fraction and mean
+    probability, the model, the params that made the masks, and the weights' sha256."""
+    target, params = result.target, segmenter.params
+    return {
+        "class": target.name,
+        "class_id": target.class_id,
+        "in_vocabulary": target.in_vocabulary,
+        "maskclip_vocabulary": list(target.vocabulary),
+        "support_masks": result.mask_source,
+        "supports": [{"image": s, "mask": m, "foreground_fraction": round(float(mask.mean()), 4)}
+                     for s, m, mask in zip(result.supports, support_files, result.support_masks,
+                                           strict=True)],
+        "threshold": THRESHOLD,
+        "queries": [{"image": p.image, **f, "height": int(p.mask.shape[0]), "width": int(p.mask.shape[1]),
+                     "foreground_fraction": round(p.foreground_fraction, 4),
+                     "mean_probability": round(p.mean_probability, 4)}
+                    for p, f in zip(result.predictions, files, strict=True)],
+        "model": {"path": str(segmenter.model_path), "sha256": segmenter.model_sha256,
+                  "fold": segmenter.saved.get("fold"), "circle_inference": bool(segmenter.saved["circle"]),
+                  "best_val_miou": segmenter.saved.get("best_val_miou"), "params": segmenter.saved["model"]},
+        "clip": {"path": str(segmenter.run.clip_dir), "sha256": segmenter.clip_sha256},
+        "run": str(segmenter.run.root),
+        "params": {"dataset": params.dataset.name, "backbone": params.backbone.model_dump(),
+                   "priors": params.priors.model_dump(), "pseudo_masks": params.pseudo_masks.model_dump()},
+        "device": segmenter.device.type,
+    }
+
+
+def gallery_html(summary: dict[str, Any], queries: list[Image.Image], supports: list[Image.Image]) -> str:
+    """The gallery page: supports (with the masks the model was given), then every query's overlay
+    with its foreground fraction and mean probability; pictures inlined."""
+    esc = html.escape
+
+    def card(image: Image.Image, title: str, caption: str) -> str:
+        return (f'<figure><img src="{data_uri(image)}" alt="{esc(title)}" width="{image.width}" '
+                f'height="{image.height}"><figcaption><b>{esc(title)}</b><br>{esc(caption)}</figcaption></figure>')
+
+    support_cards = "".join(card(im, Path(s["image"]).name, f"{summary['support_masks']}, "
+                                 f"{100 * s['foreground_fraction']:.1f}% foreground")
+                            for im, s in zip(supports, summary["supports"], strict=True))
+    query_cards = "".join(card(im, Path(q["image"]).name,
+                               f"{100 * q['foreground_fraction']:.1f}% foreground, "
+                               f"mean p {q['mean_probability']:.3f}")
+                          for im, q in zip(queries, summary["queries"], strict=True))
+    vocab = "in the run's vocabulary" if summary["in_vocabulary"] else "added to the run's vocabulary"
+    model = summary["model"]
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>lfss-segment: {esc(summary['class'])}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
+section {{ display: flex; flex-wrap: wrap; gap: 12px; }}
+figure {{ margin: 0; width: 200px; }}
+img {{ width: 200px; height: auto; image-rendering: pixelated; border: 1px solid #ccc; }}
+figcaption {{ font-size: 12px; word-break: break-all; }}
+.meta {{ font-size: 13px; color: #555; }}
+</style></head><body>
+<h1>{esc(summary['class'])}</h1>
+<p class="meta">class {summary['class_id']} ({vocab}); {len(summary['queries'])} queries;
+model {esc(model['path'])} (fold {model['fold']}, sha256 {model['sha256'][:12]}…);
+CLIP sha256 {str(summary['clip']['sha256'])[:12]}…; foreground where p &ge; {summary['threshold']}</p>
+<h2>Supports</h2><section>{support_cards}</section>
+<h2>Queries</h2><section>{query_cards}</section>
+</body></html>
+"""
+
+
+def contact_sheet(summary: dict[str, Any], queries: list[Image.Image], supports: list[Image.Image],
+                  tile: int = 160, columns: int = 5) -> Image.Image:
+    """The gallery as one picture (``gallery.png``: for places a page cannot go, e.g. a README):
+    a row of supports (green: the mask the model was given), then the query overlays (red), each
+    tile captioned with its name and foreground fraction."""
+    from PIL import ImageDraw
+
+    caption = 28
+    rows = 1 + -(-len(queries) // columns)
+    sheet = Image.new("RGB", (columns * tile, 30 + rows * (tile + caption)), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((6, 8), f"{summary['class']}: {len(supports)} support(s) ({summary['support_masks']}), "
+              f"{len(queries)} queries", fill="black")
+    tiles = [(im, s["image"], s["foreground_fraction"], (k, 0))
+             for k, (im, s) in enumerate(zip(supports[:columns], summary["supports"], strict=False))]
+    tiles += [(im, q["image"], q["foreground_fraction"], (j % columns, 1 + j // columns))
+              for j, (im, q) in enumerate(zip(queries, summary["queries"], strict=True))]
+    for image, name, fraction, (col, row) in tiles:
+        x, y = col * tile, 30 + row * (tile + caption)
+        sheet.paste(image.resize((tile - 8, tile - 8), Image.NEAREST), (x + 4, y + 4))
+        draw.text((x + 4, y + tile - 2), Path(name).name[:22], fill="black")
+        draw.text((x + 4, y + tile + 11), f"{100 * fraction:.1f}% foreground", fill="dimgray")
+    return sheet
+
+
+def write_outputs(out: Path, result: Segmentation, segmenter: Segmenter,
+                  support_mask_files: list[str] | None = None) -> dict[str, Any]:
+    """Write every output under ``out``; returns the summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    files, overlays = [], []
+    names = unique_names([p.image for p in result.predictions])
+    for name, pred in zip(names, result.predictions, strict=True):
+        mask_file, overlay_file = f"{name}_mask.png", f"{name}_overlay.png"
+        Image.fromarray(pred.mask.astype(np.uint8) * 255).save(out / mask_file)
+        shown = overlay(pred.image, pred.mask, QUERY_TINT)
+        shown.save(out / overlay_file)
+        overlays.append(shown)
+        files.append({"mask": mask_file, "overlay": overlay_file})
+    supports = [overlay(s, m, SUPPORT_TINT)
+                for s, m in zip(result.supports, result.support_masks, strict=True)]
+    summary = summary_of(result, segmenter, files, support_mask_files or [None] * len(result.supports))
+    write_json(out / "summary.json", summary)
+    page = gallery_html(summary, overlays, supports)
+    write_atomic(out / "index.html", lambda tmp: tmp.write_text(page))
+    contact_sheet(summary, overlays, supports).save(out / "gallery.png")
+    return summary
+
+
+def dumps(summary: dict[str, Any]) -> str:
+    return json.dumps(summary, indent=2)
