@@ -279,3 +279,15 @@ def test_the_command_runs_as_a_module(run_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-1000:]
     assert "lfss-segment: 1 queries of 'ring'" in done.stdout and (tmp_path / "o/index.html").is_file()
     assert 'lfss-segment = "pipeline.segment.cli:main"' in (REPO / "pyproject.toml").read_text()
+
+
+def test_gallery_pictures_stay_small_and_names_stay_unique_across_batches():
+    """The command writes batch by batch: the gallery keeps a thumbnail per query (at most
+    ``THUMBNAIL`` px a side), and output names stay unique across batches."""
+    from pipeline.segment.outputs import THUMBNAIL, thumbnail, unique_names
+
+    assert thumbnail(Image.new("RGB", (1200, 600))).size == (THUMBNAIL, THUMBNAIL // 2)
+    small = Image.new("RGB", (100, 50))
+    assert thumbnail(small) is small
+    seen: dict[str, int] = {}
+    assert unique_names(["a/x.jpg", "b/x.jpg"], seen) + unique_names(["c/x.png"], seen) == ["x", "x_2", "x_3"]

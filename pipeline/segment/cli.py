@@ -10,6 +10,7 @@ checkpoint from another CLIP, a missing run directory) is one line ``error: ...`
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        from pipeline.segment.outputs import write_outputs
+        from pipeline.segment.outputs import OutputWriter
         from pipeline.segment.segmenter import Segmenter
 
         if not " ".join(args.class_name.split()):
@@ -87,9 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         def progress(it):
             return tqdm(it, total=batches, desc="lfss-segment", unit="batch", file=sys.stderr)
 
-        result = segmenter.segment(queries, args.class_name, args.support, args.support_mask,
-                                   progress=None if args.no_progress else progress)
-        summary = write_outputs(Path(args.out), result, segmenter, args.support_mask)
+        parts = segmenter.segment_batches(queries, args.class_name, args.support, args.support_mask,
+                                          progress=None if args.no_progress else progress)
+        first = next(parts)  # every image checked, nothing written yet
+        writer = OutputWriter(Path(args.out))
+        for part in itertools.chain([first], parts):
+            writer.add(part)  # one batch at a time: memory does not grow with the queries
+        summary = writer.finish(segmenter, args.support_mask)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

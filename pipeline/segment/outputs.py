@@ -8,6 +8,7 @@ import base64
 import html
 import io
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,11 @@ import numpy as np
 from PIL import Image
 
 from pipeline.core.artifacts import write_atomic, write_json
-from pipeline.segment.segmenter import THRESHOLD, Segmentation, Segmenter
+from pipeline.core.errors import PipelineError
+from pipeline.segment.segmenter import THRESHOLD, Prediction, Segmentation, Segmenter
 
 QUERY_TINT, SUPPORT_TINT = (255, 40, 40), (40, 200, 80)
+THUMBNAIL = 400  # px, the longest side of a gallery picture (shown 200 px wide)
 
 
 def overlay(image_path: str, mask: np.ndarray, tint: tuple[int, int, int]) -> Image.Image:
@@ -35,15 +38,26 @@ def overlay(image_path: str, mask: np.ndarray, tint: tuple[int, int, int]) -> Im
     return Image.fromarray(out.round().astype(np.uint8))
 
 
-def unique_names(paths: list[str]) -> list[str]:
-    """A file-name stem per path, unique (``name``, ``name_2``, ...)."""
-    seen: dict[str, int] = {}
+def unique_names(paths: list[str], seen: dict[str, int] | None = None) -> list[str]:
+    """A file-name stem per path, unique (``name``, ``name_2``, ...; ``seen`` carries the counts
+    across calls)."""
+    seen = {} if seen is None else seen
     names = []
     for path in paths:
         stem = Path(path).stem or "image"
         seen[stem] = seen.get(stem, 0) + 1
         names.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
     return names
+
+
+def thumbnail(image: Image.Image, side: int = THUMBNAIL) -> Image.Image:
+    """``image`` shrunk to at most ``side`` pixels a side (what the gallery shows: it stays small
+    for any number or size of queries)."""
+    if max(image.size) <= side:
+        return image
+    small = image.copy()
+    small.thumbnail((side, side), Image.LANCZOS)
+    return small
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -56,10 +70,19 @@ def data_uri(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
 
 
-def summary_of(result: Segmentation, segmenter: Segmenter, files: list[dict[str, str]],
+def query_row(pred: Prediction, mask_file: str, overlay_file: str) -> dict[str, Any]:
+    """One query's entry in ``summary.json``."""
+    return {"image": pred.image, "mask": mask_file, "overlay": overlay_file,
+            "height": int(pred.mask.shape[0]), "width": int(pred.mask.shape[1]),
+            "foreground_fraction": round(pred.foreground_fraction, 4),
+            "mean_probability": round(pred.mean_probability, 4)}
+
+
+def summary_of(result: Segmentation, segmenter: Segmenter, queries: list[dict[str, Any]],
                support_files: list[str | None]) -> dict[str, Any]:
-    """``summary.json``: the class, the supports, per query the foreground fraction and mean
-    probability, the model, the params that made the masks, and the weights' sha256."""
+    """``summary.json``: the class, the supports, per query (``queries``: :func:`query_row`) the
+    foreground fraction and mean probability, the model, the params that made the masks, and the
+    weights' sha256."""
     target, params = result.target, segmenter.params
     return {
         "class": target.name,
@@ -71,10 +94,7 @@ def summary_of(result: Segmentation, segmenter: Segmenter, files: list[dict[str,
                      for s, m, mask in zip(result.supports, support_files, result.support_masks,
                                            strict=True)],
         "threshold": THRESHOLD,
-        "queries": [{"image": p.image, **f, "height": int(p.mask.shape[0]), "width": int(p.mask.shape[1]),
-                     "foreground_fraction": round(p.foreground_fraction, 4),
-                     "mean_probability": round(p.mean_probability, 4)}
-                    for p, f in zip(result.predictions, files, strict=True)],
+        "queries": queries,
         "model": {"path": str(segmenter.model_path), "sha256": segmenter.model_sha256,
                   "fold": segmenter.saved.get("fold"), "circle_inference": bool(segmenter.saved["circle"]),
                   "best_val_miou": segmenter.saved.get("best_val_miou"), "params": segmenter.saved["model"]},
@@ -86,22 +106,26 @@ def summary_of(result: Segmentation, segmenter: Segmenter, files: list[dict[str,
     }
 
 
-def gallery_html(summary: dict[str, Any], queries: list[Image.Image], supports: list[Image.Image]) -> str:
-    """The gallery page: supports (with the masks the model was given), then every query's overlay
-    with its foreground fraction and mean probability; pictures inlined."""
+def card(image: Image.Image, title: str, caption: str) -> str:
+    """One picture of the gallery page, inlined, with its title and caption."""
     esc = html.escape
+    return (f'<figure><img src="{data_uri(image)}" alt="{esc(title)}" width="{image.width}" '
+            f'height="{image.height}"><figcaption><b>{esc(title)}</b><br>{esc(caption)}</figcaption></figure>')
 
-    def card(image: Image.Image, title: str, caption: str) -> str:
-        return (f'<figure><img src="{data_uri(image)}" alt="{esc(title)}" width="{image.width}" '
-                f'height="{image.height}"><figcaption><b>{esc(title)}</b><br>{esc(caption)}</figcaption></figure>')
 
+def query_card(image: Image.Image, row: dict[str, Any]) -> str:
+    return card(image, Path(row["image"]).name,
+                f"{100 * row['foreground_fraction']:.1f}% foreground, mean p {row['mean_probability']:.3f}")
+
+
+def gallery_head(summary: dict[str, Any], supports: list[Image.Image]) -> str:
+    """The gallery page up to its query pictures: the run, the model and the supports (with the
+    masks the model was given); the query cards (:func:`query_card`) and :data:`GALLERY_END`
+    follow."""
+    esc = html.escape
     support_cards = "".join(card(im, Path(s["image"]).name, f"{summary['support_masks']}, "
                                  f"{100 * s['foreground_fraction']:.1f}% foreground")
                             for im, s in zip(supports, summary["supports"], strict=True))
-    query_cards = "".join(card(im, Path(q["image"]).name,
-                               f"{100 * q['foreground_fraction']:.1f}% foreground, "
-                               f"mean p {q['mean_probability']:.3f}")
-                          for im, q in zip(queries, summary["queries"], strict=True))
     vocab = "in the run's vocabulary" if summary["in_vocabulary"] else "added to the run's vocabulary"
     model = summary["model"]
     return f"""<!DOCTYPE html>
@@ -119,28 +143,32 @@ figcaption {{ font-size: 12px; word-break: break-all; }}
 model {esc(model['path'])} (fold {model['fold']}, sha256 {model['sha256'][:12]}…);
 CLIP sha256 {str(summary['clip']['sha256'])[:12]}…; foreground where p &ge; {summary['threshold']}</p>
 <h2>Supports</h2><section>{support_cards}</section>
-<h2>Queries</h2><section>{query_cards}</section>
-</body></html>
-"""
+<h2>Queries</h2><section>"""
+
+
+GALLERY_END = "</section>\n</body></html>\n"
 
 
 def contact_sheet(summary: dict[str, Any], queries: list[Image.Image], supports: list[Image.Image],
-                  tile: int = 160, columns: int = 5) -> Image.Image:
+                  tile: int = 160, columns: int = 5, most: int = 50) -> Image.Image:
     """The gallery as one picture (``gallery.png``: for places a page cannot go, e.g. a README):
     a row of supports (green: the mask the model was given), then the query overlays (red), each
-    tile captioned with its name and foreground fraction."""
+    tile captioned with its name and foreground fraction; the first ``most`` queries only (the page
+    has them all)."""
     from PIL import ImageDraw
 
-    caption = 28
+    caption, total = 28, len(summary["queries"])
+    queries = queries[:most]
     rows = 1 + -(-len(queries) // columns)
     sheet = Image.new("RGB", (columns * tile, 30 + rows * (tile + caption)), "white")
     draw = ImageDraw.Draw(sheet)
-    draw.text((6, 8), f"{summary['class']}: {len(supports)} support(s) ({summary['support_masks']}), "
-              f"{len(queries)} queries", fill="black")
+    shown = f"{total} queries" if total == len(queries) else f"the first {len(queries)} of {total} queries"
+    draw.text((6, 8), f"{summary['class']}: {len(supports)} support(s) ({summary['support_masks']}), {shown}",
+              fill="black")
     tiles = [(im, s["image"], s["foreground_fraction"], (k, 0))
              for k, (im, s) in enumerate(zip(supports[:columns], summary["supports"], strict=False))]
     tiles += [(im, q["image"], q["foreground_fraction"], (j % columns, 1 + j // columns))
-              for j, (im, q) in enumerate(zip(queries, summary["queries"], strict=True))]
+              for j, (im, q) in enumerate(zip(queries, summary["queries"], strict=False))]
     for image, name, fraction, (col, row) in tiles:
         x, y = col * tile, 30 + row * (tile + caption)
         sheet.paste(image.resize((tile - 8, tile - 8), Image.NEAREST), (x + 4, y + 4))
@@ -149,27 +177,69 @@ def contact_sheet(summary: dict[str, Any], queries: list[Image.Image], supports:
     return sheet
 
 
+class OutputWriter:
+    """Writes ``lfss-segment``'s outputs under ``out`` as batches of predictions arrive: each
+    query's mask and overlay at once, its gallery card to a temporary file; only its summary row
+    (and, for the first ``SHEET_QUERIES``, a thumbnail for ``gallery.png``) is kept, so memory
+    does not grow with the queries. :meth:`finish` writes the summary and the gallery."""
+
+    SHEET_QUERIES = 50
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.rows: list[dict[str, Any]] = []
+        self.sheet: list[Image.Image] = []
+        self.seen: dict[str, int] = {}
+        self.first: Segmentation | None = None
+        out.mkdir(parents=True, exist_ok=True)
+        self.cards = out / ".index.html.cards"
+        self.cards.write_text("")
+
+    def add(self, part: Segmentation) -> None:
+        """Write the masks, overlays and gallery cards of one batch's predictions."""
+        self.first = self.first or part
+        names = unique_names([p.image for p in part.predictions], self.seen)
+        with self.cards.open("a") as cards:
+            for name, pred in zip(names, part.predictions, strict=True):
+                mask_file, overlay_file = f"{name}_mask.png", f"{name}_overlay.png"
+                Image.fromarray(pred.mask.astype(np.uint8) * 255).save(self.out / mask_file)
+                shown = overlay(pred.image, pred.mask, QUERY_TINT)
+                shown.save(self.out / overlay_file)
+                row = query_row(pred, mask_file, overlay_file)
+                small = thumbnail(shown)
+                cards.write(query_card(small, row))
+                if len(self.sheet) < self.SHEET_QUERIES:
+                    self.sheet.append(small)
+                self.rows.append(row)
+
+    def finish(self, segmenter: Segmenter, support_mask_files: list[str] | None = None) -> dict[str, Any]:
+        """Write ``summary.json``, ``index.html`` and ``gallery.png``; returns the summary."""
+        head = self.first
+        if head is None:
+            raise PipelineError("lfss-segment: no predictions to write")
+        supports = [thumbnail(overlay(s, m, SUPPORT_TINT))
+                    for s, m in zip(head.supports, head.support_masks, strict=True)]
+        summary = summary_of(head, segmenter, self.rows, support_mask_files or [None] * len(head.supports))
+        write_json(self.out / "summary.json", summary)
+
+        def page(tmp: Path) -> None:
+            with tmp.open("w") as f, self.cards.open() as cards:
+                f.write(gallery_head(summary, supports))
+                shutil.copyfileobj(cards, f)
+                f.write(GALLERY_END)
+
+        write_atomic(self.out / "index.html", page)
+        self.cards.unlink()
+        contact_sheet(summary, self.sheet, supports, most=self.SHEET_QUERIES).save(self.out / "gallery.png")
+        return summary
+
+
 def write_outputs(out: Path, result: Segmentation, segmenter: Segmenter,
                   support_mask_files: list[str] | None = None) -> dict[str, Any]:
-    """Write every output under ``out``; returns the summary."""
-    out.mkdir(parents=True, exist_ok=True)
-    files, overlays = [], []
-    names = unique_names([p.image for p in result.predictions])
-    for name, pred in zip(names, result.predictions, strict=True):
-        mask_file, overlay_file = f"{name}_mask.png", f"{name}_overlay.png"
-        Image.fromarray(pred.mask.astype(np.uint8) * 255).save(out / mask_file)
-        shown = overlay(pred.image, pred.mask, QUERY_TINT)
-        shown.save(out / overlay_file)
-        overlays.append(shown)
-        files.append({"mask": mask_file, "overlay": overlay_file})
-    supports = [overlay(s, m, SUPPORT_TINT)
-                for s, m in zip(result.supports, result.support_masks, strict=True)]
-    summary = summary_of(result, segmenter, files, support_mask_files or [None] * len(result.supports))
-    write_json(out / "summary.json", summary)
-    page = gallery_html(summary, overlays, supports)
-    write_atomic(out / "index.html", lambda tmp: tmp.write_text(page))
-    contact_sheet(summary, overlays, supports).save(out / "gallery.png")
-    return summary
+    """Write every output of ``result`` under ``out`` (:class:`OutputWriter`); returns the summary."""
+    writer = OutputWriter(out)
+    writer.add(result)
+    return writer.finish(segmenter, support_mask_files)
 
 
 def dumps(summary: dict[str, Any]) -> str:

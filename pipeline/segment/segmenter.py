@@ -295,7 +295,17 @@ class Segmenter:
         """Masks of ``queries`` for ``class_name`` from K ``supports`` (images without masks:
         language-guided pseudo-masks, as in training; or with one ``support_masks`` each).
 
-        ``progress`` wraps the iterator over query batches (e.g. ``tqdm``)."""
+        ``progress`` wraps the iterator over query batches (e.g. ``tqdm``). Every prediction is
+        kept: for many queries, :meth:`segment_batches` holds one batch at a time."""
+        parts = list(self.segment_batches(queries, class_name, supports, support_masks, progress))
+        return replace(parts[0], predictions=[p for part in parts for p in part.predictions])
+
+    def segment_batches(self, queries: Sequence[str | Path], class_name: str, supports: Sequence[str | Path],
+                        support_masks: Sequence[str | Path | np.ndarray] | None = None,
+                        progress: Callable[[Iterator], Iterator] | None = None) -> Iterator[Segmentation]:
+        """:meth:`segment`, one :class:`Segmentation` per batch of ``batch_size`` queries (each with
+        that batch's predictions only), so memory does not grow with the number of queries.
+        Every image is checked before the first batch."""
         target = self.target(class_name)
         if not supports:
             raise PipelineError("--support: give at least one support image")
@@ -309,21 +319,21 @@ class Segmenter:
         given_grid = None if given is None else torch.stack(
             [round16(mask_to_grid(torch.from_numpy(m), grid)) for m in given]).to(self.device)
         source = "pseudo-mask" if given is None else "given"
-        result = Segmentation(target, [str(s) for s in supports], [], source)
+        shown: list[np.ndarray] | None = given  # the supports' masks as the first episode had them
         starts = range(0, len(queries), self.batch_size)
         for start in progress(iter(starts)) if progress else starts:
             part = queries[start: start + self.batch_size]
             q_inputs = self.inputs(part, target, ex, q_sizes[start: start + self.batch_size])
             probs, s_mask = self.predict(q_inputs, s_inputs, target, given_grid)
-            if not result.support_masks:  # the first episode's (the same for every query when given)
-                result.support_masks = given if given is not None else [
-                    (Scoring().at_label(m[None].cpu(), size)[0] >= THRESHOLD).numpy()
-                    for m, size in zip(s_mask[0], s_inputs.sizes, strict=True)]
+            if shown is None:
+                shown = [(Scoring().at_label(m[None].cpu(), size)[0] >= THRESHOLD).numpy()
+                         for m, size in zip(s_mask[0], s_inputs.sizes, strict=True)]
+            predictions = []
             for j, (path, size) in enumerate(zip(part, q_inputs.sizes, strict=True)):
                 prob = Scoring().at_label(probs[j: j + 1], size)[0]
-                result.predictions.append(Prediction(str(path), prob.clamp(0, 1).numpy(),
-                                                     (prob >= THRESHOLD).numpy()))
-        return result
+                predictions.append(Prediction(str(path), prob.clamp(0, 1).numpy(),
+                                              (prob >= THRESHOLD).numpy()))
+            yield Segmentation(target, [str(s) for s in supports], shown, source, predictions)
 
     def given_masks(self, supports: Sequence[str | Path], masks: Sequence[str | Path | np.ndarray],
                     sizes: list[tuple[int, int]]) -> list[np.ndarray]:
