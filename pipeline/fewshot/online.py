@@ -51,17 +51,19 @@ class ImageSource:
 
 
 @torch.no_grad()
-def with_features(shots: list[Episodes], backbone: torch.nn.Module) -> list[Episodes]:
-    """The K shots of one batch (one query: its features are computed once) whose query and
-    support are images, with their features instead: the frozen backbone in float32 whatever the
-    autocast, rounded to float16 as the features stage stores them."""
-    def features(images: torch.Tensor) -> torch.Tensor:
+def stored_features(backbone: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, S, S)`` normalised images -> ``(B, C, h, w)`` features as the features stage stores
+    them: the frozen backbone in float32 whatever the autocast, rounded to float16, contiguous."""
+    with torch.autocast(images.device.type, enabled=False):
         return backbone(images).half().float().contiguous()  # the stored layout: kernels (and so
         # rounding) follow memory layout, and the trunk's output is a channels-last view
 
-    with torch.autocast(shots[0].query.device.type, enabled=False):
-        query = features(shots[0].query)
-        return [replace(x, query=query, support=features(x.support)) for x in shots]
+
+def with_features(shots: list[Episodes], backbone: torch.nn.Module) -> list[Episodes]:
+    """The K shots of one batch (one query: its features are computed once) whose query and
+    support are images, with their :func:`stored_features` instead."""
+    query = stored_features(backbone, shots[0].query)
+    return [replace(x, query=query, support=stored_features(backbone, x.support)) for x in shots]
 
 
 def view_seed(seed: int, epoch: int, step: int) -> int:

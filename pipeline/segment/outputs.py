@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -232,15 +231,3 @@ class OutputWriter:
         self.cards.unlink()
         contact_sheet(summary, self.sheet, supports, most=self.SHEET_QUERIES).save(self.out / "gallery.png")
         return summary
-
-
-def write_outputs(out: Path, result: Segmentation, segmenter: Segmenter,
-                  support_mask_files: list[str] | None = None) -> dict[str, Any]:
-    """Write every output of ``result`` under ``out`` (:class:`OutputWriter`); returns the summary."""
-    writer = OutputWriter(out)
-    writer.add(result)
-    return writer.finish(segmenter, support_mask_files)
-
-
-def dumps(summary: dict[str, Any]) -> str:
-    return json.dumps(summary, indent=2)

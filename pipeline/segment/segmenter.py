@@ -41,6 +41,7 @@ from pipeline.datasets.index import image_size
 from pipeline.features.backbone import Backbone, load_backbone
 from pipeline.fewshot.checkpoint import load_model, sha_file
 from pipeline.fewshot.evaluate import Scoring
+from pipeline.fewshot.online import stored_features
 from pipeline.model.lfss import LFSS, Episodes, predict
 from pipeline.priors.shards import Extractor, load_extractor
 from pipeline.priors.vtp import PromptBank, prompt_bank
@@ -241,9 +242,7 @@ class Segmenter:
         got = ex.priors(ex.load_images(paths), pairs, pairs)
         side = self.params.backbone.image_size
         images = load_normalized(paths, side, self.backbone.mean, self.backbone.std, self.device)
-        with torch.autocast(self.device.type, enabled=False):
-            # rounded as the features stage stores them, in its memory layout (see online.with_features)
-            features = self.backbone(images).half().float().contiguous()
+        features = stored_features(self.backbone, images)
         tokens = torch.stack([t.float() for t in got.tokens], 1)
         return ImageInputs(features, round16(got.maskclip_scores), round16(got.vtp), round16(got.pir),
                            round16(tokens).to(self.device), sizes)
