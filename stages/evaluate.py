@@ -5,8 +5,10 @@ validation episodes, with the features, priors and pseudo-masks; writes
 ``data/metrics/fold{k}.json``: per shot, mIoU and FB-IoU (mean ± std over seeds), per-class IoU
 and, per seed, the same figures; and the mIoU of the priors alone (the query's VTP thresholded
 at the threshold best on the fold's base-class validation episodes, no decoder) under
-``prior_miou``, so every run shows what training adds. Predictions are scored at each label's
-own resolution. ``data/predictions/fold{k}.npz`` keeps the first ``evaluate.samples`` episodes of
+``prior_miou``, so every run shows what training adds; ``data/metrics/fold{k}_episodes.parquet``:
+every test episode's pixel counts (shot, seed, episode, class, intersection, union, ...), what a
+paired bootstrap between two models resamples (``stages.ablation``). Predictions are scored as
+``evaluate.resize`` says. ``data/predictions/fold{k}.npz`` keeps the first ``evaluate.samples`` episodes of
 the first 1-shot manifest (ids, support mask, prediction) for the report's figures.
 """
 
@@ -45,12 +47,14 @@ TEST = re.compile(r"test/fold(?P<fold>\d+)/shot(?P<shot>\d+)_seed(?P<seed>\d+)$"
 
 
 def summary(per_seed: dict[int, dict]) -> dict:
-    """Mean ± std over seeds of every scalar figure; per-class IoU averaged over seeds."""
+    """Mean ± sample std over seeds (0 for one seed) of every scalar figure; per-class IoU averaged
+    over seeds."""
     seeds = list(per_seed.values())
     out: dict = {}
     for key in ("miou", "fbiou", "prior_miou"):
         values = np.array([s[key] for s in seeds])
-        out[key], out[f"{key}_std"] = round(float(values.mean()), 2), round(float(values.std()), 2)
+        std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        out[key], out[f"{key}_std"] = round(float(values.mean()), 2), round(std, 2)
     out["class_iou"] = {
         c: round(float(np.mean([s["class_iou"][c] for s in seeds])), 2) for c in seeds[0]["class_iou"]
     }
@@ -95,6 +99,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
     val = inputs.episodes(val_name, manifests[val_name], cfg)
     threshold, _ = best_prior_threshold(val, bank, num_classes)  # as trained: validation is never letterboxed
     shots: dict[int, dict[int, dict]] = {}
+    episodes: list[pd.DataFrame] = []
     kept: dict[str, np.ndarray] = {}
     sampled = next(
         (n for n in tests if TEST.match(n)["shot"] == "1"), tests[0]
@@ -123,7 +128,13 @@ def run(params: Params, args: argparse.Namespace) -> None:
                                           images=params.evaluate.resize == "pfenet"),
             on_batch=keep if name == sampled and params.evaluate.samples else None,
             scoring=scoring,
+            per_episode=True,
         )
+        counts = meter.episode_counts()
+        counts.insert(0, "episode", manifests[name]["episode"].to_numpy())
+        counts.insert(0, "seed", int(m["seed"]))
+        counts.insert(0, "shot", int(m["shot"]))
+        episodes.append(counts)
         classes = sorted(set(table.classes.tolist()))
         shots.setdefault(int(m["shot"]), {})[int(m["seed"])] = {
             "miou": round(meter.miou(classes), 2),
@@ -143,6 +154,8 @@ def run(params: Params, args: argparse.Namespace) -> None:
     }
     metrics |= {f"shot{shot}": summary(per_seed) for shot, per_seed in sorted(shots.items())}
     write_atomic(Path(args.predictions) / f"fold{fold}.npz", lambda tmp: save_npz(tmp, kept))
+    write_atomic(Path(args.metrics) / f"fold{fold}_episodes.parquet",
+                 lambda tmp: pd.concat(episodes, ignore_index=True).to_parquet(tmp, index=False))
     write_json(Path(args.metrics) / f"fold{fold}.json", metrics)
     for shot in sorted(shots):
         got = metrics[f"shot{shot}"]

@@ -112,7 +112,7 @@ def build_pseudo_masks(cfg: PseudoMaskParams, backbone: BackboneParams, index_di
     chosen = evaluated_manifests(manifests)
     meters = gather([evaluate_task.submit(staging.path, m, manifests[m], mask_paths, len(meta["class_names"]))
                      for m in chosen.values()])
-    metrics: dict = {f"fold{fold}": {f"{kind}_miou": round(m.miou(), 2) for kind, m in fold_meters.items()}
+    metrics: dict = {f"fold{fold}": quality.figures(fold_meters)
                      for fold, fold_meters in zip(chosen, meters, strict=True)}
     metrics["mean"] = {key: round(sum(m[key] for m in metrics.values()) / len(chosen), 2)
                        for key in next(iter(metrics.values()))}

@@ -3,7 +3,8 @@
 Reads ``data/metrics/fold{k}.json`` (evaluate), ``data/metrics/pseudo_masks.json``,
 ``data/metrics/clip.json``, ``data/plots/train/fold{k}/`` (training curves, DVCLive),
 ``data/predictions/fold{k}.npz`` (sample predictions), ``ablations/results.json`` (written by
-``make ablation``; optional), ``data/splits/meta.json`` (folds) and ``data/index``; writes
+``make ablation``; optional), ``ablations/masks.json`` (``make mask-study``; optional),
+``data/splits/meta.json`` (folds) and ``data/index``; writes
 ``reports/report.md`` (+ ``reports/figures/``), a self-contained ``reports/report.html``,
 ``reports/tables.tex`` (booktabs) and ``reports/metrics.json`` (the one DVC metrics file: the
 headline figures, :func:`pipeline.report.document.summary_metrics`).
@@ -34,6 +35,11 @@ TITLE = "Language-guided few-shot segmentation with CLIP priors: results"
 
 def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def study(results: dict | None) -> dict | None:
+    """A study's results (``stages.ablation``); None when absent, empty or of the older format."""
+    return results if results and results.get("rows") else None
 
 
 def git_commit(root: Path = Path(".")) -> str:
@@ -138,12 +144,13 @@ def run(params: Params, args: argparse.Namespace) -> None:
         clip=clip,
         curves=curves,
         samples=load_samples(Path(args.predictions), index.set_index("image_id"), meta["class_names"]),
-        ablations=ablations["runs"] if ablations else None,
+        ablations=study(ablations),
         provenance=provenance(params, splits, Path(args.clip), clip, scoring_of(folds) or "unknown",
                               compute_of(folds), meta.get("skipped")),
         params_yaml=Path(args.params).read_text()
         if Path(args.params).is_file()
         else yaml.safe_dump(params.model_dump()),
+        masks=study(read_json(Path(args.masks))),
     )
     sections = document.build(inputs)
     out = Path(args.out)
@@ -170,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             "curves": "data/plots/train",
             "predictions": "data/predictions",
             "ablations": "ablations/results.json",
+            "masks": "ablations/masks.json",
             "clip": "data/models/clip",
             "out": "reports",
         },

@@ -89,3 +89,26 @@ def test_binary_target_and_shape_check():
     assert binary_target(label, torch.tensor([3])).tolist() == [[[0, 1, 255], [0, 1, 0]]]
     with pytest.raises(ValueError, match="differ"):
         FewShotMeter(2).update(torch.zeros(1, 2, 2), torch.zeros(1, 3, 3), torch.tensor([1]))
+
+
+def test_episode_counts_add_up_to_the_meter_and_precision_recall_match_a_reference():
+    pred, target, classes = random_batch(7, n=20)
+    meter = FewShotMeter(4, per_episode=True)
+    for part in (slice(0, 7), slice(7, 20)):  # two batches: rows stay in update order
+        meter.update(*(torch.from_numpy(a[part]) for a in (pred, target, classes)))
+    counts = meter.episode_counts()
+    assert list(counts["class_id"]) == classes.tolist()
+    for c in set(classes.tolist()):
+        rows = counts[counts["class_id"] == c]
+        assert rows["inter"].sum() == meter.inter[c] and rows["union"].sum() == meter.union[c]
+    valid = target != IGNORE
+    precision, recall = [], []
+    for c in sorted(set(classes.tolist())):
+        p, t = pred[classes == c] & valid[classes == c], (target[classes == c] == 1)
+        precision.append(100 * (p & t).sum() / p.sum())
+        recall.append(100 * (p & t).sum() / t.sum())
+    assert meter.precision_recall() == pytest.approx((np.mean(precision), np.mean(recall)))
+    merged = FewShotMeter(4, per_episode=True) + meter
+    assert merged.episode_counts().equals(counts)
+    with pytest.raises(ValueError, match="per_episode"):
+        FewShotMeter(4).episode_counts()

@@ -58,20 +58,42 @@ def inputs(ablations: bool = True) -> document.Inputs:
     mask = np.zeros((32, 32), bool)
     mask[8:20, 8:20] = True
     samples = [Sample("fold0: class_1%", image, mask, image, mask, np.roll(mask, 2, 0))]
-    runs = [
-        {"name": "full", "model": {}, "folds": folds},
-        {"name": "no DPS", "model": {"dps": False}, "folds": {k: fold_metrics(k, -3) for k in range(4)}},
-    ]
     return document.Inputs(
         folds,
         pseudo,
         {"zero_shot_top1": 0.92},
         curves,
         samples,
-        runs if ablations else None,
+        study(folds) if ablations else None,
         {"dataset": "synthetic", "git commit": "abc123"},
         "model:\n  dps: true\n",
+        study(folds, masks=True) if ablations else None,
     )
+
+
+def study(folds: dict[int, dict], masks: bool = False) -> dict:
+    """A ``stages.ablation`` result: a reference row (its seed 0 the main table's) and one more."""
+    def row(name: str, model: dict, shift: float, diff: dict | None) -> dict:
+        shots = {str(s): {"mean": 52.5 + s + shift, "train_std": 0.8, "test_std": 0.3, "train_seeds": 3,
+                          "test_seeds": 5, **({"vs_reference": diff} if diff else {})} for s in (1, 5)}
+        out = {"name": name, "model": model, "train_seeds": [0, 1, 2], "shots": shots,
+               "val_miou": {"mean": 60.0 + shift, "train_std": 0.5},
+               "metrics": {"seed0": {f"fold{k}": {f"shot{s}": {"miou": folds[k][f"shot{s}"]["miou"] + shift}
+                                                  for s in (1, 5)} for k in folds}}}
+        if masks:
+            out["mask_quality"] = {"support_precision": 90.0, "support_recall": 50.0, "support_miou": 47.0}
+        return out
+
+    worse = {"delta": -3.0, "low": -3.6, "high": -2.4, "p": 0.0001, "mark": "**", "train_seeds": [0, 1, 2]}
+    return {
+        "commit": "abcdef0123", "reference": "full", "test": {"seeds": [0, 1, 2, 3, 4], "episodes": 200},
+        "bootstrap": {"replicates": 10000}, "pending": ["not run"],
+        "rows": [row("full", {}, 0.0, None), row("no DPS", {"dps": False}, -3.0, worse)],
+        "contrasts": [{"component": "DPS", "with": "full", "without": "no DPS",
+                       "shots": {"1": {**worse, "delta": 3.0, "low": 2.4, "high": 3.6},
+                                 "5": {**worse, "delta": 0.4, "low": -0.2, "high": 1.0, "p": 0.2,
+                                       "mark": "n.s."}}}],
+    }
 
 
 def test_results_table_has_the_papers_shape():
@@ -93,18 +115,33 @@ def test_seeds_show_mean_and_std():
     assert tables.results_table(folds).rows[1][2] == "51.0 ± 1.2"
 
 
-def test_ablation_marks_follow_the_switches():
+def test_ablation_marks_follow_the_switches_with_error_bars_and_significance():
     table = tables.ablation_table(inputs().ablations)
-    assert table.header[1:7] == ["DPS", "Refine", "CCM", "VTP", "PIR", "VVP"]
+    assert table.header[1:8] == ["DPS", "Refine", "CCM", "VTP", "PIR", "VVP", "Seeds"]
     assert table.rows[0][1:7] == ["✓"] * 6 and table.rows[1][1:7] == ["✗"] + ["✓"] * 5
-    assert table.rows[1][-2:] == ["49.5", "53.5"]
+    assert table.rows[0][7:] == ["3 × 5", "53.5 ± 0.8 (0.3)", "ref.", "57.5 ± 0.8 (0.3)", "ref."]
+    assert table.rows[1][8:10] == ["50.5 ± 0.8 (0.3)", "−3.0 [−3.6, −2.4] **"]
+    masks = tables.mask_study_table(inputs().masks)
+    assert masks.rows[0][1:5] == ["90 / 50 / 47", "– / – / –", "3 × 5", "60.0 ± 0.5"]
+
+
+def test_ablation_section_says_which_components_help_and_how_sure():
+    sections = {s.title: s for s in document.build(inputs())}
+    text = " ".join(sections["Ablation"].text)
+    assert "**DPS** (full vs no DPS, 3 training seeds): +3.0 1-shot [+2.4, +3.6], p = 0.0001" in text
+    assert "mixed (significant for some shots only)" in text  # 5-shot within noise
+    assert "Not yet run: not run." in text
+    assert sections["Mask quality"].tables[0].label == "tab:masks"
+    assert document.verdict({"1": {"delta": -1.0, "p": 0.001}, "5": {"delta": -2.0, "p": 0.04}}) == "hurts"
+    assert document.verdict({"1": {"delta": 1.0, "p": 0.3}}) == "no significant effect"
 
 
 def test_latex_is_balanced_booktabs_with_escaped_text():
     sections = document.build(inputs())
     tex = document.render_latex(sections)
     begins, ends = re.findall(r"\\begin\{(\w+)\}", tex), re.findall(r"\\end\{(\w+)\}", tex)
-    assert sorted(begins) == sorted(ends) and begins.count("table") == 4  # results, FB-IoU, pseudo, ablation
+    # results, FB-IoU, pseudo-masks, ablation, mask quality
+    assert sorted(begins) == sorted(ends) and begins.count("table") == 5
     for block in re.findall(r"\\begin\{tabular\}\{(\w+)\}(.*?)\\end\{tabular\}", tex, re.S):
         columns, body = len(block[0]), block[1]
         assert body.count(r"\toprule") == 1 and body.count(r"\bottomrule") == 1
@@ -112,7 +149,7 @@ def test_latex_is_balanced_booktabs_with_escaped_text():
             if line.endswith(r"\\"):
                 assert line.count("&") - line.count(r"\&") == columns - 1, line
     assert r"\hline" not in tex and "%" not in tex.split("\n", 2)[2].replace(r"\%", "")
-    assert r"\checkmark" in tex and r"$\pm$" not in tex  # no std when there is one seed
+    assert r"\checkmark" in tex and r"$-$3.0" in tex and r"3 $\times$ 5" in tex
 
 
 def test_markdown_and_html_show_every_section():
@@ -123,6 +160,7 @@ def test_markdown_and_html_show_every_section():
         "Results",
         "Pseudo-masks",
         "Ablation",
+        "Mask quality",
         "Per-class IoU",
         "Training",
         "Qualitative results",
@@ -242,13 +280,10 @@ def test_provenance_says_which_broken_images_prepare_skipped(tmp_path):
 
 def test_the_ablation_table_says_where_its_rows_come_from_and_if_they_match():
     data = inputs()
-    full = next(run for run in data.ablations if not run.get("overrides"))
-    assert document.ablation_provenance(data.ablations, data.folds).startswith(
-        "Rows from `ablations/results.json` (commit not recorded)")
-    same = [{**run, "folds": data.folds, "commit": "abcdef123"} for run in data.ablations]
-    text = document.ablation_provenance(same, data.folds)
-    assert text.startswith("Rows from `ablations/results.json` (commit abcdef1)")
-    assert "is this run's main table" in text
-    other = {k: {**m, "shot1": {**m["shot1"], "miou": m["shot1"]["miou"] + 1}} for k, m in data.folds.items()}
-    moved = [{**run, "folds": other} if run is full else run for run in data.ablations]
-    assert "differs from the main table above" in document.ablation_provenance(moved, data.folds)
+    params = {"model": {"dps": True}, "orchestration": {"max_workers": 2}}
+    text = document.study_provenance({**data.ablations, "params": {"model": {"dps": True}}}, params, "a.json")
+    assert text == "Rows from `a.json` (commit abcdef0, 1 thread a unit). Not yet run: not run."
+    other = {**data.ablations, "params": {"model": {"dps": False}}, "pending": []}
+    assert document.study_provenance(other, params, "a.json").endswith(
+        ": made with other params than this run (model.dps): re-run it before comparing with the tables "
+        "above.")

@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 
 from pipeline.clip.loader import save_local_dir
-from pipeline.core.params import load_params
+from pipeline.core.params import ModelParams, load_params
 from pipeline.datasets import synthetic_writer
 from pipeline.priors.store import PriorStore
 from pipeline.tinyclip.model import build_tiny
@@ -501,9 +501,52 @@ def test_train_resumes_then_evaluate_reports_model_and_priors(model_inputs, pipe
     for shot in ("shot1", "shot5"):
         figures = report[shot]
         assert all(0 <= figures[key] <= 100 for key in ("miou", "prior_miou", "fbiou"))
-        assert set(figures["class_iou"]) <= novel and figures["seeds"]["0"]["miou"] == figures["miou"]
+        seeds = [s["miou"] for s in figures["seeds"].values()]
+        assert set(figures["class_iou"]) <= novel
+        assert figures["miou"] == pytest.approx(np.mean(seeds), abs=0.01)
     assert 0.1 <= report["prior_threshold"] <= 0.9
     assert (tmp_path / "predictions/fold1.npz").is_file()  # nothing written outside the given paths
+    from pipeline.report.stats import Scores
+
+    counts = pd.read_parquet(metrics_dir / "fold1_episodes.parquet")  # what the ablations' bootstrap reads
+    for shot in (1, 5):
+        mine = counts[counts["shot"] == shot]
+        assert list(mine["episode"]) == list(range(len(mine)))
+        assert Scores.of([mine]).miou() == pytest.approx(report[f"shot{shot}"]["miou"], abs=0.01)
+
+
+def test_oracle_masks_of_controlled_quality_train_and_score(model_inputs, pipeline_run, tmp_path):
+    """The mask-quality study's oracle: ground-truth query and support masks, eroded."""
+    from pipeline.datasets.episodes import read_manifests
+    from pipeline.datasets.index import read_index_dir
+    from pipeline.fewshot.data import open_fold_inputs
+    from pipeline.pseudomasks import quality
+    from stages import evaluate, train
+
+    model = {"hidden": 8, "pseudo_masks": "truth", "truth_morph": -2}
+    params = write_params(tmp_path / "params.yaml", {**TRAIN_SMOKE, "train": {"epochs": 1, "batch_size": 8},
+                                                     "model": model})
+    args = ["--params", str(params), *model_args(pipeline_run, model_inputs, tmp_path)[2:]]
+    assert train.main([*args, "--plots", str(tmp_path / "plots")]) == 0
+    assert evaluate.main([*args, "--metrics", str(tmp_path / "metrics"),
+                          "--predictions", str(tmp_path / "predictions")]) == 0
+    index, meta = read_index_dir(pipeline_run / "index")
+    manifests = read_manifests(pipeline_run / "episodes")
+    name = "test/fold1/shot1_seed0"
+    inputs = open_fold_inputs(index, manifests, [name], *(pipeline_run / f for f in (
+        "features.zarr", "priors.zarr", "pseudo_masks.zarr")), cache_bytes=2**30)
+    table = inputs.episodes(name, manifests[name], ModelParams(**model))
+    exact = inputs.episodes(name, manifests[name], ModelParams(pseudo_masks="truth"))
+    assert table.query_mask.sum() < exact.query_mask.sum() and (table.query_mask <= exact.query_mask).all()
+    labels = dict(zip(index.image_id, index.mask_path, strict=True))
+    figures = {morph: quality.figures(quality.evaluate_truth(manifests[name], labels.__getitem__,
+                                                             len(meta["class_names"]), morph))
+               for morph in (-2, 0, 2)}
+    assert figures[0]["support_precision"] == figures[0]["support_recall"] == 100.0
+    assert figures[-2]["query_precision"] == 100.0 > figures[-2]["query_recall"]
+    assert figures[2]["query_recall"] == 100.0 > figures[2]["query_precision"]
+    with pytest.raises(ValueError, match="truth_morph"):
+        ModelParams(truth_morph=2)
 
 
 def test_train_of_a_missing_fold_is_one_line(model_inputs, pipeline_run, tmp_path, capsys):

@@ -97,9 +97,10 @@ class SplitParams(Section):
 class EpisodesParams(Section):
     """Test-episode protocol and the training pool (DESIGN §4)."""
 
-    protocol: Literal["hsnet", "pfenet"] = "hsnet"
-    test_episodes: PositiveInt = 1000
-    seeds: Annotated[list[int], Field(min_length=1)] = [0]
+    # hsnet: queries in list order (every seed the same queries); pfenet: each seed its own queries
+    protocol: Literal["hsnet", "pfenet"] = "pfenet"
+    test_episodes: PositiveInt = 200  # per fold, shot and seed (the papers: 1000)
+    seeds: Annotated[list[int], Field(min_length=1)] = [0, 1, 2, 3, 4]
     shots: Annotated[list[PositiveInt], Field(min_length=1)] = [1, 5]
     train_episodes: PositiveInt = 4000
     val_episodes: PositiveInt = 300
@@ -199,7 +200,10 @@ class ModelParams(Section):
 
     # support input: language-guided pseudo-masks (LFSS) or ground-truth support masks (standard FSS)
     supervision: Literal["text", "mask"] = "text"
-    pseudo_masks: Literal["refined", "initial"] = "refined"  # the paper's "mask refine" toggle
+    # the masks the model is given for query and supports under supervision: text: the paper's "mask
+    # refine" toggle, or the ground truth (an oracle for the mask-quality study, stages.ablation masks)
+    pseudo_masks: Literal["refined", "initial", "truth"] = "refined"
+    truth_morph: int = 0  # pseudo_masks: truth, pixels at label size: > 0 dilates, < 0 erodes (disk)
     dps: bool = True  # part-aware prototypes (Eqs. 6-12); off: one global prototype (the paper's baseline)
     seeds: PositiveInt = 5  # N_sp
     window: PositiveInt = 3  # n: the n x n rectification window (odd)
@@ -218,6 +222,8 @@ class ModelParams(Section):
     def _odd_window(self) -> ModelParams:
         if self.window % 2 == 0:
             raise ValueError(f"model.window = {self.window}: must be odd (a window centred on the seed)")
+        if self.truth_morph and self.pseudo_masks != "truth":
+            raise ValueError(f"model.truth_morph = {self.truth_morph}: needs model.pseudo_masks = 'truth'")
         return self
 
 

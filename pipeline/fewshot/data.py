@@ -35,6 +35,7 @@ from pipeline.fewshot.metrics import binary_target
 from pipeline.model.lfss import Episodes
 from pipeline.priors.store import PriorStore
 from pipeline.pseudomasks.online import MaskInputs
+from pipeline.pseudomasks.oracle import truth_mask
 from pipeline.pseudomasks.store import PseudoMaskStore, Role
 
 CHUNK = 500  # episodes per pseudo-mask conversion
@@ -234,22 +235,28 @@ def load_episodes(
     classes = torch.tensor(table["class_id"].to_numpy(np.int64))
     grid = bank.grid
     kind = cfg.pseudo_masks
+    online_masks = online_masks and kind != "truth"
 
     def to_grid(role: Role) -> torch.Tensor:  # CHUNK episodes at a time: memory O(CHUNK)
         return torch.cat([mask_to_grid(torch.from_numpy(pseudo.masks(name, role, kind, range(s, s + CHUNK))),
                                        grid).half() for s in range(0, len(table), CHUNK)])
 
-    query_mask = None if online_masks else to_grid("query")
-    if cfg.supervision == "text":
-        support_mask = None if online_masks else to_grid("support")
+    def truth(rows: torch.Tensor, morph: int) -> torch.Tensor:  # each label at its own size
+        of_class = classes.repeat_interleave(rows.shape[1]) if rows.dim() == 2 else classes
+        masks = [mask_to_grid(torch.from_numpy(truth_mask(bank.labels[r], c, morph)), grid)
+                 for r, c in zip(rows.flatten().tolist(), of_class.tolist(), strict=True)]
+        return torch.stack(masks).half().view(*rows.shape, *grid)
+
+    if kind == "truth":
+        query_mask = truth(query, cfg.truth_morph)
     else:
-        truth = [
-            mask_to_grid(torch.from_numpy(bank.labels[r] == c), grid)  # each label at its own size
-            for r, c in zip(
-                supports.flatten().tolist(), classes.repeat_interleave(shots).tolist(), strict=True
-            )
-        ]
-        support_mask = torch.stack(truth).half().view(len(table), shots, *grid)
+        query_mask = None if online_masks else to_grid("query")
+    if cfg.supervision == "mask":
+        support_mask = truth(supports, 0)
+    elif kind == "truth":
+        support_mask = truth(supports, cfg.truth_morph)
+    else:
+        support_mask = None if online_masks else to_grid("support")
     query_vtp = torch.from_numpy(priors.vtp_of(list(table["query"]), table["class_id"].to_numpy(), cfg.pir))
     support_ids = [s for ss in table["supports"] for s in ss]
     support_classes = np.repeat(table["class_id"].to_numpy(), shots)

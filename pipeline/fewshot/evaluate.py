@@ -30,6 +30,7 @@ from pipeline.fewshot.data import EpisodeTable, ImageBank, prefetched, upsample
 from pipeline.fewshot.metrics import IGNORE, FewShotMeter, binary_target
 from pipeline.fewshot.online import ImageSource, letterboxed_batch, with_features
 from pipeline.model.lfss import Episodes, predict
+from pipeline.pseudomasks.oracle import truth_mask
 from pipeline.pseudomasks.store import PseudoMaskStore
 
 
@@ -130,14 +131,16 @@ def evaluate_table(
     on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     loader_workers: int = 0,
     scoring: Scoring = Scoring(),
+    per_episode: bool = False,
 ) -> FewShotMeter:
     """The meter of the model's K-shot predictions on every episode of ``table``, scored as
-    ``scoring`` says (for ``pfenet`` the backbone runs here, on letterboxed images).
+    ``scoring`` says (for ``pfenet`` the backbone runs here, on letterboxed images); ``per_episode``:
+    it also keeps each episode's counts, in the table's order.
 
     ``on_batch(index, probs)`` sees each batch's ``(B, h, w)`` probabilities (e.g. to keep samples);
     ``loader_workers`` processes read batches ahead (:func:`~pipeline.fewshot.data.prefetched`).
     """
-    meter = FewShotMeter(num_classes)
+    meter = FewShotMeter(num_classes, per_episode)
     was_training = model.training
     model.eval()
     parts = list(batches(len(table), batch_size))
@@ -221,14 +224,16 @@ def sample_predictions(
         "support": np.array([s[0] for s in rows["supports"]], str),
         "class_id": rows["class_id"].to_numpy(np.int16),
     }
-    if cfg.supervision == "text":
+    given = cfg.supervision == "text" and cfg.pseudo_masks != "truth"
+    if given:
         pseudo_masks = pseudo.masks(name, "support", cfg.pseudo_masks, index.numpy())[:, 0]
     for j, episode in enumerate(index.tolist()):
-        if cfg.supervision == "text":
+        if given:
             out[f"support_mask_{j}"] = pseudo_masks[j]
         else:
             label = bank.labels[int(table.supports[episode, 0])]
-            out[f"support_mask_{j}"] = label == int(table.classes[episode])
+            morph = cfg.truth_morph if cfg.supervision == "text" else 0
+            out[f"support_mask_{j}"] = truth_mask(label, int(table.classes[episode]), morph)
         size = bank.labels[int(table.query[episode])].shape
         prob = scoring.at_label(probs[j : j + 1], size).clamp(0, 1)[0]
         out[f"prediction_{j}"] = (prob * 255).round().to(torch.uint8).numpy()

@@ -6,6 +6,9 @@
   class, then averaged.
 
 Pixels labelled 255 count in neither intersection nor union. Values are percentages.
+
+A meter can also keep every episode's counts (``per_episode=True``, :meth:`FewShotMeter.episode_counts`):
+what resampling needs (a paired bootstrap over episodes, :mod:`pipeline.report.stats`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
+import pandas as pd
 import torch
 
 IGNORE = 255
@@ -37,13 +41,17 @@ class FewShotMeter:
     """Accumulates intersection and union per class and for foreground/background.
 
     Meters are additive: ``a + b`` is the meter of both episode sets, so evaluation can be
-    split across workers and merged.
+    split across workers and merged. ``per_episode``: also keep each episode's counts, in order.
     """
 
-    def __init__(self, num_classes: int) -> None:
+    COUNTS = ("class_id", "inter", "union", "pred", "bg_inter", "bg_union")
+
+    def __init__(self, num_classes: int, per_episode: bool = False) -> None:
         self.num_classes = num_classes
         self.inter = torch.zeros(num_classes + 1, dtype=torch.float64)  # foreground, by class id
         self.union = torch.zeros(num_classes + 1, dtype=torch.float64)
+        self.pred = torch.zeros(num_classes + 1, dtype=torch.float64)  # predicted foreground area
+        self.rows: list[torch.Tensor] | None = [] if per_episode else None  # (B, 6) int64 chunks
         self.episodes = torch.zeros(num_classes + 1, dtype=torch.int64)
         self.fb_inter = torch.zeros(2, dtype=torch.float64)  # [background, foreground]
         self.fb_union = torch.zeros(2, dtype=torch.float64)
@@ -71,6 +79,10 @@ class FewShotMeter:
         bg_u = (bg_pred | bg_true).sum(dims).double().cpu()
         self.inter.index_add_(0, class_ids, fg_i)
         self.union.index_add_(0, class_ids, fg_u)
+        self.pred.index_add_(0, class_ids, fg_pred.sum(dims).double().cpu())
+        if self.rows is not None:
+            self.rows.append(torch.stack([class_ids.double(), fg_i, fg_u, fg_pred.sum(dims).double().cpu(),
+                                          bg_i, bg_u], 1).long())
         self.episodes.index_add_(0, class_ids, torch.ones_like(class_ids))
         self.fb_inter += torch.stack([bg_i.sum(), fg_i.sum()])
         self.fb_union += torch.stack([bg_u.sum(), fg_u.sum()])
@@ -79,9 +91,29 @@ class FewShotMeter:
         if other.num_classes != self.num_classes:
             raise ValueError("meters over different class counts cannot be merged")
         total = FewShotMeter(self.num_classes)
-        for name in ("inter", "union", "episodes", "fb_inter", "fb_union"):
+        for name in ("inter", "union", "pred", "episodes", "fb_inter", "fb_union"):
             setattr(total, name, getattr(self, name) + getattr(other, name))
+        if self.rows is not None and other.rows is not None:
+            total.rows = self.rows + other.rows
         return total
+
+    def episode_counts(self) -> pd.DataFrame:
+        """One row per episode, in update order: ``class_id`` and the pixel counts ``inter``,
+        ``union``, ``pred`` (foreground) and ``bg_inter``, ``bg_union`` (needs ``per_episode``)."""
+        if self.rows is None:
+            raise ValueError("the meter was made without per_episode=True")
+        rows = torch.cat(self.rows) if self.rows else torch.zeros(0, len(self.COUNTS), dtype=torch.int64)
+        return pd.DataFrame(rows.numpy(), columns=list(self.COUNTS))
+
+    def precision_recall(self, classes: Iterable[int] | None = None) -> tuple[float, float]:
+        """Foreground precision and recall (%), each the mean over ``classes`` (default: every class
+        with an episode) of the class's pixels summed over its episodes (as mIoU sums them)."""
+        seen = torch.nonzero(self.episodes).flatten().tolist() if classes is None else list(classes)
+        truth = self.union - self.pred + self.inter
+        nan = float("nan")
+        precision = [float(100 * self.inter[c] / self.pred[c]) if self.pred[c] > 0 else nan for c in seen]
+        recall = [float(100 * self.inter[c] / truth[c]) if truth[c] > 0 else nan for c in seen]
+        return float(np.nanmean(precision)), float(np.nanmean(recall))
 
     def class_iou(self, classes: Iterable[int] | None = None) -> dict[int, float]:
         """IoU (%) of each class that has at least one episode (or of ``classes``)."""

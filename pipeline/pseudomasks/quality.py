@@ -1,4 +1,6 @@
-"""How good the pseudo-masks are: their mIoU against the ground truth (the LFSS paper's Table 3)."""
+"""How good the pseudo-masks are: their mIoU (the LFSS paper's Table 3), precision and recall against
+the ground truth; and the same of the ground truth eroded or dilated (the mask-quality study's
+oracle masks, :mod:`pipeline.pseudomasks.oracle`)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.fewshot.metrics import FewShotMeter, binary_target
+from pipeline.pseudomasks.oracle import truth_mask
 from pipeline.pseudomasks.store import ARRAYS, PseudoMaskStore
 
 
@@ -42,3 +45,28 @@ def _update(meters: dict[str, FewShotMeter], arrays: dict[str, np.ndarray], epis
                     pred = F.interpolate(torch.from_numpy(mask)[None, None].float(), size=truth.shape[-2:],
                                          mode="nearest")[0].to(torch.uint8)
                     meters[f"{role}_{kind}"].update(pred, truth, c)
+
+
+def figures(meters: dict[str, FewShotMeter]) -> dict[str, float]:
+    """``{kind}_miou``, ``{kind}_precision`` and ``{kind}_recall`` (%) of each meter."""
+    out = {}
+    for kind, meter in meters.items():
+        precision, recall = meter.precision_recall()
+        out |= {f"{kind}_miou": round(meter.miou(), 2), f"{kind}_precision": round(precision, 2),
+                f"{kind}_recall": round(recall, 2)}
+    return out
+
+
+def evaluate_truth(episodes: pd.DataFrame, label_path: Callable[[str], str], num_classes: int,
+                   morph: int) -> dict[str, FewShotMeter]:
+    """Meters (``support``, ``query``) of the ground truth morphed by ``morph`` pixels against itself."""
+    meters = {role: FewShotMeter(num_classes) for role in ("support", "query")}
+    for row in episodes.itertuples():
+        c = torch.tensor([int(row.class_id)])
+        for role, images in (("support", row.supports), ("query", [row.query])):
+            for image in images:
+                label = np.array(Image.open(label_path(image)))
+                truth = binary_target(torch.from_numpy(label)[None], c)
+                pred = torch.from_numpy(truth_mask(label, int(row.class_id), morph))[None]
+                meters[role].update(pred, truth, c)
+    return meters

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from pipeline.report import figures, tables
-from pipeline.report.tables import Table
+from pipeline.report.tables import Table, signed
 
 
 @dataclass
@@ -40,9 +41,10 @@ class Inputs:
     clip: dict | None  # data/metrics/clip.json
     curves: dict[int, pd.DataFrame]  # data/plots/train/fold{k}/ (DVCLive)
     samples: list[figures.Sample]
-    ablations: list[dict] | None  # ablations/results.json
+    ablations: dict | None  # ablations/results.json (stages.ablation)
     provenance: dict[str, str]
     params_yaml: str
+    masks: dict | None = None  # ablations/masks.json (stages.ablation masks)
 
 
 def fold_mean(folds: dict[int, dict], shot: int, key: str) -> float:
@@ -73,24 +75,58 @@ def summary_metrics(folds: dict[int, dict], pseudo: dict | None = None, clip: di
     return out
 
 
-def ablation_provenance(runs: list[dict], folds: dict[int, dict]) -> str:
-    """Where the ablation rows come from (``ablations/results.json`` is committed, so it may be
-    older than this run) and whether its full-model row agrees with the main table's."""
-    commits = sorted({run["commit"][:7] if run.get("commit") else "not recorded" for run in runs})
-    text = f"Rows from `ablations/results.json` (commit {', '.join(commits)})"
-    full = next((run for run in runs if not run.get("overrides")), None)
-    if full is None:
-        return text + "."
-    shots = [s for s in tables.shots_of(folds) if s in tables.shots_of(full["folds"])]
-    ours = [float(np.mean([folds[k][f"shot{s}"]["miou"] for k in folds])) for s in shots]
-    theirs = [float(np.mean([f[f"shot{s}"]["miou"] for f in full["folds"].values()])) for s in shots]
-    pairs = " / ".join(f"{a:.2f}" for a in theirs)
-    main = " / ".join(f"{b:.2f}" for b in ours)
-    if all(abs(a - b) < 0.005 for a, b in zip(theirs, ours, strict=True)):
-        return f"{text}: its full-model row ({pairs}) is this run's main table."
-    return (f"{text}: its full-model row ({pairs}) differs from the main table above ({main}), so the "
-            "ablations were made with other code or params than this run: re-run `make ablation` "
-            "before comparing rows with the main table.")
+def study_provenance(results: dict, params: dict | None, path: str) -> str:
+    """Where a study's rows come from (its results file is committed, so it may be older than this
+    run), whether they were made with this run's params, and what is pending."""
+    threads = results.get("threads", 1)
+    text = f"Rows from `{path}` (commit {results['commit'][:7]}, {threads} thread{'s' * (threads > 1)} "
+    text += "a unit)"
+    made_with = results.get("params")
+    ours = {k: v for k, v in (params or {}).items() if k != "orchestration"}
+    if made_with is not None and params is not None and made_with != ours:
+        changed = sorted(f"{section}.{key}" for section in set(made_with) | set(ours)
+                         for key in set(made_with.get(section) or {}) | set(ours.get(section) or {})
+                         if (made_with.get(section) or {}).get(key) != (ours.get(section) or {}).get(key))
+        text += (f": made with other params than this run ({', '.join(changed[:6])}"
+                 f"{', ...' if len(changed) > 6 else ''}): re-run it before comparing with the tables above")
+    pending = results.get("pending") or []
+    return text + (f". Not yet run: {', '.join(pending)}." if pending else ".")
+
+
+def run_params(inputs: Inputs) -> dict | None:
+    """This run's params as ``params.yaml`` has them."""
+    try:
+        loaded = yaml.safe_load(inputs.params_yaml)
+    except yaml.YAMLError:
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def verdict(shots: dict[str, dict]) -> str:
+    """``helps`` / ``hurts`` when every shot's difference is significant the same way, else
+    ``no significant effect`` or ``mixed``."""
+    signs = {np.sign(d["delta"]) if d["p"] < 0.05 else 0 for d in shots.values()}
+    if signs == {1}:
+        return "helps"
+    if signs == {-1}:
+        return "hurts"
+    return "no significant effect" if signs == {0} else "mixed (significant for some shots only)"
+
+
+def findings(results: dict) -> list[str]:
+    """One sentence per component: its paired difference per shot, the interval, p and a verdict."""
+    out = []
+    for contrast in results.get("contrasts", []):
+        if not contrast["shots"]:
+            continue
+        parts = [f"{signed(d['delta'])} {s}-shot [{signed(d['low'])}, {signed(d['high'])}], p = {d['p']:.3g}"
+                 for s, d in sorted(contrast["shots"].items(), key=lambda item: int(item[0]))]
+        seeds = len(next(iter(contrast["shots"].values()))["train_seeds"])
+        name = contrast["component"][0].upper() + contrast["component"][1:]
+        out.append(f"**{name}** ({contrast['with']} vs {contrast['without']}, {seeds} training "
+                   f"seed{'s' * (seeds > 1)}): {'; '.join(parts)} — {verdict(contrast['shots'])} on this "
+                   "benchmark.")
+    return out
 
 
 def build(inputs: Inputs) -> list[Section]:
@@ -147,9 +183,10 @@ def build(inputs: Inputs) -> list[Section]:
             Section(
                 "Ablation",
                 [
-                    "Each row is a full run (`make ablation`: `dvc exp run -S ...`) with "
-                    "the marked components; mIoU is the mean over folds.",
-                    ablation_provenance(inputs.ablations, folds),
+                    "Each row is the model trained on every fold for each training seed (`make ablation`) "
+                    "with the marked components, scored on the test episodes of every test seed.",
+                    study_provenance(inputs.ablations, run_params(inputs), "ablations/results.json"),
+                    *findings(inputs.ablations),
                 ],
                 [tables.ablation_table(inputs.ablations)],
             )
@@ -159,9 +196,23 @@ def build(inputs: Inputs) -> list[Section]:
             Section(
                 "Ablation",
                 [
-                    "No ablation results yet: `make ablation` runs the component "
-                    "ablations (about an hour on 2 cores) and this table appears."
+                    "No ablation results yet: `make ablation` runs the component ablations over three "
+                    "training seeds and this table appears."
                 ],
+            )
+        )
+    if inputs.masks:
+        sections.append(
+            Section(
+                "Mask quality",
+                [
+                    "How good must the masks the model is given be? The model trained and tested with "
+                    "the ground truth, eroded (precision kept, recall lost) or dilated (recall kept, "
+                    "precision lost), against the pseudo-masks (`make mask-study`).",
+                    study_provenance(inputs.masks, run_params(inputs), "ablations/masks.json"),
+                    *findings(inputs.masks),
+                ],
+                [tables.mask_study_table(inputs.masks)],
             )
         )
     sections.append(

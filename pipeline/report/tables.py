@@ -5,13 +5,14 @@ HTML and LaTeX (booktabs).
   the trained model against the PI-CLIP priors alone.
 * :func:`fbiou_table` — FB-IoU, same shape.
 * :func:`pseudo_mask_table` — LFSS Table 3: initial and refined pseudo-masks.
-* :func:`ablation_table` — LFSS Table 4: which components were on, and the mIoU.
+* :func:`ablation_table` — LFSS Table 4: which components were on, the mIoU over training and test
+  seeds, and the paired difference from the full model with its significance.
+* :func:`mask_study_table` — model mIoU against the precision and recall of the masks it is given.
 """
 
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,10 +43,21 @@ def fmt(value: float | None, std: float | None = None) -> str:
 
 
 def _per_fold(folds: dict[int, dict], shot: int, key: str) -> list[str]:
+    """Each fold's ``key`` (± its std over test seeds), then the mean over folds (± the sample std
+    over test seeds of the mean over folds, when every fold has the same seeds)."""
     values = [folds[k].get(f"shot{shot}", {}).get(key) for k in sorted(folds)]
     stds = [folds[k].get(f"shot{shot}", {}).get(f"{key}_std") for k in sorted(folds)]
     mean = float(np.mean(values)) if all(v is not None for v in values) else None
-    return [fmt(v, s) for v, s in zip(values, stds, strict=True)] + [fmt(mean)]
+    return [fmt(v, s) for v, s in zip(values, stds, strict=True)] + [fmt(mean, mean_std(folds, shot, key))]
+
+
+def mean_std(folds: dict[int, dict], shot: int, key: str) -> float | None:
+    """The sample std over test seeds of the mean over folds of ``key`` (None for one seed)."""
+    per_fold = [folds[k].get(f"shot{shot}", {}).get("seeds", {}) for k in sorted(folds)]
+    seeds = sorted(set.intersection(*(set(s) for s in per_fold))) if per_fold else []
+    if len(seeds) < 2 or any(key not in s[t] for s in per_fold for t in seeds):
+        return None
+    return float(np.std([np.mean([s[t][key] for s in per_fold]) for t in seeds], ddof=1))
 
 
 def shots_of(folds: dict[int, dict]) -> list[int]:
@@ -146,22 +158,109 @@ def switch_marks(model: dict) -> list[str]:
     return [YES if on[key] else NO for key, _ in ABLATION_SWITCHES]
 
 
-def ablation_table(runs: Sequence[dict]) -> Table:
-    """LFSS Table 4 (extended with the PI-CLIP priors): one row per run, its switches and its
-    mean novel-class mIoU over folds, per shot. ``runs``: ``{"name", "model", "folds"}``."""
-    shots = sorted({s for run in runs for s in shots_of(run["folds"])})
-    header = ["Run", *[name for _, name in ABLATION_SWITCHES], *[f"{s}-shot mIoU" for s in shots]]
+def study_shots(results: dict) -> list[int]:
+    return sorted({int(s) for row in results["rows"] for s in row["shots"]})
+
+
+def miou_cell(figures: dict | None) -> str:
+    """``mean ± std over training seeds (std over test seeds)``."""
+    if not figures:
+        return "–"
+    cell = fmt(figures["mean"], figures.get("train_std") if figures.get("train_seeds", 1) > 1 else None)
+    test_std = figures.get("test_std")
+    return cell + (f" ({test_std:.1f})" if figures.get("test_seeds", 1) > 1 and test_std is not None else "")
+
+
+def delta_cell(figures: dict | None, reference: bool) -> str:
+    """The paired difference against the reference row: ``Δ [95 % interval] mark``."""
+    if reference:
+        return "ref."
+    diff = (figures or {}).get("vs_reference")
+    if not diff:
+        return "–"
+    return f"{signed(diff['delta'])} [{signed(diff['low'])}, {signed(diff['high'])}] {diff['mark']}"
+
+
+def signed(value: float) -> str:
+    """``+1.2`` / ``−1.2`` (a true minus sign)."""
+    return f"{value:+.1f}".replace("-", "−")
+
+
+def row_name(row: dict) -> str:
+    """The row's name, marked when it is the committed configuration (``params.yaml``'s model)."""
+    return row["name"] + (" (default)" if row.get("default") else "")
+
+
+def seeds_cell(row: dict, results: dict) -> str:
+    return f"{len(row['train_seeds'])} × {len(results['test']['seeds'])}"
+
+
+def significance_note(results: dict) -> str:
+    test = results["test"]
+    return (f"mIoU: mean over folds, ± sample std over training seeds (in parentheses over the "
+            f"{len(test['seeds'])} test seeds of {test['episodes']} episodes); Δ: paired difference with "
+            f"the reference row (ref.) and its 95 % interval by a two-level paired bootstrap over training "
+            f"seeds and test episodes ({results['bootstrap']['replicates']} replicates): ** p < 0.01, "
+            f"* p < 0.05, n.s. within noise.")
+
+
+def ablation_table(results: dict) -> Table:
+    """LFSS Table 4 (extended with the PI-CLIP priors): one row per configuration, its switches, its
+    mIoU over training and test seeds and its difference from the full model, per shot.
+    ``results``: ``ablations/results.json`` (``stages.ablation``)."""
+    shots = study_shots(results)
+    header = ["Run", *[name for _, name in ABLATION_SWITCHES], "Seeds"]
+    for s in shots:
+        header += [f"{s}-shot mIoU", f"{s}-shot Δ"]
     rows = []
-    for run in runs:
-        means = [_per_fold(run["folds"], s, "miou")[-1] for s in shots]
-        rows.append([run["name"], *switch_marks(run["model"]), *means])
+    for row in results["rows"]:
+        cells = [row_name(row), *switch_marks(row["model"]), seeds_cell(row, results)]
+        for s in shots:
+            figures = row["shots"].get(str(s))
+            cells += [miou_cell(figures), delta_cell(figures, row["name"] == results["reference"])]
+        rows.append(cells)
     return Table(
-        "Ablation: mean novel-class mIoU (%) over folds with components switched off (Refine: refined "
-        "pseudo-masks; CCM off keeps RCM only, as the paper's baseline).",
+        "Ablation: novel-class mIoU (%) with components switched off (Refine: refined pseudo-masks; CCM "
+        "off keeps RCM only, as the paper's baseline). Seeds: training × test. " + significance_note(results),
         "tab:ablation",
         header,
         rows,
-        align="l" + "c" * len(ABLATION_SWITCHES) + "r" * len(shots),
+        align="l" + "c" * (len(ABLATION_SWITCHES) + 1) + "r" * (2 * len(shots)),
+    )
+
+
+def mask_study_table(results: dict) -> Table:
+    """The mask-quality study: the masks the model was given (precision, recall and mIoU of the
+    support and query masks against the ground truth), its base-class validation mIoU and its
+    novel-class test mIoU per shot. ``results``: ``ablations/masks.json``."""
+    shots = study_shots(results)
+    header = ["Masks given", "Support P / R / IoU", "Query P / R / IoU", "Seeds", "Val mIoU"]
+    for s in shots:
+        header += [f"{s}-shot mIoU", f"{s}-shot Δ"]
+    rows = []
+    for row in results["rows"]:
+        quality = row.get("mask_quality", {})
+
+        def prc(role: str, quality: dict = quality) -> str:
+            keys = [f"{role}_precision", f"{role}_recall", f"{role}_miou"]
+            return " / ".join(f"{quality[k]:.0f}" if k in quality else "–" for k in keys)
+
+        val = row["val_miou"]
+        cells = [row_name(row), prc("support"), prc("query"), seeds_cell(row, results),
+                 fmt(val["mean"], val.get("train_std"))]
+        for s in shots:
+            figures = row["shots"].get(str(s))
+            cells += [miou_cell(figures), delta_cell(figures, row["name"] == results["reference"])]
+        rows.append(cells)
+    return Table(
+        "Mask quality: the model trained and tested with masks (query and supports) of controlled "
+        "precision (P) and recall (R) against the ground truth (%, pixels of the 1-shot test episodes); "
+        "Val mIoU: base-class validation episodes (what defaults are chosen on). "
+        + significance_note(results),
+        "tab:masks",
+        header,
+        rows,
+        align="l" + "c" * 3 + "r" * (1 + 2 * len(shots)),
     )
 
 
@@ -205,7 +304,8 @@ _LATEX_SPECIAL = {
     "~": r"\textasciitilde{}",
     "^": r"\textasciicircum{}",
 }
-_LATEX_SYMBOLS = {YES: r"\checkmark", NO: "--", "±": r"$\pm$", "–": "--", "≥": r"$\geq$"}
+_LATEX_SYMBOLS = {YES: r"\checkmark", NO: "--", "±": r"$\pm$", "–": "--", "≥": r"$\geq$", "−": "$-$",
+                  "×": r"$\times$", "Δ": r"$\Delta$"}
 
 
 def latex_escape(text: str) -> str:

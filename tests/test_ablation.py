@@ -1,0 +1,85 @@
+"""The study driver (stages.ablation): units, their params and resume, and the collected results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline.core.params import Params
+from stages import ablation
+
+
+def committed() -> dict:
+    return json.loads(Params().model_dump_json())
+
+
+def fake_unit(unit: ablation.Unit, quality: float) -> None:
+    """What train + evaluate leave: the fold's metrics and per-episode counts (2 test seeds)."""
+    rng = np.random.default_rng(1000 * unit.fold + unit.seed)  # the same draws for every row
+    n = 40
+    union = rng.integers(50, 150, 2 * n)
+    counts = pd.DataFrame({"shot": np.repeat([1, 5], n), "seed": np.tile(np.repeat([0, 1], n // 2), 2),
+                           "episode": np.tile(np.arange(n), 2), "class_id": np.tile([1, 2, 3, 4], n // 2),
+                           "inter": rng.binomial(union, quality), "union": union})
+    (unit.dir / "metrics").mkdir(parents=True, exist_ok=True)
+    counts.to_parquet(unit.dir / "metrics" / f"fold{unit.fold}_episodes.parquet")
+    metrics = {"best_val_miou": 100 * quality, **{f"shot{s}": {"miou": 100 * quality} for s in (1, 5)}}
+    (unit.dir / "metrics" / f"fold{unit.fold}.json").write_text(json.dumps(metrics))
+
+
+def test_units_have_validated_params_and_equal_configurations_share_a_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    study = ablation.STUDIES["ablation"]
+    units = ablation.plan(study, list(study.rows), [0, 1], [0, 1], committed(), "inputs")
+    assert len(units) == len(study.rows) * 2 * 2 and len({u.dir for u in units}) == len(study.rows) * 2
+    params = yaml.safe_load((units[0].dir / "params.yaml").read_text())
+    assert params["model"]["dps"] is False and params["model"]["pseudo_masks"] == "initial"
+    assert params["train"]["seed"] == 0 and not any(u.done for u in units)
+    again = ablation.plan(study, list(study.rows), [0], [0], committed(), "inputs")
+    assert again[0].dir == units[0].dir  # a re-run finds its units
+    other = ablation.plan(study, list(study.rows), [0], [0], committed(), "changed code")
+    assert other[0].dir != units[0].dir  # other code or data: other units
+    bad = ablation.Study({"typo": {"model.dps": "sometimes"}}, "typo")
+    with pytest.raises(Exception, match="dps"):
+        ablation.plan(bad, ["typo"], [0], [0], committed(), "inputs")
+    with pytest.raises(SystemExit, match="no such param"):
+        ablation.with_overrides(committed(), {"train.epochz": 3})
+
+
+def test_collect_summarizes_compares_and_lists_what_is_pending(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    study = ablation.Study({"full": {}, "worse": {"model.dps": False}, "later": {"model.vvp": False}}, "full",
+                           (("DPS", "full", "worse"),))
+    units = ablation.plan(study, list(study.rows), [0, 1, 2], [0, 1], committed(), "inputs")
+    for unit in units:
+        if unit.row != "later":
+            fake_unit(unit, 0.6 if unit.row == "full" else 0.5)
+    fake_unit(next(u for u in units if u.row == "later"), 0.6)  # one fold of one seed: not a row yet
+    results = ablation.collect("ablation", study, units, committed(), replicates=200)
+    assert [r["name"] for r in results["rows"]] == ["full", "worse"] and results["pending"] == ["later"]
+    full, worse = results["rows"]
+    assert full["train_seeds"] == [0, 1, 2] and full["shots"]["1"]["train_seeds"] == 3
+    assert full["shots"]["1"]["test_seeds"] == 2 and "vs_reference" not in full["shots"]["1"]
+    assert full["val_miou"] == {"mean": 60.0, "train_std": 0.0}
+    diff = worse["shots"]["5"]["vs_reference"]
+    assert diff["delta"] == pytest.approx(worse["shots"]["5"]["mean"] - full["shots"]["5"]["mean"], abs=0.02)
+    assert diff["delta"] < -5 and diff["mark"] == "**" and diff["train_seeds"] == [0, 1, 2]
+    contrast = results["contrasts"][0]
+    assert contrast["component"] == "DPS" and contrast["shots"]["1"]["delta"] > 5  # full - worse
+    assert worse["metrics"]["seed2"]["fold1"]["shot1"]["miou"] == 50.0
+    assert Path("data/ablation_runs").is_dir()
+
+
+def test_default_parallelism_is_one_unit_per_gpu_or_a_few_cpu_jobs(monkeypatch):
+    monkeypatch.setattr(ablation.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(ablation.os, "cpu_count", lambda: 16)
+    assert ablation.default_jobs() == (2, 8, 2)  # never two units on one GPU
+    monkeypatch.setattr(ablation.torch.cuda, "device_count", lambda: 0)
+    assert ablation.default_jobs() == (4, 4, 0)
+    monkeypatch.setattr(ablation.os, "cpu_count", lambda: 2)
+    assert ablation.default_jobs() == (2, 1, 0)
