@@ -207,7 +207,9 @@ def plan(study: Study, rows: Sequence[str], seeds: Sequence[int], folds: Sequenc
             try:
                 resolved = Params(**params).model_dump(mode="json")
             except ValidationError as exc:
-                raise SystemExit(f"error: {row}: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
+                first = exc.errors()[0]
+                where = ".".join(str(part) for part in first["loc"])
+                raise SystemExit(f"error: study row {row!r}: {where}: {first['msg']}") from None
             resolved.pop("orchestration")  # how it runs, not what it computes
             unit_dir = RUNS / fingerprint({"params": resolved, "inputs": digest})
             unit_dir.mkdir(parents=True, exist_ok=True)

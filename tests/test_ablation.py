@@ -45,7 +45,7 @@ def test_units_have_validated_params_and_equal_configurations_share_a_directory(
     other = ablation.plan(study, list(study.rows), [0], [0], committed(), "changed code")
     assert other[0].dir != units[0].dir  # other code or data: other units
     bad = ablation.Study({"typo": {"model.dps": "sometimes"}}, "typo")
-    with pytest.raises(Exception, match="dps"):
+    with pytest.raises(SystemExit, match="row 'typo': model.dps: Input should be a valid boolean"):
         ablation.plan(bad, ["typo"], [0], [0], committed(), "inputs")
     with pytest.raises(SystemExit, match="no such param"):
         ablation.with_overrides(committed(), {"train.epochz": 3})
