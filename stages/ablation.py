@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 import yaml
 from pydantic import ValidationError
+from scipy.stats import binomtest
 
 from pipeline.core.artifacts import fingerprint, git_state, write_json
 from pipeline.core.params import Params, load_params
@@ -107,11 +108,13 @@ STUDIES: dict[str, Study] = {
         {
             REFINED: {"model.pseudo_masks": "refined"},
             "Initial pseudo-masks (MaskCLIP)": {"model.pseudo_masks": "initial"},
-            "Ground truth": _truth(0),
-            "Ground truth eroded 2 px": _truth(-2),
+            "Ground truth": _truth(0),  # (dilating by 2 px or less stays inside the 255 band: the same)
+            "Ground truth eroded 3 px": _truth(-3),
             "Ground truth eroded 5 px": _truth(-5),
-            "Ground truth dilated 2 px": _truth(2),
+            "Ground truth eroded 8 px": _truth(-8),
             "Ground truth dilated 5 px": _truth(5),
+            "Ground truth dilated 8 px": _truth(8),
+            "Ground truth dilated 12 px": _truth(12),
             "Ground-truth supports, refined query pseudo-mask": {"model.supervision": "mask",
                                                                   "model.pseudo_masks": "refined"},
         },
@@ -176,6 +179,9 @@ class Unit:
         return all((self.dir / "metrics" / f).is_file()
                    for f in (f"fold{self.fold}.json", f"fold{self.fold}_episodes.parquet"))
 
+    def metrics(self) -> dict:
+        return json.loads((self.dir / "metrics" / f"fold{self.fold}.json").read_text())
+
     def run(self, env: dict[str, str]) -> float:
         """Train then evaluate; the seconds it took. Output in ``fold{k}.log``."""
         start = time.monotonic()
@@ -239,7 +245,7 @@ def execute(units: list[Unit], jobs: int, threads: int, gpus: int) -> None:
         finally:
             slots.put(slot)
         finished += 1
-        metrics = json.loads((unit.dir / "metrics" / f"fold{unit.fold}.json").read_text())
+        metrics = unit.metrics()
         shots = ", ".join(f"{k[4:]}-shot {v['miou']:.2f}" for k, v in sorted(metrics.items())
                           if k.startswith("shot"))
         left = (time.monotonic() - started) / finished * (len(todo) - finished)
@@ -305,6 +311,23 @@ def compare(ours: list[Unit], theirs: list[Unit], shot: int, replicates: int) ->
             "p": round(diff.p, 4), "mark": diff.mark(), "train_seeds": common}
 
 
+def compare_val(ours: list[Unit], theirs: list[Unit]) -> dict | None:
+    """The base-class validation mIoU (what defaults are chosen on) of ``ours`` minus ``theirs`` over
+    their common (fold, training seed) pairs: the mean difference, how many pairs ``ours`` wins, and
+    the two-sided sign test's p."""
+    def val(units: list[Unit]) -> dict[tuple[int, int], float]:
+        return {(u.fold, u.seed): u.metrics()["best_val_miou"] for u in units}
+
+    a, b = val(ours), val(theirs)
+    pairs = sorted(set(a) & set(b))
+    if not pairs:
+        return None
+    diffs = [a[p] - b[p] for p in pairs]
+    wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    p = binomtest(wins, wins + losses).pvalue if wins + losses else 1.0
+    return {"delta": round(sum(diffs) / len(diffs), 2), "wins": wins, "pairs": len(pairs), "p": round(p, 4)}
+
+
 def collect(name: str, study: Study, units: list[Unit], committed: dict, replicates: int,
             threads: int = 1) -> dict:
     """The study's results: rows whose units are all done, summarized and compared with the reference."""
@@ -324,8 +347,7 @@ def collect(name: str, study: Study, units: list[Unit], committed: dict, replica
         seeds = sorted({u.seed for u in row_units})
         metrics = {f"seed{u.seed}": {} for u in row_units}
         for u in row_units:
-            metrics[f"seed{u.seed}"][f"fold{u.fold}"] = json.loads(
-                (u.dir / "metrics" / f"fold{u.fold}.json").read_text())
+            metrics[f"seed{u.seed}"][f"fold{u.fold}"] = u.metrics()
         val = pd.Series({seed: sum(m["best_val_miou"] for m in folds_.values()) / len(folds_)
                          for seed, folds_ in metrics.items()})  # per training seed, the mean over folds
         shots = {}
@@ -359,7 +381,8 @@ def collect(name: str, study: Study, units: list[Unit], committed: dict, replica
             shots_ = sorted({s for r in rows for s in r["shots"]})
             diffs = {s: compare(complete[with_it], complete[without_it], int(s), replicates) for s in shots_}
             contrasts.append({"component": component, "with": with_it, "without": without_it,
-                              "shots": {s: d for s, d in diffs.items() if d}})
+                              "shots": {s: d for s, d in diffs.items() if d},
+                              "val": compare_val(complete[with_it], complete[without_it])})
     episodes = committed["episodes"]
     return {
         "study": name,

@@ -71,6 +71,7 @@ def test_collect_summarizes_compares_and_lists_what_is_pending(tmp_path, monkeyp
     assert diff["delta"] < -5 and diff["mark"] == "**" and diff["train_seeds"] == [0, 1, 2]
     contrast = results["contrasts"][0]
     assert contrast["component"] == "DPS" and contrast["shots"]["1"]["delta"] > 5  # full - worse
+    assert contrast["val"] == {"delta": 10.0, "wins": 6, "pairs": 6, "p": 0.0312}  # 3 seeds x 2 folds
     assert worse["metrics"]["seed2"]["fold1"]["shot1"]["miou"] == 50.0
     assert Path("data/ablation_runs").is_dir()
 

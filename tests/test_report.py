@@ -90,6 +90,7 @@ def study(folds: dict[int, dict], masks: bool = False) -> dict:
         "bootstrap": {"replicates": 10000}, "pending": ["not run"],
         "rows": [row("full", {}, 0.0, None), row("no DPS", {"dps": False}, -3.0, worse)],
         "contrasts": [{"component": "DPS", "with": "full", "without": "no DPS",
+                       "val": {"delta": 1.5, "wins": 11, "pairs": 12, "p": 0.0063},
                        "shots": {"1": {**worse, "delta": 3.0, "low": 2.4, "high": 3.6},
                                  "5": {**worse, "delta": 0.4, "low": -0.2, "high": 1.0, "p": 0.2,
                                        "mark": "n.s."}}}],
@@ -130,6 +131,8 @@ def test_ablation_section_says_which_components_help_and_how_sure():
     text = " ".join(sections["Ablation"].text)
     assert "**DPS** (full vs no DPS, 3 training seeds): +3.0 1-shot [+2.4, +3.6], p = 0.0001" in text
     assert "mixed (significant for some shots only)" in text  # 5-shot within noise
+    assert "Validation (base classes): +1.5, better on 11 of 12 fold × seed pairs (sign test p = 0.0063)" \
+        in text
     assert "Not yet run: not run." in text
     assert sections["Mask quality"].tables[0].label == "tab:masks"
     assert document.verdict({"1": {"delta": -1.0, "p": 0.001}, "5": {"delta": -2.0, "p": 0.04}}) == "hurts"

@@ -123,9 +123,12 @@ def findings(results: dict) -> list[str]:
                  for s, d in sorted(contrast["shots"].items(), key=lambda item: int(item[0]))]
         seeds = len(next(iter(contrast["shots"].values()))["train_seeds"])
         name = contrast["component"][0].upper() + contrast["component"][1:]
+        val = contrast.get("val")
+        on_val = (f" Validation (base classes): {signed(val['delta'])}, better on {val['wins']} of "
+                  f"{val['pairs']} fold × seed pairs (sign test p = {val['p']:.3g})." if val else "")
         out.append(f"**{name}** ({contrast['with']} vs {contrast['without']}, {seeds} training "
                    f"seed{'s' * (seeds > 1)}): {'; '.join(parts)} — {verdict(contrast['shots'])} on this "
-                   "benchmark.")
+                   f"benchmark.{on_val}")
     return out
 
 
