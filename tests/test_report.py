@@ -81,7 +81,8 @@ def study(folds: dict[int, dict], masks: bool = False) -> dict:
                "metrics": {"seed0": {f"fold{k}": {f"shot{s}": {"miou": folds[k][f"shot{s}"]["miou"] + shift}
                                                   for s in (1, 5)} for k in folds}}}
         if masks:
-            out["mask_quality"] = {"support_precision": 90.0, "support_recall": 50.0, "support_miou": 47.0}
+            out["mask_quality"] = {"support_precision": 90.0, "support_recall": 50.0, "support_miou": 47.0,
+                                   "query_precision": 40.0, "query_recall": 60.0}
         return out
 
     worse = {"delta": -3.0, "low": -3.6, "high": -2.4, "p": 0.0001, "mark": "**", "train_seeds": [0, 1, 2]}
@@ -172,7 +173,7 @@ def test_markdown_and_html_show_every_section():
     assert [s.title for s in sections] == titles
     assert all(f"## {t}" in md for t in titles) and "| LFSS + PI-CLIP priors (ours) | 1 | 51.0 |" in md
     page = document.render_html(sections, "Results")
-    assert page.count("data:image/png;base64,") == 3  # per-class IoU, curves, qualitative
+    assert page.count("data:image/png;base64,") == 4  # per-class IoU, curves, qualitative, mask quality
     assert not re.search(r"""(src|href)=["'](https?:|//)""", page)  # self-contained
     assert "beats thresholding its priors on every fold" in page
 

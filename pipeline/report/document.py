@@ -216,6 +216,8 @@ def build(inputs: Inputs) -> list[Section]:
                     *findings(inputs.masks),
                 ],
                 [tables.mask_study_table(inputs.masks)],
+                [Figure("mask_quality", "Model mIoU (1-shot) against the recall and precision of the query "
+                        "masks it was trained and tested with.", figures.mask_quality_figure(inputs.masks))],
             )
         )
     sections.append(

@@ -126,3 +126,32 @@ def qualitative_figure(samples: Sequence[Sample], per_row: int = 2) -> bytes:
         axes[r, 3 * c].set_ylabel(s.title, fontsize=8)
     fig.tight_layout(w_pad=0.3, h_pad=0.6)
     return png(fig)
+
+
+def mask_quality_figure(results: dict, shot: int = 1) -> bytes:
+    """The model's mIoU against the quality of the query masks it was given (the mask-quality study):
+    left against their recall, right against their precision; eroded ground truth keeps precision,
+    dilated keeps recall, the pseudo-masks are marked by name. Error bars: std over training seeds."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
+    for ax, key in zip(axes, ("recall", "precision"), strict=True):
+        for row in results["rows"]:
+            quality, figures = row.get("mask_quality", {}), row["shots"].get(str(shot))
+            if f"query_{key}" not in quality or not figures:
+                continue
+            x, y = quality[f"query_{key}"], figures["mean"]
+            name = row["name"]
+            colour = ORANGE if "eroded" in name else BLUE if "dilated" in name else GREEN
+            ax.errorbar(x, y, yerr=figures.get("train_std") or 0, fmt="o", color=colour, capsize=3)
+            morph = row["model"].get("truth_morph", 0)
+            label = f"{morph:+d} px" if morph else name.split(",")[0].replace(" pseudo-masks", "")
+            ax.annotate(label, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.set_xlabel(f"query mask {key} (%)")
+        ax.set_xlim(0, 105)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"model {shot}-shot mIoU (%)")
+    kinds = ((ORANGE, "ground truth eroded"), (BLUE, "ground truth dilated"), (GREEN, "pseudo-masks, truth"))
+    handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=t) for c, t in kinds]
+    axes[1].legend(handles=handles, frameon=False, fontsize=8, loc="lower right")
+    fig.suptitle("How good must the masks be? Model mIoU against the query masks' recall and precision",
+                 fontsize=10)
+    return png(fig)
