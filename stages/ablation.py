@@ -151,6 +151,8 @@ def with_overrides(params: dict, overrides: dict[str, object]) -> dict:
 
 #: not in the code digest: the params schema's effect on a unit is its resolved params (hashed)
 SCHEMA = "pipeline/core/params.py"
+#: the params sections train and evaluate read; the others reach a unit through its data's hashes
+READ = ("model", "train", "evaluate", "backbone", "pseudo_masks")
 
 
 def input_digest() -> str:
@@ -216,8 +218,8 @@ def plan(study: Study, rows: Sequence[str], seeds: Sequence[int], folds: Sequenc
                 first = exc.errors()[0]
                 where = ".".join(str(part) for part in first["loc"])
                 raise SystemExit(f"error: study row {row!r}: {where}: {first['msg']}") from None
-            resolved.pop("orchestration")  # how it runs, not what it computes
-            unit_dir = RUNS / fingerprint({"params": resolved, "inputs": digest})
+            read = {section: resolved[section] for section in READ}  # orchestration: how, not what
+            unit_dir = RUNS / fingerprint({"params": read, "inputs": digest})
             unit_dir.mkdir(parents=True, exist_ok=True)
             (unit_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
             units += [Unit(row, seed, fold, unit_dir) for fold in folds]

@@ -44,6 +44,9 @@ def test_units_have_validated_params_and_equal_configurations_share_a_directory(
     assert again[0].dir == units[0].dir  # a re-run finds its units
     other = ablation.plan(study, list(study.rows), [0], [0], committed(), "changed code")
     assert other[0].dir != units[0].dir  # other code or data: other units
+    elsewhere = committed()
+    elsewhere["prepare"]["synthetic"]["seed"] = 7  # reaches a unit through its data's hashes only
+    assert ablation.plan(study, list(study.rows), [0], [0], elsewhere, "inputs")[0].dir == units[0].dir
     bad = ablation.Study({"typo": {"model.dps": "sometimes"}}, "typo")
     with pytest.raises(SystemExit, match="row 'typo': model.dps: Input should be a valid boolean"):
         ablation.plan(bad, ["typo"], [0], [0], committed(), "inputs")
