@@ -138,3 +138,22 @@ def test_kept_initial_masks_round_trip_through_their_bits(size):
     packed = pack_masks(masks)
     assert packed.shape == (5, -(-size * size // 8)) and packed.dtype == np.uint8
     assert torch.equal(unpack_masks(packed[[3, 0, 3]], size), masks[[3, 0, 3]])
+
+
+def test_mask_quality_counts_the_masks_that_miss_their_target():
+    """Pixel sums hide a mask that misses its object: ``missed`` counts them per episode."""
+    from pipeline.fewshot.metrics import FewShotMeter
+    from pipeline.pseudomasks.quality import figures
+
+    target = torch.zeros(4, 10, 10, dtype=torch.uint8)
+    target[:, 2:8, 2:8] = 1  # 36 px each
+    pred = torch.zeros(4, 10, 10, dtype=torch.bool)
+    pred[0, 2:8, 2:8] = True  # perfect
+    pred[1, 2:8, 2:5] = True  # half
+    pred[2, 0, 0:3] = True  # elsewhere: missed
+    pred[3, 2, 2] = True  # 1 of 36 px < 10 %: missed
+    meter = FewShotMeter(1, per_episode=True)
+    meter.update(pred, target, torch.ones(4, dtype=torch.long))
+    got = figures({"query_refined": meter})
+    assert got["query_refined_missed"] == 50.0
+    assert got["query_refined_recall"] == pytest.approx(100 * (36 + 18 + 0 + 1) / 144, abs=0.01)

@@ -414,8 +414,9 @@ def test_pseudo_masks_stage_writes_masks_and_their_miou(priors_run, features_run
                               "--metrics", str(metrics)]) == 0
     report = json.loads(metrics.read_text())
     assert sorted(k for k in report if k.startswith("fold")) == ["fold0", "fold1", "fold2", "fold3"]
-    assert set(report["mean"]) == {"support_initial_miou", "support_refined_miou", "query_initial_miou",
-                                   "query_refined_miou"}
+    assert set(report["mean"]) == {f"{role}_{kind}_{figure}" for role in ("support", "query")
+                                   for kind in ("initial", "refined")
+                                   for figure in ("miou", "precision", "recall", "missed")}
     assert all(0 <= v <= 100 for v in report["mean"].values())
     root, store = zarr.open_group(out, mode="r"), PriorStore(priors_run)
     manifests = read_manifests(pipeline_run / "episodes")

@@ -112,23 +112,24 @@ def fbiou_table(folds: dict[int, dict]) -> Table:
 
 
 def pseudo_mask_table(pseudo: dict) -> Table:
-    """LFSS Table 3: mIoU (%) of the pseudo-masks of the 1-shot test episodes."""
+    """LFSS Table 3: mIoU (%) of the pseudo-masks of the 1-shot test episodes per fold, with the mean
+    precision and recall (pixels summed over episodes) and the % of masks that miss their target."""
     folds = sorted(k for k in pseudo if k.startswith("fold"))
-    header = ["Masks", *[f"Fold {k[4:]}" for k in folds], "Mean"]
+    extra = [(key, name) for key, name in (("precision", "Precision"), ("recall", "Recall"),
+                                           ("missed", "Missed")) if f"query_refined_{key}" in pseudo["mean"]]
+    header = ["Masks", *[f"Fold {k[4:]}" for k in folds], "Mean", *[name for _, name in extra]]
     rows = []
     for role in ("support", "query"):
         for kind, name in (("initial", "initial (MaskCLIP)"), ("refined", "refined")):
-            key = f"{role}_{kind}_miou"
-            rows.append(
-                [
-                    f"{role.capitalize()}, {name}",
-                    *[fmt(pseudo[f][key]) for f in folds],
-                    fmt(pseudo["mean"][key]),
-                ]
-            )
+            key = f"{role}_{kind}"
+            mean = pseudo["mean"]
+            rows.append([f"{role.capitalize()}, {name}", *[fmt(pseudo[f][f"{key}_miou"]) for f in folds],
+                         fmt(mean[f"{key}_miou"]), *[fmt(mean[f"{key}_{k}"]) for k, _ in extra]])
     return Table(
         "mIoU (%) of the language-guided pseudo-masks of the 1-shot test episodes against the ground "
-        "truth, before and after the self-supported refiner.",
+        "truth, before and after the self-supported refiner"
+        + ("; mean precision and recall, and the % of masks that cover less than a tenth of their "
+           "target (missed)." if extra else "."),
         "tab:pseudo",
         header,
         rows,
