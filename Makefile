@@ -53,7 +53,7 @@ tiny-clip: setup
 
 # The component ablations (LFSS Table 4 + the PI-CLIP priors), every row over 3 training seeds on
 # every fold and test seed, with paired-bootstrap significance: ablations/results.json and the
-# report's Ablation table. 84 trainings, about 1.5 h on 2 cores; resumable (STUDY_ARGS="--seeds 0"
+# report's Ablation table. 84 new units, about 1.7 h on 2 cores; resumable (STUDY_ARGS="--seeds 0"
 # for a first pass, "--jobs N" to choose the parallelism).
 ablation: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m stages._prefect_server python -m stages.ablation ablation $(STUDY_ARGS)

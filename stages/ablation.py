@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import queue
 import signal
@@ -163,8 +164,9 @@ def input_digest() -> str:
     lock = yaml.safe_load(Path("dvc.lock").read_text())["stages"]
     sources = sorted({d for name in ("train", "evaluate") for d in stages[name]["deps"]
                       if not d.startswith("data/") and d != SCHEMA})
+    trained = {o["path"] for o in lock["train@0"]["outs"]}  # a unit trains its own model
     data = {d["path"]: d.get("md5") for name in ("train@0", "evaluate@0") for d in lock[name]["deps"]
-            if d["path"].startswith("data/")}
+            if d["path"].startswith("data/") and d["path"] not in trained}
     code = {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in sources}
     return fingerprint({"code": code, "data": data})
 
@@ -302,6 +304,11 @@ def mask_quality(row_params: dict, folds: Sequence[int]) -> dict[str, float]:
     return {key: round(sum(v) / len(v), 2) for key, v in sorted(out.items())}
 
 
+def finite(value: float) -> float | None:
+    """Rounded, or None for a std of one seed (JSON has no NaN)."""
+    return None if math.isnan(value) else round(value, 2)
+
+
 def compare(ours: list[Unit], theirs: list[Unit], shot: int, replicates: int) -> dict | None:
     """The paired bootstrap difference ``ours - theirs`` over their common training seeds."""
     common = sorted({u.seed for u in ours} & {u.seed for u in theirs})
@@ -357,8 +364,8 @@ def collect(name: str, study: Study, units: list[Unit], committed: dict, replica
                             if k.startswith("shot")}):
             scores = unit_scores(row_units, shot)
             summary = summarize(scores)
-            figures = {"mean": round(summary.mean, 2), "train_std": round(summary.train_std, 2),
-                       "test_std": round(summary.test_std, 2), "train_seeds": summary.train_seeds,
+            figures = {"mean": round(summary.mean, 2), "train_std": finite(summary.train_std),
+                       "test_std": finite(summary.test_std), "train_seeds": summary.train_seeds,
                        "test_seeds": summary.test_seeds,
                        "folds": {str(f): round(s.miou(), 2) for f, s in scores.items()}}
             if reference is not None and row != study.reference:

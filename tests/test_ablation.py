@@ -69,6 +69,8 @@ def test_collect_summarizes_compares_and_lists_what_is_pending(tmp_path, monkeyp
     assert full["train_seeds"] == [0, 1, 2] and full["shots"]["1"]["train_seeds"] == 3
     assert full["shots"]["1"]["test_seeds"] == 2 and "vs_reference" not in full["shots"]["1"]
     assert full["val_miou"] == {"mean": 60.0, "train_std": 0.0}
+    one = ablation.collect("ablation", study, [u for u in units if u.seed == 0], committed(), replicates=50)
+    assert one["rows"][0]["shots"]["1"]["train_std"] is None  # JSON has no NaN
     diff = worse["shots"]["5"]["vs_reference"]
     assert diff["delta"] == pytest.approx(worse["shots"]["5"]["mean"] - full["shots"]["5"]["mean"], abs=0.02)
     assert diff["delta"] < -5 and diff["mark"] == "**" and diff["train_seeds"] == [0, 1, 2]

@@ -124,7 +124,7 @@ def test_ablation_marks_follow_the_switches_with_error_bars_and_significance():
     assert table.rows[0][7:] == ["3 × 5", "53.5 ± 0.8 (0.3)", "ref.", "57.5 ± 0.8 (0.3)", "ref."]
     assert table.rows[1][8:10] == ["50.5 ± 0.8 (0.3)", "−3.0 [−3.6, −2.4] **"]
     masks = tables.mask_study_table(inputs().masks)
-    assert masks.rows[0][1:5] == ["90 / 50 / 47", "– / – / –", "3 × 5", "60.0 ± 0.5"]
+    assert masks.rows[0][1:5] == ["90 / 50 / 47", "40 / 60 / –", "3 × 5", "60.0 ± 0.5"]
 
 
 def test_ablation_section_says_which_components_help_and_how_sure():

@@ -202,7 +202,8 @@ class ModelParams(Section):
     supervision: Literal["text", "mask"] = "text"
     # the masks the model is given for query and supports under supervision: text: the paper's "mask
     # refine" toggle, or the ground truth (an oracle for the mask-quality study, stages.ablation masks)
-    pseudo_masks: Literal["refined", "initial", "truth"] = "refined"
+    # default initial: chosen on the embedded benchmark's validation episodes (README "Mask quality")
+    pseudo_masks: Literal["refined", "initial", "truth"] = "initial"
     truth_morph: int = 0  # pseudo_masks: truth, pixels at label size: > 0 dilates, < 0 erodes (disk)
     dps: bool = True  # part-aware prototypes (Eqs. 6-12); off: one global prototype (the paper's baseline)
     seeds: PositiveInt = 5  # N_sp

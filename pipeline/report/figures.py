@@ -151,7 +151,7 @@ def mask_quality_figure(results: dict, shot: int = 1) -> bytes:
     axes[0].set_ylabel(f"model {shot}-shot mIoU (%)")
     kinds = ((ORANGE, "ground truth eroded"), (BLUE, "ground truth dilated"), (GREEN, "pseudo-masks, truth"))
     handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=t) for c, t in kinds]
-    axes[1].legend(handles=handles, frameon=False, fontsize=8, loc="lower right")
+    axes[1].legend(handles=handles, frameon=False, fontsize=8, loc="center")
     fig.suptitle("How good must the masks be? Model mIoU against the query masks' recall and precision",
                  fontsize=10)
     return png(fig)
