@@ -150,7 +150,7 @@ def test_sample_predictions_keep_each_episode_at_its_own_size(fold: Fold, superv
         c, query, supports = EPISODES[e]
         assert got[f"prediction_{j}"].shape == fold.labels[query].shape
         truth = fold.labels[supports[0]] == c
-        expected = fold.pseudo["support_refined"][e, 0] if supervision == "text" else truth
+        expected = fold.pseudo[f"support_{cfg.pseudo_masks}"][e, 0] if supervision == "text" else truth
         assert np.array_equal(got[f"support_mask_{j}"], expected)
     assert [got[f"prediction_{j}"].shape for j in range(3)] == [(16, 16), (24, 24), (12, 20)]  # a, d, b
 

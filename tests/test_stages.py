@@ -78,11 +78,16 @@ def test_pipeline_outputs(pipeline_run):
     assert meta["min_pixels"] == round(2048 * area / (500 * 375))  # auto: PFENet's 2048 px on 500 x 375
     assert index[["height", "width"]].drop_duplicates().shape[0] > 20  # mixed sizes
     manifests = json.loads((pipeline_run / "episodes" / "meta.json").read_text())["files"]
-    assert len(manifests) == 4 * (2 + 2)  # per fold: shot 1 and 5 test, train, val
+    assert len(manifests) == 4 * (2 * 2 + 2)  # per fold: shot 1 and 5 test of 2 seeds, train, val
     test = pq.read_table(pipeline_run / "episodes/test/fold2/shot5_seed0.parquet").to_pandas()
     pairs = pq.read_table(pipeline_run / "splits/pairs.parquet").to_pandas()
     fold_test = pairs[(pairs.fold == 2) & (pairs.role == "test")].reset_index(drop=True)
-    assert list(test["query"][: len(fold_test)]) == list(fold_test["image_id"][:60])
+    # the pfenet protocol: each seed draws distinct test pairs of the fold in its own random order
+    drawn = list(zip(test["query"], test["class_id"], strict=True))
+    assert set(drawn) <= set(zip(fold_test["image_id"], fold_test["class_id"], strict=True))
+    assert len(set(drawn)) == min(len(test), len(fold_test))
+    other = pq.read_table(pipeline_run / "episodes/test/fold2/shot5_seed1.parquet").to_pandas()
+    assert list(other["query"]) != list(test["query"])
     assert set(test["class_id"]) == set(range(11, 16)) and all(len(s) == 5 for s in test["supports"])
     train = pq.read_table(pipeline_run / "episodes/train/fold2.parquet").to_pandas()
     assert not set(train["class_id"]) & set(range(11, 16))  # base classes only
@@ -513,7 +518,8 @@ def test_train_resumes_then_evaluate_reports_model_and_priors(model_inputs, pipe
     counts = pd.read_parquet(metrics_dir / "fold1_episodes.parquet")  # what the ablations' bootstrap reads
     for shot in (1, 5):
         mine = counts[counts["shot"] == shot]
-        assert list(mine["episode"]) == list(range(len(mine)))
+        for seed in (0, 1):
+            assert list(mine[mine["seed"] == seed]["episode"]) == list(range(30))  # in manifest order
         assert Scores.of([mine]).miou() == pytest.approx(report[f"shot{shot}"]["miou"], abs=0.01)
 
 
