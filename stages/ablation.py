@@ -22,6 +22,7 @@ add to it.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -144,7 +145,7 @@ def with_overrides(params: dict, overrides: dict[str, object]) -> dict:
     out = json.loads(json.dumps(params))
     for dotted, value in overrides.items():
         section, key = dotted.split(".", 1)
-        if key not in out.get(section, {}) and section != "model":
+        if key not in out.get(section, {}):
             raise SystemExit(f"error: {dotted}: no such param")
         out[section][key] = value
     return out
@@ -269,11 +270,17 @@ def execute(units: list[Unit], jobs: int, threads: int, gpus: int) -> None:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+@functools.cache
+def episode_counts(path: Path) -> pd.DataFrame:
+    """A unit's per-episode counts, read once per process (the reference row's serve every row)."""
+    return pd.read_parquet(path)
+
+
 def unit_scores(units: list[Unit], shot: int) -> dict[int, Scores]:
     """Per fold, the :class:`Scores` of ``units`` (one configuration, every training seed)."""
     folds: dict[int, list[pd.DataFrame]] = {}
     for unit in sorted(units, key=lambda u: (u.fold, u.seed)):
-        table = pd.read_parquet(unit.dir / "metrics" / f"fold{unit.fold}_episodes.parquet")
+        table = episode_counts(unit.dir / "metrics" / f"fold{unit.fold}_episodes.parquet")
         folds.setdefault(unit.fold, []).append(table[table["shot"] == shot])
     return {fold: Scores.of(tables) for fold, tables in folds.items()}
 
@@ -385,10 +392,11 @@ def collect(name: str, study: Study, units: list[Unit], committed: dict, replica
     order = list(study.rows)
     rows.sort(key=lambda r: order.index(r["name"]))
     contrasts = []
+    all_shots = sorted({s for r in rows for s in r["shots"]})
     for component, with_it, without_it in study.contrasts:
         if with_it in complete and without_it in complete:
-            shots_ = sorted({s for r in rows for s in r["shots"]})
-            diffs = {s: compare(complete[with_it], complete[without_it], int(s), replicates) for s in shots_}
+            diffs = {s: compare(complete[with_it], complete[without_it], int(s), replicates)
+                     for s in all_shots}
             contrasts.append({"component": component, "with": with_it, "without": without_it,
                               "shots": {s: d for s, d in diffs.items() if d},
                               "val": compare_val(complete[with_it], complete[without_it])})

@@ -82,15 +82,20 @@ def study_provenance(results: dict, params: dict | None, path: str) -> str:
     text = f"Rows from `{path}` (commit {results['commit'][:7]}, {threads} thread{'s' * (threads > 1)} "
     text += "a unit)"
     made_with = results.get("params")
-    ours = {k: v for k, v in (params or {}).items() if k != "orchestration"}
-    if made_with is not None and params is not None and made_with != ours:
-        changed = sorted(f"{section}.{key}" for section in set(made_with) | set(ours)
-                         for key in set(made_with.get(section) or {}) | set(ours.get(section) or {})
-                         if (made_with.get(section) or {}).get(key) != (ours.get(section) or {}).get(key))
+    if made_with is not None and params is not None:
+        theirs, ours = flat(made_with), flat({k: v for k, v in params.items() if k != "orchestration"})
+        changed = sorted(key for key in theirs.keys() | ours.keys() if theirs.get(key) != ours.get(key))
+    if made_with is not None and params is not None and changed:
         text += (f": made with other params than this run ({', '.join(changed[:6])}"
                  f"{', ...' if len(changed) > 6 else ''}): re-run it before comparing with the tables above")
     pending = results.get("pending") or []
     return text + (f". Not yet run: {', '.join(pending)}." if pending else ".")
+
+
+def flat(params: dict) -> dict[str, object]:
+    """``{"section.key": value}`` of a params dict."""
+    return {f"{section}.{key}": value for section, values in params.items()
+            for key, value in (values or {}).items()}
 
 
 def run_params(inputs: Inputs) -> dict | None:

@@ -196,6 +196,23 @@ def seeds_cell(row: dict, results: dict) -> str:
     return f"{len(row['train_seeds'])} × {len(results['test']['seeds'])}"
 
 
+def shot_header(shots: list[int]) -> list[str]:
+    return [f"{s}-shot {what}" for s in shots for what in ("mIoU", "Δ")]
+
+
+def shot_cells(row: dict, results: dict, shots: list[int]) -> list[str]:
+    """Per shot, the row's mIoU cell and its difference from the reference row."""
+    reference = row["name"] == results["reference"]
+    figures = [row["shots"].get(str(s)) for s in shots]
+    return [cell for f in figures for cell in (miou_cell(f), delta_cell(f, reference))]
+
+
+def quality_cell(quality: dict, role: str) -> str:
+    """``precision / recall / mIoU`` (%) of the role's masks."""
+    keys = [f"{role}_precision", f"{role}_recall", f"{role}_miou"]
+    return " / ".join(f"{quality[k]:.0f}" if k in quality else "–" for k in keys)
+
+
 def significance_note(results: dict) -> str:
     test = results["test"]
     return (f"mIoU: mean over folds, ± sample std over training seeds (in parentheses over the "
@@ -210,16 +227,9 @@ def ablation_table(results: dict) -> Table:
     mIoU over training and test seeds and its difference from the full model, per shot.
     ``results``: ``ablations/results.json`` (``stages.ablation``)."""
     shots = study_shots(results)
-    header = ["Run", *[name for _, name in ABLATION_SWITCHES], "Seeds"]
-    for s in shots:
-        header += [f"{s}-shot mIoU", f"{s}-shot Δ"]
-    rows = []
-    for row in results["rows"]:
-        cells = [row_name(row), *switch_marks(row["model"]), seeds_cell(row, results)]
-        for s in shots:
-            figures = row["shots"].get(str(s))
-            cells += [miou_cell(figures), delta_cell(figures, row["name"] == results["reference"])]
-        rows.append(cells)
+    header = ["Run", *[name for _, name in ABLATION_SWITCHES], "Seeds", *shot_header(shots)]
+    rows = [[row_name(row), *switch_marks(row["model"]), seeds_cell(row, results),
+             *shot_cells(row, results, shots)] for row in results["rows"]]
     return Table(
         "Ablation: novel-class mIoU (%) with components switched off (Refine: refined pseudo-masks; CCM "
         "off keeps RCM only, as the paper's baseline). Seeds: training × test. " + significance_note(results),
@@ -235,24 +245,12 @@ def mask_study_table(results: dict) -> Table:
     support and query masks against the ground truth), its base-class validation mIoU and its
     novel-class test mIoU per shot. ``results``: ``ablations/masks.json``."""
     shots = study_shots(results)
-    header = ["Masks given", "Support P / R / IoU", "Query P / R / IoU", "Seeds", "Val mIoU"]
-    for s in shots:
-        header += [f"{s}-shot mIoU", f"{s}-shot Δ"]
-    rows = []
-    for row in results["rows"]:
-        quality = row.get("mask_quality", {})
-
-        def prc(role: str, quality: dict = quality) -> str:
-            keys = [f"{role}_precision", f"{role}_recall", f"{role}_miou"]
-            return " / ".join(f"{quality[k]:.0f}" if k in quality else "–" for k in keys)
-
-        val = row["val_miou"]
-        cells = [row_name(row), prc("support"), prc("query"), seeds_cell(row, results),
-                 fmt(val["mean"], val.get("train_std"))]
-        for s in shots:
-            figures = row["shots"].get(str(s))
-            cells += [miou_cell(figures), delta_cell(figures, row["name"] == results["reference"])]
-        rows.append(cells)
+    header = ["Masks given", "Support P / R / IoU", "Query P / R / IoU", "Seeds", "Val mIoU",
+              *shot_header(shots)]
+    rows = [[row_name(row), *(quality_cell(row.get("mask_quality", {}), r) for r in ("support", "query")),
+             seeds_cell(row, results), fmt(row["val_miou"]["mean"], row["val_miou"].get("train_std")),
+             *shot_cells(row, results, shots)]
+            for row in results["rows"]]
     return Table(
         "Mask quality: the model trained and tested with masks (query and supports) of controlled "
         "precision (P) and recall (R) against the ground truth (%, pixels of the 1-shot test episodes); "
