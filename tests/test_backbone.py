@@ -30,6 +30,14 @@ def test_clip_trunk_features_on_the_token_grid():
     assert not any(p.requires_grad for p in backbone.parameters())
 
 
+def test_clip_trunk_builds_on_the_device_its_clip_was_loaded_on():
+    bundle = build_tiny("tiny-vit", 0)
+    bundle.model.to("meta")  # stands in for a GPU: any tensor left on the CPU fails
+    backbone = build_backbone("clip", bundle)
+    assert backbone.channels == 2 * 96
+    assert backbone(torch.zeros(1, 3, 128, 128, device="meta")).shape == (1, 2 * 96, 8, 8)
+
+
 def test_missing_weights_are_one_clear_line(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("<urlopen error [Errno -2] Name or service not known>")

@@ -82,8 +82,10 @@ class ClipTrunk(Backbone):
         super().__init__()
         self.visual = bundle.model.visual
         self.mean, self.std = bundle.mean, bundle.std
-        probe = image_features(self.visual, torch.zeros(1, 3, bundle.image_size, bundle.image_size),
-                               attention_blocks=1)
+        device = next(self.visual.parameters()).device  # the CLIP may already be on a GPU
+        with torch.no_grad():
+            probe = image_features(self.visual, torch.zeros(1, 3, bundle.image_size, bundle.image_size,
+                                                            device=device), attention_blocks=1)
         self.channels = sum(t.shape[-1] for t in probe.tokens)
 
     @torch.no_grad()
