@@ -9,7 +9,7 @@ from PIL import Image
 
 from pipeline.datasets import synthetic_writer
 from pipeline.datasets.shapes import SHAPE_NAMES, rasterize
-from pipeline.datasets.synthetic import IGNORE, MIN_VISIBLE, render_scene, scene_rng
+from pipeline.datasets.synthetic import IGNORE, MIN_VISIBLE, part_of, render_scene, scene_rng
 from tests.conftest import SMOKE
 
 SCENES = [render_scene(scene_rng(0, "train", i), 96, 4, 1) for i in range(60)]
@@ -31,6 +31,28 @@ def test_scenes_are_deterministic_by_seed_and_differ_across_images():
     other_seed = render_scene(scene_rng(1, "train", 7), 96, 4, 1)
     assert not np.array_equal(other_seed.image, SCENES[7].image)
     assert not np.array_equal(SCENES[6].image, SCENES[7].image)
+
+
+def test_objects_in_parts_get_a_second_colour_beyond_their_axis_and_keep_their_labels():
+    for i in range(20):
+        plain = render_scene(scene_rng(0, "train", i), 96, 1, 1)
+        parted = render_scene(scene_rng(0, "train", i), 96, 1, 1, parts=True)
+        # one object: its placement is drawn before its part, so the labels are the same
+        assert np.array_equal(plain.label, parted.label) and plain.objects == parted.objects
+        (obj,) = parted.objects
+        side, second = part_of(np.random.default_rng(0), obj, 96)
+        assert second.colour != obj.colour and second.class_id == obj.class_id
+        inside = (parted.instances == 1) & ~parted.band
+        near, far = inside & ~side, inside & side
+        assert np.array_equal(parted.image[near], plain.image[near])  # the first part as before
+        if far.sum() > 50:  # the second part is painted anew
+            assert np.abs(parted.image[far].astype(int) - plain.image[far]).mean() > 5
+    cfg = SMOKE.model_copy(update={"parts": True})  # the tiny CLIP's caption corpus stays as it is
+    assert np.array_equal(synthetic_writer._render("captions", 3, cfg).image,
+                          render_scene(scene_rng(SMOKE.seed, "captions", 3), SMOKE.image_size,
+                                       SMOKE.max_objects, SMOKE.boundary_width).image)
+    assert not np.array_equal(synthetic_writer._render("train", 3, cfg).image,
+                              synthetic_writer._render("train", 3, SMOKE).image)
 
 
 def test_one_to_four_objects_and_every_class_occurs():

@@ -68,6 +68,9 @@ class SyntheticParams(Section):
     # Benchmark images resized to sizes of their own (scale 0.75-1.25 of image_size, aspect 3:4 to
     # 4:3), as real datasets' are; the caption corpus stays square. Off: every image is square.
     mixed_sizes: bool = False
+    # Every benchmark object in two parts (a second colour and its class's texture beyond the
+    # shape's axis), for studying DPS's distributed prototypes; the caption corpus is unchanged.
+    parts: bool = False
 
 
 class PrepareParams(Section):

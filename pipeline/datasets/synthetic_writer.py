@@ -78,10 +78,10 @@ def _label_png(label: np.ndarray) -> bytes:
 
 
 def _render(split: str, index: int, cfg: SyntheticParams) -> Scene:
-    scene = render_scene(
-        scene_rng(cfg.seed, split, index), cfg.image_size, cfg.max_objects, cfg.boundary_width
-    )
-    if cfg.mixed_sizes and split in ("train", "val"):
+    benchmark = split in ("train", "val")  # the caption corpus stays as it is: the same tiny CLIP
+    scene = render_scene(scene_rng(cfg.seed, split, index), cfg.image_size, cfg.max_objects,
+                         cfg.boundary_width, parts=cfg.parts and benchmark)
+    if cfg.mixed_sizes and benchmark:
         scene = resized(scene, mixed_shape(cfg.seed, split, index, cfg.image_size))
     return scene
 
