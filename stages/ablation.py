@@ -59,12 +59,14 @@ REFINED = "Refined pseudo-masks"
 class Study:
     """Rows (name -> params overriding the committed ones; ``{}`` is the committed configuration),
     the row the others are compared with, the components' contrasts ``(component, row with it, row
-    without it)`` the report puts in words, and the default training seeds."""
+    without it)`` the report puts in words, the default training seeds, and the params the
+    benchmark must have been made with (``section.key`` -> value; checked in ``params.yaml``)."""
 
     rows: dict[str, dict[str, object]]
     reference: str
     contrasts: tuple[tuple[str, str, str], ...] = ()
     seeds: tuple[int, ...] = (0, 1, 2)
+    requires: tuple[tuple[str, object], ...] = ()
 
 
 def _truth(morph: int) -> dict[str, object]:
@@ -127,6 +129,14 @@ STUDIES: dict[str, Study] = {
             ("ground-truth supports (query pseudo-mask kept)",
              "Ground-truth supports, refined query pseudo-mask", REFINED),
         ),
+    ),
+    # does DPS help when objects have parts, as the distributed prototypes are meant for? The same
+    # contrast as the ablation's on a benchmark of objects in two parts (`make parts-study`)
+    "parts": Study(
+        {FULL: switches(), "Full model without DPS": switches(dps=False)},
+        FULL,
+        (("DPS (in the full model, objects in two parts)", FULL, "Full model without DPS"),),
+        requires=(("prepare.synthetic.parts", True),),
     ),
 }
 RUNS = Path("data/ablation_runs")  # git-ignored, untracked by DVC
@@ -413,10 +423,20 @@ def collect(name: str, study: Study, units: list[Unit], committed: dict, replica
         "bootstrap": {"replicates": replicates, "method": "two-level paired bootstrap: test episodes within "
                       "each test seed and training seeds, the same draws for both rows; 95 % percentile "
                       "interval; two-sided p"},
+        "requires": dict(study.requires),  # the benchmark it was made on
         "pending": sorted(row for row in by_row if row not in complete),
         "rows": rows,
         "contrasts": contrasts,
     }
+
+
+def check_requires(name: str, study: Study, params: Params) -> None:
+    """Exit with one line when ``params`` lack what the study's benchmark needs."""
+    for key, value in study.requires:
+        found = functools.reduce(getattr, key.split("."), params)
+        if found != value:
+            raise SystemExit(f"error: params.yaml: the {name} study needs {key}: {value} (it is {found}); "
+                             f"`make {name}-study` runs it in a worktree of its own that has it")
 
 
 def default_jobs() -> tuple[int, int, int]:
@@ -456,9 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     jobs, threads, gpus = default_jobs()
     if args.jobs:
         jobs, threads = args.jobs, max(1, (os.cpu_count() or 1) // args.jobs) if not gpus else threads
-    sh(sys.executable, "-m", "dvc", "repro", "--quiet", "pseudo_masks")  # inputs current (cached: seconds)
     committed = yaml.safe_load(Path("params.yaml").read_text())
-    load_params("params.yaml")
+    check_requires(args.study, study, load_params("params.yaml"))
+    sh(sys.executable, "-m", "dvc", "repro", "--quiet", "pseudo_masks")  # inputs current (cached: seconds)
     folds = list(range(committed["split"]["num_folds"]))
     rows = args.only or list(study.rows)
     seeds = args.seeds or list(study.seeds)

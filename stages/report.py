@@ -2,9 +2,10 @@
 
 Reads ``data/metrics/fold{k}.json`` (evaluate), ``data/metrics/pseudo_masks.json``,
 ``data/metrics/clip.json``, ``data/plots/train/fold{k}/`` (training curves, DVCLive),
-``data/predictions/fold{k}.npz`` (sample predictions), ``ablations/results.json`` (written by
-``make ablation``; optional), ``ablations/masks.json`` (``make mask-study``; optional),
-``data/splits/meta.json`` (folds) and ``data/index``; writes
+``data/predictions/fold{k}.npz`` (sample predictions), the studies, optional:
+``ablations/results.json`` (``make ablation``), ``ablations/masks.json`` (``make mask-study``) and
+``ablations/parts.json`` (``make parts-study``), ``data/splits/meta.json`` (folds) and
+``data/index``; writes
 ``reports/report.md`` (+ ``reports/figures/``), a self-contained ``reports/report.html``,
 ``reports/tables.tex`` (booktabs) and ``reports/metrics.json`` (the one DVC metrics file: the
 headline figures, :func:`pipeline.report.document.summary_metrics`).
@@ -151,6 +152,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
         if Path(args.params).is_file()
         else yaml.safe_dump(params.model_dump()),
         masks=study(read_json(Path(args.masks))),
+        parts=study(read_json(Path(args.parts))),
     )
     sections = document.build(inputs)
     out = Path(args.out)
@@ -178,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             "predictions": "data/predictions",
             "ablations": "ablations/results.json",
             "masks": "ablations/masks.json",
+            "parts": "ablations/parts.json",
             "clip": "data/models/clip",
             "out": "reports",
         },

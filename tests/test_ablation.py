@@ -81,6 +81,16 @@ def test_collect_summarizes_compares_and_lists_what_is_pending(tmp_path, monkeyp
     assert Path("data/ablation_runs").is_dir()
 
 
+def test_a_study_on_a_benchmark_of_its_own_refuses_params_without_it():
+    parts = ablation.STUDIES["parts"]
+    with pytest.raises(SystemExit, match="the parts study needs prepare.synthetic.parts: True .it is False.; "
+                                         "`make parts-study`"):
+        ablation.check_requires("parts", parts, Params())
+    made = Params.model_validate({"prepare": {"synthetic": {"parts": True}}})
+    ablation.check_requires("parts", parts, made)
+    ablation.check_requires("ablation", ablation.STUDIES["ablation"], Params())  # requires nothing
+
+
 def test_default_parallelism_is_one_unit_per_gpu_or_a_few_cpu_jobs(monkeypatch):
     monkeypatch.setattr(ablation.torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(ablation.os, "cpu_count", lambda: 16)

@@ -68,6 +68,7 @@ def inputs(ablations: bool = True) -> document.Inputs:
         {"dataset": "synthetic", "git commit": "abc123"},
         "model:\n  dps: true\n",
         study(folds, masks=True) if ablations else None,
+        {**study(folds), "requires": {"prepare.synthetic.parts": True}} if ablations else None,
     )
 
 
@@ -144,8 +145,8 @@ def test_latex_is_balanced_booktabs_with_escaped_text():
     sections = document.build(inputs())
     tex = document.render_latex(sections)
     begins, ends = re.findall(r"\\begin\{(\w+)\}", tex), re.findall(r"\\end\{(\w+)\}", tex)
-    # results, FB-IoU, pseudo-masks, ablation, mask quality
-    assert sorted(begins) == sorted(ends) and begins.count("table") == 5
+    # results, FB-IoU, pseudo-masks, ablation, mask quality, DPS on parts
+    assert sorted(begins) == sorted(ends) and begins.count("table") == 6 and "tab:parts" in tex
     for block in re.findall(r"\\begin\{tabular\}\{(\w+)\}(.*?)\\end\{tabular\}", tex, re.S):
         columns, body = len(block[0]), block[1]
         assert body.count(r"\toprule") == 1 and body.count(r"\bottomrule") == 1
@@ -165,6 +166,7 @@ def test_markdown_and_html_show_every_section():
         "Pseudo-masks",
         "Ablation",
         "Mask quality",
+        "DPS on objects with parts",
         "Per-class IoU",
         "Training",
         "Qualitative results",
@@ -291,3 +293,12 @@ def test_the_ablation_table_says_where_its_rows_come_from_and_if_they_match():
     assert document.study_provenance(other, params, "a.json").endswith(
         ": made with other params than this run (model.dps): re-run it before comparing with the tables "
         "above.")
+    # a study on a benchmark of its own says so, and does not count that as a difference
+    parts = {**other, "params": {"model": {"dps": True}, "prepare": {"synthetic": {"parts": True}}},
+             "requires": {"prepare.synthetic.parts": True}}
+    ours = {**params, "prepare": {"synthetic": {"parts": False}}}
+    assert document.study_provenance(parts, ours, "p.json") == (
+        "Rows from `p.json` (commit abcdef0, 1 thread a unit) on a benchmark made with "
+        "prepare.synthetic.parts: true.")
+    ours["prepare"]["synthetic"]["seed"] = 3
+    assert "(prepare.synthetic.seed)" in document.study_provenance(parts, ours, "p.json")

@@ -45,6 +45,7 @@ class Inputs:
     provenance: dict[str, str]
     params_yaml: str
     masks: dict | None = None  # ablations/masks.json (stages.ablation masks)
+    parts: dict | None = None  # ablations/parts.json (stages.ablation parts)
 
 
 def fold_mean(folds: dict[int, dict], shot: int, key: str) -> float:
@@ -81,10 +82,13 @@ def study_provenance(results: dict, params: dict | None, path: str) -> str:
     threads = results.get("threads", 1)
     text = f"Rows from `{path}` (commit {results['commit'][:7]}, {threads} thread{'s' * (threads > 1)} "
     text += "a unit)"
-    made_with = results.get("params")
+    made_with, required = results.get("params"), results.get("requires") or {}
+    if required:
+        text += " on a benchmark made with " + ", ".join(f"{k}: {v!s}".lower() for k, v in required.items())
     if made_with is not None and params is not None:
         theirs, ours = flat(made_with), flat({k: v for k, v in params.items() if k != "orchestration"})
-        changed = sorted(key for key in theirs.keys() | ours.keys() if theirs.get(key) != ours.get(key))
+        changed = sorted(key for key in theirs.keys() | ours.keys()
+                         if theirs.get(key) != ours.get(key) and key not in required)
     if made_with is not None and params is not None and changed:
         text += (f": made with other params than this run ({', '.join(changed[:6])}"
                  f"{', ...' if len(changed) > 6 else ''}): re-run it before comparing with the tables above")
@@ -92,10 +96,15 @@ def study_provenance(results: dict, params: dict | None, path: str) -> str:
     return text + (f". Not yet run: {', '.join(pending)}." if pending else ".")
 
 
-def flat(params: dict) -> dict[str, object]:
-    """``{"section.key": value}`` of a params dict."""
-    return {f"{section}.{key}": value for section, values in params.items()
-            for key, value in (values or {}).items()}
+def flat(params: dict, prefix: str = "") -> dict[str, object]:
+    """``{"section.key.subkey": value}`` of a params dict (nested sections flattened)."""
+    out: dict[str, object] = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def run_params(inputs: Inputs) -> dict | None:
@@ -223,6 +232,21 @@ def build(inputs: Inputs) -> list[Section]:
                 [tables.mask_study_table(inputs.masks)],
                 [Figure("mask_quality", "Model mIoU (1-shot) against the recall and precision of the query "
                         "masks it was trained and tested with.", figures.mask_quality_figure(inputs.masks))],
+            )
+        )
+    if inputs.parts:
+        sections.append(
+            Section(
+                "DPS on objects with parts",
+                [
+                    "Does DPS help where its distributed prototypes are meant to, on objects whose parts "
+                    "look different? The ablation's DPS contrast on a benchmark of the same shapes in two "
+                    "parts: beyond each shape's axis a second colour and its class's texture "
+                    "(`make parts-study`).",
+                    study_provenance(inputs.parts, run_params(inputs), "ablations/parts.json"),
+                    *findings(inputs.parts),
+                ],
+                [tables.ablation_table(inputs.parts, "DPS on objects in two parts", "tab:parts")],
             )
         )
     sections.append(

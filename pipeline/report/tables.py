@@ -222,18 +222,18 @@ def significance_note(results: dict) -> str:
             f"* p < 0.05, n.s. within noise.")
 
 
-def ablation_table(results: dict) -> Table:
+def ablation_table(results: dict, title: str = "Ablation", label: str = "tab:ablation") -> Table:
     """LFSS Table 4 (extended with the PI-CLIP priors): one row per configuration, its switches, its
     mIoU over training and test seeds and its difference from the full model, per shot.
-    ``results``: ``ablations/results.json`` (``stages.ablation``)."""
+    ``results``: ``ablations/results.json`` (``stages.ablation``; or a study of some of its rows)."""
     shots = study_shots(results)
     header = ["Run", *[name for _, name in ABLATION_SWITCHES], "Seeds", *shot_header(shots)]
     rows = [[row_name(row), *switch_marks(row["model"]), seeds_cell(row, results),
              *shot_cells(row, results, shots)] for row in results["rows"]]
     return Table(
-        "Ablation: novel-class mIoU (%) with components switched off (Refine: refined pseudo-masks; CCM "
+        f"{title}: novel-class mIoU (%) with components switched off (Refine: refined pseudo-masks; CCM "
         "off keeps RCM only, as the paper's baseline). Seeds: training × test. " + significance_note(results),
-        "tab:ablation",
+        label,
         header,
         rows,
         align="l" + "c" * (len(ABLATION_SWITCHES) + 1) + "r" * (2 * len(shots)),
