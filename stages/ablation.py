@@ -53,6 +53,7 @@ from pipeline.report.stats import Scores, paired_bootstrap, summarize
 FULL = "+ DPS + mask refine + CCM (the paper's full model)"
 BASELINE = "Baseline: global prototype + RCM, initial masks"
 REFINED = "Refined pseudo-masks"
+GROUND_TRUTH = "Full model with ground-truth masks"
 
 
 @dataclass(frozen=True)
@@ -133,9 +134,19 @@ STUDIES: dict[str, Study] = {
     # does DPS help when objects have parts, as the distributed prototypes are meant for? The same
     # contrast as the ablation's on a benchmark of objects in two parts (`make parts-study`)
     "parts": Study(
-        {FULL: switches(), "Full model without DPS": switches(dps=False)},
+        {
+            FULL: switches(),
+            "Full model without DPS": switches(dps=False),
+            # the same without the pseudo-masks' errors: can DPS use parts when its seeds are right?
+            GROUND_TRUTH: {**switches(masks="truth"), "model.truth_morph": 0},
+            GROUND_TRUTH + ", without DPS": {**switches(dps=False, masks="truth"), "model.truth_morph": 0},
+        },
         FULL,
-        (("DPS (in the full model, objects in two parts)", FULL, "Full model without DPS"),),
+        (
+            ("DPS (in the full model, objects in two parts)", FULL, "Full model without DPS"),
+            ("DPS with ground-truth masks (objects in two parts)", GROUND_TRUTH,
+             GROUND_TRUTH + ", without DPS"),
+        ),
         requires=(("prepare.synthetic.parts", True),),
     ),
 }
