@@ -66,9 +66,10 @@ mask-study: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m stages._prefect_server dvc repro report
 
 # Does DPS help when objects have parts? The ablation's DPS contrast (the full model with and
-# without DPS, 3 training seeds) on a benchmark whose objects come in two parts
-# (prepare.synthetic.parts), built from HEAD in a worktree of its own, $(PARTS_DIR) (its own data:
-# about 10 min; 24 units: about 40 min on 2 cores): ablations/parts.json and the report's table.
+# without DPS, with the pseudo-masks and with ground-truth masks, 3 training seeds) on a benchmark
+# whose objects come in two parts (prepare.synthetic.parts), built from HEAD in a worktree of its
+# own, $(PARTS_DIR) (its own data: about 10 min; 48 units: about 1 h on 2 cores; resumable, and
+# STUDY_ARGS as for ablation): ablations/parts.json and the report's table.
 PARTS_DIR := .studies/parts
 parts-study: setup
 	test -d $(PARTS_DIR) || git worktree add --detach $(PARTS_DIR) HEAD
