@@ -13,7 +13,6 @@ import json
 import shutil
 import statistics
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,16 +22,13 @@ from prefect import flow, task
 from pipeline.core.artifacts import Staging, fingerprint, write_json
 from pipeline.core.orchestration import run_flow, run_shards
 from pipeline.core.params import DatasetParams, Params, SyntheticParams
-from pipeline.datasets import coco, synthetic_writer, voc
-from pipeline.datasets.index import INDEX_SCHEMA, IndexRow, write_index
-from pipeline.datasets.shapes import SHAPE_NAMES
+from pipeline.datasets import synthetic_writer
+from pipeline.datasets.adapters import open_dataset
+from pipeline.datasets.index import INDEX_SCHEMA, IndexRow, shard_ranges, write_index
+from pipeline.datasets.registry import dataset_spec
 from stages._common import stage_main
 
 INDEX_SHARD = 500  # images per index shard
-
-
-def _shards(n: int, size: int) -> list[range]:
-    return [range(start, min(start + size, n)) for start in range(0, n, size)]
 
 
 @task
@@ -46,7 +42,7 @@ def generate_synthetic(out: Path, cfg: SyntheticParams) -> None:
     staging = Staging(out, fingerprint(cfg.model_dump()))
     jobs = {f"{split}-{r.start:06d}": (split, r)
             for split, n in (("train", cfg.train_images), ("val", cfg.val_images))
-            for r in _shards(n, cfg.shard_size)}
+            for r in shard_ranges(n, cfg.shard_size)}
     run_shards(staging, lambda name: benchmark_shard.submit(staging.path, *jobs[name], cfg), jobs,
                "synthetic shards",
                lambda name: synthetic_writer.benchmark_shard_files(staging.path, *jobs[name]))
@@ -65,32 +61,13 @@ def index_shard(parts: Path, name: str, make_rows: Callable[..., list[IndexRow]]
 
 @flow(name="prepare-index")
 def build_index(dataset: DatasetParams, root: Path, out: Path, on_bad_image: str = "fail") -> None:
-    # Open (and so validate) the dataset before anything is written.
-    if dataset.name == "coco":
-        class_names = coco.COCO_CLASSES
-        splits = [coco.open_coco(root, s, expected_names=class_names) for s in coco.SPLITS]
-    else:
-        layout = voc.open_voc(root / synthetic_writer.VOC_DIR if dataset.name == "synthetic" else root)
-        class_names = SHAPE_NAMES if dataset.name == "synthetic" else voc.VOC_CLASSES
-        lists = layout.image_lists()
-
+    spec = dataset_spec(dataset.name)
+    indexer = open_dataset(spec, root)  # the layout checked before anything is written
     staging = Staging(out, fingerprint({"dataset": dataset.model_dump(), "root": str(root),
                                        "schema": str(INDEX_SCHEMA), "on_bad_image": on_bad_image}))
     parts = staging.path / "parts"
     parts.mkdir(exist_ok=True)
-    jobs: dict[str, Callable[[], list[IndexRow]]] = {}
-    if dataset.name == "coco":
-        for split in splits:
-            masks = Path("masks") / split.split
-            for r in _shards(len(split.records), INDEX_SHARD):
-                jobs[f"{split.split}-{r.start:07d}"] = partial(
-                    coco.coco_rows, split.shard(r.start, r.stop), staging.path / masks,
-                    out / masks, len(class_names))
-    else:
-        for split_name, ids in lists.items():
-            for r in _shards(len(ids), INDEX_SHARD):
-                jobs[f"{split_name}-{r.start:07d}"] = partial(
-                    voc.voc_rows, layout, split_name, ids[r.start:r.stop], len(class_names))
+    jobs = indexer.jobs(staging.path, out, INDEX_SHARD)
     skip = on_bad_image == "skip"
     run_shards(staging, lambda name: index_shard.submit(parts, name, jobs[name], skip), jobs,
                "index shards (every image and mask decoded)",
@@ -102,8 +79,8 @@ def build_index(dataset: DatasetParams, root: Path, out: Path, on_bad_image: str
                for reason in json.loads((parts / f"{name}.skipped.json").read_text())]
     shutil.rmtree(parts)
     areas = [h * w for h, w in zip(table["height"].to_pylist(), table["width"].to_pylist(), strict=True)]
-    meta = {"dataset": dataset.name, "root": str(root), "class_names": list(class_names),
-            "adapter": "coco" if dataset.name == "coco" else "voc",
+    meta = {"dataset": dataset.name, "root": str(root), "class_names": list(spec.class_names),
+            "adapter": spec.adapter,
             "images": {s: table["split"].to_pylist().count(s) for s in ("train", "val")},
             "median_image_area": statistics.median(areas)}
     if on_bad_image == "skip":
@@ -114,7 +91,8 @@ def build_index(dataset: DatasetParams, root: Path, out: Path, on_bad_image: str
 
 def run(params: Params, args: argparse.Namespace) -> None:
     synthetic_out, index_out = Path(args.synthetic), Path(args.index)
-    if params.dataset.name == "synthetic":
+    generated = dataset_spec(params.dataset.name).generated
+    if generated:
         run_flow(generate_synthetic, params.orchestration, out=synthetic_out,
                  cfg=params.prepare.synthetic)
         root = synthetic_out
@@ -122,7 +100,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
         root = params.dataset.resolved_root
     run_flow(build_index, params.orchestration, dataset=params.dataset, root=root, out=index_out,
              on_bad_image=params.prepare.on_bad_image)
-    if params.dataset.name != "synthetic":  # DVC expects the output; say why it is empty
+    if not generated:  # DVC expects the output; say why it is empty
         staging = Staging(synthetic_out, "note")
         (staging.path / "README.md").write_text(
             f"Not generated: dataset.name is {params.dataset.name!r}.\n")

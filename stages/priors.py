@@ -18,13 +18,12 @@ import torch
 import zarr
 from prefect import flow, task
 
-from pipeline.clip.prompts import VOCABULARIES
 from pipeline.core.artifacts import Staging, fingerprint, write_atomic, zarr_shard_files
-from pipeline.core.errors import PipelineError
 from pipeline.core.orchestration import concurrency, run_flow, run_shards
 from pipeline.core.params import Params, PriorsParams
 from pipeline.datasets.episodes import image_classes, read_manifests
 from pipeline.datasets.index import read_index_dir
+from pipeline.datasets.registry import prompt_names
 from pipeline.priors import preview, store
 from pipeline.priors.forward import image_features
 from pipeline.priors.shards import Extractor, extract_image_shard, load_extractor
@@ -54,10 +53,7 @@ def build_priors(cfg: PriorsParams, dataset: str, index_dir: Path, episodes_dir:
     index = index.set_index("image_id")
     manifests = read_manifests(episodes_dir)
     pairs = image_classes(manifests.values())
-    names = VOCABULARIES[dataset]
-    if len(names) != len(meta["class_names"]):
-        raise PipelineError(f"{index_dir / 'meta.json'}: {len(meta['class_names'])} classes, but the "
-                            f"{dataset!r} vocabulary has {len(names)}")
+    names = prompt_names(dataset, meta["class_names"])
     ex = extractor(str(clip_dir), cfg, tuple(names))
     probe = image_features(ex.bundle.model.visual, torch.zeros(1, 3, ex.image_size, ex.image_size,
                                                                device=ex.device),

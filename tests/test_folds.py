@@ -3,6 +3,7 @@ import pytest
 
 from pipeline.core.errors import PipelineError
 from pipeline.datasets import folds
+from pipeline.datasets.registry import dataset_spec
 
 
 def test_pascal_5i_contiguous_folds():
@@ -15,8 +16,8 @@ def test_coco_20i_interleaved_and_contiguous_folds():
     assert interleaved[1] == [4 * k + 2 for k in range(20)]
     assert sorted(c for f in interleaved for c in f) == list(range(1, 81))
     assert folds.fold_classes(80, 4, "contiguous")[2] == list(range(41, 61))
-    assert folds.default_convention("coco") == "interleaved"
-    assert folds.default_convention("pascal") == folds.default_convention("synthetic") == "contiguous"
+    assert dataset_spec("coco").fold_convention == "interleaved"
+    assert dataset_spec("pascal").fold_convention == dataset_spec("synthetic").fold_convention == "contiguous"
 
 
 def test_uneven_folds_and_custom_fold_names():
@@ -30,10 +31,11 @@ def test_uneven_folds_and_custom_fold_names():
 
 
 def test_min_pixels_auto():
-    assert folds.resolve_min_pixels("auto", "pascal", 128 * 128) == 2048
-    assert folds.resolve_min_pixels("auto", "coco", 640 * 480) == 2048
-    assert folds.resolve_min_pixels("auto", "synthetic", 128 * 128) == 179  # 2048 * 16384 / 187500
-    assert folds.resolve_min_pixels(100, "pascal", 1) == 100
+    relative = {name: dataset_spec(name).relative_min_pixels for name in ("pascal", "coco", "synthetic")}
+    assert folds.resolve_min_pixels("auto", relative["pascal"], 128 * 128) == 2048
+    assert folds.resolve_min_pixels("auto", relative["coco"], 640 * 480) == 2048
+    assert folds.resolve_min_pixels("auto", relative["synthetic"], 128 * 128) == 179  # 2048 * 16384 / 187500
+    assert folds.resolve_min_pixels(100, relative["synthetic"], 1) == 100
 
 
 INDEX = pd.DataFrame({

@@ -53,13 +53,13 @@ def test_a_bad_preset_value_is_one_line_and_leaves_params_as_they_were(tmp_path,
 def as_coco_2014(root: Path) -> None:
     """The synthetic COCO layout with COCO-2014's 80 categories: shape class k of image i becomes
     category 4 k + a mod 4 of its annotation a (in sorted-id order), so every category has images."""
-    from pipeline.datasets.coco import COCO_CLASSES
+    from pipeline.datasets.catalog.coco import CLASS_NAMES
 
     for path in (root / "annotations").glob("instances_*2014.json"):
         data = json.loads(path.read_text())
         shape = {c["id"]: k for k, c in enumerate(data["categories"])}
         data["categories"] = [{"id": k + 1, "name": n, "supercategory": "x"}
-                              for k, n in enumerate(COCO_CLASSES)]
+                              for k, n in enumerate(CLASS_NAMES)]
         for ann in data["annotations"]:
             ann["category_id"] = 4 * shape[ann["category_id"]] + ann["id"] % 4 + 1
         path.write_text(json.dumps(data))

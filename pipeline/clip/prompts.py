@@ -1,4 +1,4 @@
-"""Prompt templates, class vocabularies and template-averaged text embeddings (DESIGN §4).
+"""Prompt templates and template-averaged text embeddings (docs/design.md#conventions).
 
 MaskCLIP averages over 85 templates: the 80 CLIP ImageNet templates and 5 scene templates.
 Each template's embedding is L2-normalised, the mean over templates normalised again.
@@ -14,9 +14,6 @@ from pathlib import Path
 import torch
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
-from pipeline.datasets.coco import COCO_CLASSES
-from pipeline.datasets.shapes import SHAPE_NAMES
-
 SCENE_TEMPLATES = (
     "there is a {} in the scene.",
     "there is the {} in the scene.",
@@ -25,19 +22,6 @@ SCENE_TEMPLATES = (
     "this is one {} in the scene.",
 )
 MASKCLIP_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES) + SCENE_TEMPLATES
-
-#: Names as prompts say them (VOC's file names run words together).
-VOC_PROMPT_NAMES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa",
-    "train", "tv monitor",
-)
-VOCABULARIES: dict[str, tuple[str, ...]] = {
-    "pascal": VOC_PROMPT_NAMES,
-    "coco": COCO_CLASSES,
-    "synthetic": SHAPE_NAMES,
-}
-
 
 @torch.no_grad()
 def text_embeddings(

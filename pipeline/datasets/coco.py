@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +23,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline.core.errors import PipelineError
-from pipeline.datasets.index import IGNORE, IndexRow, checked_rows, index_row
+from pipeline.datasets.index import IGNORE, IndexJob, IndexRow, checked_rows, index_row, shard_ranges
+from pipeline.datasets.spec import DatasetSpec
 
-# The 80 COCO-2014 classes in sorted category-id order (class id = position + 1).
-COCO_CLASSES: tuple[str, ...] = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
-    "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
-    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
-    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-)
 SPLITS = ("train", "val")
 
 
@@ -113,7 +102,7 @@ def open_coco(root: Path, split: str, expected_names: tuple[str, ...] | None) ->
 
     Args:
         expected_names: the class names the categories must carry in sorted-id order
-            (``COCO_CLASSES`` for real COCO), or None to take the JSON's own.
+            (the catalog's for real COCO), or None to take the JSON's own.
     """
     if not root.is_dir():
         raise PipelineError(f"dataset.root = '{root}': no such directory")
@@ -167,3 +156,26 @@ def coco_rows(split: CocoSplit, mask_dir: Path, final_mask_dir: Path, num_classe
                          final_mask_dir / f"{stem}.png", "coco", label, num_classes)
 
     return checked_rows(row, split.records, skipped)
+
+
+@dataclass(frozen=True)
+class CocoIndexer:
+    """A COCO folder opened for ``prepare``: both splits' annotations, read and checked once."""
+
+    splits: list[CocoSplit]
+    num_classes: int
+
+    def jobs(self, staging: Path, out: Path, shard_size: int) -> dict[str, IndexJob]:
+        """Index shards ``{split}-{first:07d}`` of at most ``shard_size`` images, each rendering its
+        label maps into ``staging/masks/{split}`` and recording them under ``out``."""
+        return {f"{split.split}-{r.start:07d}": partial(
+                    coco_rows, split.shard(r.start, r.stop), staging / "masks" / split.split,
+                    out / "masks" / split.split, self.num_classes)
+                for split in self.splits for r in shard_ranges(len(split.records), shard_size)}
+
+
+def open_indexer(root: Path, spec: DatasetSpec) -> CocoIndexer:
+    """The adapter of COCO-layout datasets (``pipeline.datasets.adapters``): the categories must be
+    ``spec.class_names`` in sorted-id order."""
+    return CocoIndexer([open_coco(root, s, expected_names=spec.class_names) for s in SPLITS],
+                       len(spec.class_names))

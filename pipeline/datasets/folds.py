@@ -20,16 +20,12 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.errors import PipelineError
+from pipeline.datasets.spec import Convention
 
 REFERENCE_MIN_PIXELS = 2048  # 2 * 32 * 32, PFENet
 REFERENCE_IMAGE_AREA = 500 * 375  # a typical VOC image, where 2048 px was defined
 
-Convention = Literal["contiguous", "interleaved"]
 PAIR_COLUMNS = ["fold", "role", "image_id", "class_id", "pixels"]
-
-
-def default_convention(dataset: str) -> Convention:
-    return "interleaved" if dataset == "coco" else "contiguous"
 
 
 def fold_classes(num_classes: int, num_folds: int, convention: Convention) -> list[list[int]]:
@@ -64,11 +60,12 @@ def custom_fold_classes(folds: list[list[str]], class_names: list[str], dataset:
     return result
 
 
-def resolve_min_pixels(value: int | Literal["auto"], dataset: str, image_area: float) -> int:
-    """``auto``: 2048 on real data; the same image fraction on the synthetic benchmark."""
+def resolve_min_pixels(value: int | Literal["auto"], relative: bool, image_area: float) -> int:
+    """``auto``: 2048 px, or with ``relative`` (a dataset's ``relative_min_pixels``: the synthetic
+    benchmark) the same fraction of ``image_area`` as 2048 px is of a 500x375 VOC image."""
     if value != "auto":
         return int(value)
-    if dataset != "synthetic":
+    if not relative:
         return REFERENCE_MIN_PIXELS
     return max(1, round(REFERENCE_MIN_PIXELS * image_area / REFERENCE_IMAGE_AREA))
 

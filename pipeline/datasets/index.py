@@ -133,6 +133,15 @@ def checked_rows(make_row: Callable[[T], IndexRow], items: Iterable[T],
     return rows
 
 
+#: one shard of ``prepare``'s index: ``job(skipped=None | list)`` -> its rows (see :func:`checked_rows`)
+IndexJob = Callable[..., list[IndexRow]]
+
+
+def shard_ranges(n: int, size: int) -> list[range]:
+    """``range(0, n)`` cut into consecutive ranges of at most ``size``."""
+    return [range(start, min(start + size, n)) for start in range(0, n, size)]
+
+
 def write_index(rows: list[IndexRow], path: Path) -> None:
     columns = {name: [getattr(r, name) for r in rows] for name in INDEX_SCHEMA.names}
     pq.write_table(pa.Table.from_pydict(columns, schema=INDEX_SCHEMA), path)

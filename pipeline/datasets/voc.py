@@ -13,16 +13,12 @@ Expected under ``dataset.root`` (the ``VOC2012`` folder)::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from pipeline.core.errors import PipelineError
-from pipeline.datasets.index import IndexRow, checked_rows, index_row, read_label
-
-VOC_CLASSES: tuple[str, ...] = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
-)
+from pipeline.datasets.index import IndexJob, IndexRow, checked_rows, index_row, read_label, shard_ranges
+from pipeline.datasets.spec import DatasetSpec
 
 VAL_LIST = Path("ImageSets/Segmentation/val.txt")
 TRAIN_AUG_LIST = Path("ImageSets/SegmentationAug/train_aug.txt")
@@ -90,3 +86,25 @@ def voc_rows(layout: VocLayout, split: str, ids: list[str], num_classes: int,
                          num_classes)
 
     return checked_rows(row, ids, skipped)
+
+
+@dataclass(frozen=True)
+class VocIndexer:
+    """A VOC folder opened for ``prepare``: its image lists, read once."""
+
+    layout: VocLayout
+    lists: dict[str, list[str]]
+    num_classes: int
+
+    def jobs(self, staging: Path, out: Path, shard_size: int) -> dict[str, IndexJob]:
+        """Index shards ``{split}-{first:07d}`` of at most ``shard_size`` ids (nothing is rendered:
+        the rows point at the dataset's own masks)."""
+        return {f"{split}-{r.start:07d}": partial(voc_rows, self.layout, split, ids[r.start:r.stop],
+                                                  self.num_classes)
+                for split, ids in self.lists.items() for r in shard_ranges(len(ids), shard_size)}
+
+
+def open_indexer(root: Path, spec: DatasetSpec) -> VocIndexer:
+    """The adapter of VOC-layout datasets (``pipeline.datasets.adapters``)."""
+    layout = open_voc(root)
+    return VocIndexer(layout, layout.image_lists(), len(spec.class_names))

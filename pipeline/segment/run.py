@@ -18,7 +18,6 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.clip.loader import SHA_FILE
-from pipeline.clip.prompts import VOCABULARIES
 from pipeline.core.errors import PipelineError
 from pipeline.core.params import Params, load_params
 from pipeline.datasets.index import read_index_dir
@@ -79,16 +78,6 @@ class RunDir:
         for column in ("image_path", "mask_path"):
             index[column] = [str(self.resolve(p)) for p in index[column]]
         return index
-
-
-def prompt_vocabulary(dataset: str, class_names: list[str]) -> tuple[str, ...]:
-    """The class names as the priors stage prompts them (``VOCABULARIES[dataset]``), checked
-    against the run's index as that stage checks them."""
-    names = VOCABULARIES[dataset]
-    if len(names) != len(class_names):
-        raise PipelineError(f"data/index/meta.json: {len(class_names)} classes, but the {dataset!r} "
-                            f"vocabulary has {len(names)}")
-    return tuple(names)
 
 
 def clip_sha256(clip_dir: Path) -> str | None:
