@@ -56,13 +56,13 @@ tiny-clip: setup
 # report's Ablation table. 84 new units, about 1.7 h on 2 cores; resumable (STUDY_ARGS="--seeds 0"
 # for a first pass, "--jobs N" to choose the parallelism).
 ablation: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m stages._prefect_server python -m stages.ablation ablation $(STUDY_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m stages._prefect_server python -m pipeline.studies ablation $(STUDY_ARGS)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m stages._prefect_server dvc repro report
 
 # The mask-quality study: the model trained and tested with ground-truth masks of controlled precision
 # and recall against the pseudo-masks: ablations/masks.json and the report's Mask quality table.
 mask-study: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m stages._prefect_server python -m stages.ablation masks $(STUDY_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m stages._prefect_server python -m pipeline.studies masks $(STUDY_ARGS)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m stages._prefect_server dvc repro report
 
 # Does DPS help when objects have parts? The ablation's DPS contrast (the full model with and
@@ -77,7 +77,7 @@ parts-study: setup
 	ln -sfn $(CURDIR)/$(VENV) $(PARTS_DIR)/$(VENV)
 	sed -i 's/^\(    parts:\) false /\1 true  /' $(PARTS_DIR)/params.yaml
 	cd $(PARTS_DIR) && PATH="$(CURDIR)/$(BIN):$$PATH" $(CURDIR)/$(BIN)/python -m stages._prefect_server \
-		python -m stages.ablation parts $(STUDY_ARGS)
+		python -m pipeline.studies parts $(STUDY_ARGS)
 	cp $(PARTS_DIR)/ablations/parts.json ablations/parts.json
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m stages._prefect_server dvc repro report
 

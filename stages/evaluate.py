@@ -7,7 +7,7 @@ and, per seed, the same figures; and the mIoU of the priors alone (the query's V
 at the threshold best on the fold's base-class validation episodes, no decoder) under
 ``prior_miou``, so every run shows what training adds; ``data/metrics/fold{k}_episodes.parquet``:
 every test episode's pixel counts (shot, seed, episode, class, intersection, union, ...), what a
-paired bootstrap between two models resamples (``stages.ablation``). Predictions are scored as
+paired bootstrap between two models resamples (``pipeline.studies``). Predictions are scored as
 ``evaluate.resize`` says. ``data/predictions/fold{k}.npz`` keeps the first ``evaluate.samples`` episodes of
 the first 1-shot manifest (ids, support mask, prediction) for the report's figures.
 """

@@ -39,7 +39,7 @@ def read_json(path: Path) -> dict | None:
 
 
 def study(results: dict | None) -> dict | None:
-    """A study's results (``stages.ablation``); None when absent, empty or of the older format."""
+    """A study's results (``python -m pipeline.studies``); None when absent, empty or of the older format."""
     return results if results and results.get("rows") else None
 
 

@@ -73,7 +73,7 @@ def inputs(ablations: bool = True) -> document.Inputs:
 
 
 def study(folds: dict[int, dict], masks: bool = False) -> dict:
-    """A ``stages.ablation`` result: a reference row (its seed 0 the main table's) and one more."""
+    """A ``pipeline.studies`` result: a reference row (its seed 0 the main table's) and one more."""
     def row(name: str, model: dict, shift: float, diff: dict | None) -> dict:
         shots = {str(s): {"mean": 52.5 + s + shift, "train_std": 0.8, "test_std": 0.3, "train_seeds": 3,
                           "test_seeds": 5, **({"vs_reference": diff} if diff else {})} for s in (1, 5)}

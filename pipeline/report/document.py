@@ -41,11 +41,11 @@ class Inputs:
     clip: dict | None  # data/metrics/clip.json
     curves: dict[int, pd.DataFrame]  # data/plots/train/fold{k}/ (DVCLive)
     samples: list[figures.Sample]
-    ablations: dict | None  # ablations/results.json (stages.ablation)
+    ablations: dict | None  # ablations/results.json (python -m pipeline.studies ablation)
     provenance: dict[str, str]
     params_yaml: str
-    masks: dict | None = None  # ablations/masks.json (stages.ablation masks)
-    parts: dict | None = None  # ablations/parts.json (stages.ablation parts)
+    masks: dict | None = None  # ablations/masks.json (python -m pipeline.studies masks)
+    parts: dict | None = None  # ablations/parts.json (python -m pipeline.studies parts)
 
 
 def fold_mean(folds: dict[int, dict], shot: int, key: str) -> float:

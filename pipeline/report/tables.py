@@ -225,7 +225,7 @@ def significance_note(results: dict) -> str:
 def ablation_table(results: dict, title: str = "Ablation", label: str = "tab:ablation") -> Table:
     """LFSS Table 4 (extended with the PI-CLIP priors): one row per configuration, its switches, its
     mIoU over training and test seeds and its difference from the full model, per shot.
-    ``results``: ``ablations/results.json`` (``stages.ablation``; or a study of some of its rows)."""
+    ``results``: ``ablations/results.json`` (``python -m pipeline.studies``; or a study of some of its rows)."""
     shots = study_shots(results)
     header = ["Run", *[name for _, name in ABLATION_SWITCHES], "Seeds", *shot_header(shots)]
     rows = [[row_name(row), *switch_marks(row["model"]), seeds_cell(row, results),

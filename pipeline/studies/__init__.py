@@ -1,0 +1,2 @@
+"""Studies of the model over training seeds (ablation, mask quality, parts):
+``python -m pipeline.studies <study>``."""
