@@ -27,14 +27,14 @@ repro: setup preset params dvc-deps
 # The whole params.yaml validated in about a second, before DVC removes any output or a stage
 # starts: unknown or missing sections and keys, types, allowed values, YAML line and column.
 params: setup preset
-	$(BIN)/python -m pipeline.core.params params.yaml
+	$(BIN)/python -m pipeline.config.check params.yaml
 
 preset: setup
 ifneq ($(CONFIG)$(DATASET_ROOT),)
-	$(BIN)/python -m pipeline.core.presets $(CONFIG) $(if $(DATASET_ROOT),--set dataset.root=$(DATASET_ROOT))
+	$(BIN)/python -m pipeline.config.presets $(CONFIG) $(if $(DATASET_ROOT),--set dataset.root=$(DATASET_ROOT))
 endif
 
-# Share every artifact through the DVC remote (`dvc remote add -d NAME URL` first; README).
+# Share every artifact through the DVC remote (`dvc remote add -d NAME URL` first; docs/operations.md).
 push: setup
 	$(BIN)/dvc push
 

@@ -1,4 +1,4 @@
-"""Priors extraction, measured as ratios in one run (DESIGN: never timed assertions in tests).
+"""Priors extraction, measured as ratios in one run (never timed assertions in tests).
 
 (a) ``speedup``: the pipeline's path (the stage's one forward per unique image, batched; then
     VVP per episode from the stored token features, as the model computes it) against a naive
@@ -27,6 +27,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 import zarr
+from _timing import best_of  # benchmarks/_timing.py (run as a script: its folder is on the path)
 from PIL import Image
 
 from pipeline.core.params import PriorsParams
@@ -138,16 +139,7 @@ def per_image_ratio(index, table, ex) -> tuple[float, float, float]:
             for s in range(0, len(ids), b):
                 model.encode_image(images[s: s + b])
 
-    def best_of(fn, repeats: int = 3) -> float:
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times) / len(ids)
-
-    ours, plain = best_of(extraction), best_of(encode)
+    ours, plain = best_of(extraction) / len(ids), best_of(encode) / len(ids)
     return ours / plain, ours, plain
 
 

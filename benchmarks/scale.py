@@ -38,7 +38,7 @@ STAGES = ("prepare", "clip_model", "split", "episodes", "priors", "features", "p
           "evaluate")
 MEASURED = ("priors", "features", "pseudo_masks", "train", "evaluate")
 STORES = {"priors": "priors.zarr", "features": "features.zarr", "pseudo_masks": "pseudo_masks.zarr"}
-# What the real benchmarks touch (DESIGN §3b): images with priors and features, test episodes.
+# What the real benchmarks touch (docs/design.md#scale): images with priors and features, test episodes.
 DATASETS = {"PASCAL-5i": {"images": 11_000, "episodes": 4 * (2 * 1000) + 4 * (4000 + 300)},
             "COCO-20i": {"images": 60_000, "episodes": 4 * (2 * 1000) + 4 * (4000 + 300)}}
 # The stage inside a wrapper whose only child it is: the wrapper reports the child's peak RSS.
@@ -76,7 +76,7 @@ def params(n: int, vit: Path, resnet: Path, cache_gb: float) -> dict:
     out["priors"].update(image_size=473, shard_size=8, batch_size=4)
     out["backbone"].update(name="resnet50", weights=str(resnet), image_size=400)
     out["pseudo_masks"].update(batch_size=8)
-    out["train"].update(epochs=1, batch_size=4, precision="fp32")
+    out["train"].update(epochs=1, batch_size=4, dtype="fp32")
     out["evaluate"].update(samples=2, batch_size=8)
     out["orchestration"].update(cache_gb=cache_gb)
     return out

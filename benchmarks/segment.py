@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.core.metrics import FewShotMeter, binary_target
 from pipeline.datasets.episodes import read_manifests
-from pipeline.fewshot.metrics import FewShotMeter, binary_target
 from pipeline.segment.compare import evaluate_episodes
 from pipeline.segment.run import RunDir
 from pipeline.segment.segmenter import Segmenter

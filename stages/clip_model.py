@@ -28,10 +28,10 @@ from prefect import flow, task
 
 from pipeline.clip.loader import ClipBundle, load_pretrained, save_local_dir
 from pipeline.core.artifacts import Staging, fingerprint, write_json
+from pipeline.core.dtype import resolve
 from pipeline.core.errors import PipelineError
 from pipeline.core.orchestration import run_flow, run_shards
 from pipeline.core.params import ClipParams, Params, SyntheticParams
-from pipeline.core.precision import resolve
 from pipeline.datasets import synthetic_writer
 from pipeline.datasets.synthetic_writer import CAPTIONS_DIR, VOC_DIR
 from pipeline.tinyclip import evaluate as evaluate_tiny
@@ -83,7 +83,7 @@ def train(cfg: ClipParams, generator: dict, staging: Staging) -> tuple[ClipBundl
     # done) reads it again
     return bundle, {
         "train_seconds": round(seconds, 1),
-        "precision": resolve(cfg.tiny.precision, "cpu"),
+        "dtype": resolve(cfg.tiny.dtype, "cpu"),
         "loss": {"phase1_first": float(np.mean(phase1[:50])), "phase1_last": float(np.mean(phase1[-50:])),
                  "phase2_first": float(np.mean(phase2[:20])), "phase2_last": float(np.mean(phase2[-20:]))},
     }, heads

@@ -25,7 +25,7 @@ from pipeline.core.params import DatasetParams, Params, SyntheticParams
 from pipeline.datasets import synthetic_writer
 from pipeline.datasets.adapters import open_dataset
 from pipeline.datasets.index import INDEX_SCHEMA, IndexRow, shard_ranges, write_index
-from pipeline.datasets.registry import dataset_spec
+from pipeline.datasets.registry import check_dataset
 from stages._common import stage_main
 
 INDEX_SHARD = 500  # images per index shard
@@ -61,7 +61,7 @@ def index_shard(parts: Path, name: str, make_rows: Callable[..., list[IndexRow]]
 
 @flow(name="prepare-index")
 def build_index(dataset: DatasetParams, root: Path, out: Path, on_bad_image: str = "fail") -> None:
-    spec = dataset_spec(dataset.name)
+    spec = check_dataset(dataset)
     indexer = open_dataset(spec, root)  # the layout checked before anything is written
     staging = Staging(out, fingerprint({"dataset": dataset.model_dump(), "root": str(root),
                                        "schema": str(INDEX_SCHEMA), "on_bad_image": on_bad_image}))
@@ -80,7 +80,8 @@ def build_index(dataset: DatasetParams, root: Path, out: Path, on_bad_image: str
     shutil.rmtree(parts)
     areas = [h * w for h, w in zip(table["height"].to_pylist(), table["width"].to_pylist(), strict=True)]
     meta = {"dataset": dataset.name, "root": str(root), "class_names": list(spec.class_names),
-            "adapter": spec.adapter,
+            "prompt_names": list(spec.prompt_names), "fold_convention": spec.fold_convention,
+            "relative_min_pixels": spec.relative_min_pixels, "adapter": spec.adapter,
             "images": {s: table["split"].to_pylist().count(s) for s in ("train", "val")},
             "median_image_area": statistics.median(areas)}
     if on_bad_image == "skip":
@@ -91,7 +92,7 @@ def build_index(dataset: DatasetParams, root: Path, out: Path, on_bad_image: str
 
 def run(params: Params, args: argparse.Namespace) -> None:
     synthetic_out, index_out = Path(args.synthetic), Path(args.index)
-    generated = dataset_spec(params.dataset.name).generated
+    generated = check_dataset(params.dataset).generated
     if generated:
         run_flow(generate_synthetic, params.orchestration, out=synthetic_out,
                  cfg=params.prepare.synthetic)

@@ -22,8 +22,7 @@ from pipeline.core.artifacts import Staging, fingerprint, write_atomic, zarr_sha
 from pipeline.core.orchestration import concurrency, run_flow, run_shards
 from pipeline.core.params import Params, PriorsParams
 from pipeline.datasets.episodes import image_classes, read_manifests
-from pipeline.datasets.index import read_index_dir
-from pipeline.datasets.registry import prompt_names
+from pipeline.datasets.index import dataset_declaration, read_index_dir
 from pipeline.priors import preview, store
 from pipeline.priors.forward import image_features
 from pipeline.priors.shards import Extractor, extract_image_shard, load_extractor
@@ -53,7 +52,7 @@ def build_priors(cfg: PriorsParams, dataset: str, index_dir: Path, episodes_dir:
     index = index.set_index("image_id")
     manifests = read_manifests(episodes_dir)
     pairs = image_classes(manifests.values())
-    names = prompt_names(dataset, meta["class_names"])
+    names = dataset_declaration(meta, index_dir)["prompt_names"]
     ex = extractor(str(clip_dir), cfg, tuple(names))
     probe = image_features(ex.bundle.model.visual, torch.zeros(1, 3, ex.image_size, ex.image_size,
                                                                device=ex.device),
@@ -65,7 +64,7 @@ def build_priors(cfg: PriorsParams, dataset: str, index_dir: Path, episodes_dir:
     attrs = {"clip_sha256": ex.bundle.sha256,
              "preprocess": {**ex.bundle.preprocess_cfg, "size": ex.image_size},
              "params": cfg.model_dump(), "dataset": dataset, "class_names": list(meta["class_names"]),
-             "image_ids": image_ids, "precision": ex.precision}
+             "image_ids": image_ids, "dtype": ex.dtype}
     staging = Staging(out, fingerprint([attrs, (episodes_dir / "meta.json").read_text()]))
     zarr_path = staging.path
     store.create(zarr_path, layout, attrs)
@@ -87,7 +86,7 @@ def build_priors(cfg: PriorsParams, dataset: str, index_dir: Path, episodes_dir:
     staging.commit()
     return {"images": len(image_ids), "pairs": int(sum(map(len, pairs.values()))),
             "episodes": int(sum(map(len, manifests.values()))), "grid": list(layout.grid),
-            "precision": ex.precision}
+            "dtype": ex.dtype}
 
 
 def run(params: Params, args: argparse.Namespace) -> None:

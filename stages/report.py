@@ -85,7 +85,7 @@ def provenance(params: Params, splits: dict, clip_dir: Path, clip: dict | None,
                scored: str = "the prediction upsampled to each label's own size",
                compute: str | None = None, skipped: list[str] | None = None) -> dict[str, str]:
     """What a reader needs to reproduce or cite the numbers (``scored``: how the folds were scored;
-    ``compute``: where and in which precision; ``skipped``: broken images ``prepare`` left out)."""
+    ``compute``: where and in which dtype; ``skipped``: broken images ``prepare`` left out)."""
     episodes, names = params.episodes, splits["class_names"]
     sha_file = clip_dir / "sha256.txt"
     out = {
@@ -121,8 +121,8 @@ def provenance(params: Params, splits: dict, clip_dir: Path, clip: dict | None,
             f"{100 * clip['dense_maskclip_miou']:.1f} % (chance {100 * clip['dense_chance_miou']:.1f} %)"
         )
     out["backbone"] = f"{params.backbone.name} at {params.backbone.image_size} px (frozen)"
-    if clip and "precision" in clip:
-        out["tiny CLIP trained in"] = clip["precision"]
+    if clip and "dtype" in clip:
+        out["tiny CLIP trained in"] = clip["dtype"]
     out["compute"] = compute or "unknown"
     out["git commit"] = git_commit()
     return out

@@ -19,8 +19,7 @@ from pipeline.core.artifacts import Staging, fingerprint, write_json
 from pipeline.core.orchestration import gather, run_flow
 from pipeline.core.params import Params, SplitParams
 from pipeline.datasets import folds
-from pipeline.datasets.index import read_index_dir
-from pipeline.datasets.registry import dataset_spec
+from pipeline.datasets.index import dataset_declaration, read_index_dir
 from stages._common import stage_main
 
 PAIRS_SCHEMA = pa.schema([("fold", pa.int8()), ("role", pa.string()), ("image_id", pa.string()),
@@ -37,14 +36,15 @@ def fold_task(index: pd.DataFrame, fold: int, novel: list[int], num_classes: int
 def split_folds(index_dir: Path, out: Path, cfg: SplitParams) -> dict:
     index, meta = read_index_dir(index_dir)
     names, dataset = meta["class_names"], meta["dataset"]
-    spec = dataset_spec(dataset)
+    declared = dataset_declaration(meta, index_dir)
     if cfg.custom_folds:
         convention = "custom"
         novel = folds.custom_fold_classes(cfg.custom_folds, names, dataset)
     else:
-        convention = spec.fold_convention if cfg.fold_convention == "default" else cfg.fold_convention
+        convention = declared["fold_convention"] if cfg.fold_convention == "default" else cfg.fold_convention
         novel = folds.fold_classes(len(names), cfg.num_folds, convention)
-    min_pixels = folds.resolve_min_pixels(cfg.min_pixels, spec.relative_min_pixels, meta["median_image_area"])
+    min_pixels = folds.resolve_min_pixels(cfg.min_pixels, declared["relative_min_pixels"],
+                                          meta["median_image_area"])
 
     staging = Staging(out, fingerprint([cfg.model_dump(), meta]))
     per_fold = gather([fold_task.submit(index, k, classes, len(names), min_pixels,

@@ -2,7 +2,7 @@
 
 ``python -m tests.cpu_kind_run RUN OUT PARAMS``: ``RUN`` holds ``clip``; the synthetic benchmark,
 index, splits, episodes, priors, features, pseudo-masks, ``train@0`` and ``evaluate@0`` are
-written under ``OUT``, and ``OUT/kernels.json`` says which CPU kernels and precision ran. (In
+written under ``OUT``, and ``OUT/kernels.json`` says which CPU kernels and dtypes ran. (In
 a process of its own: torch DataLoader workers forked from a process that ran a Prefect flow exit
 with status 1 at shutdown, which would fail later tests of the session.)
 :mod:`tests.test_cpu_kinds` runs it once with the machine's own kernels and once with
@@ -19,8 +19,8 @@ from pathlib import Path
 def main(run: Path, out: Path, params: Path) -> None:
     from prefect.testing.utilities import prefect_test_harness
 
+    from pipeline.core.dtype import describe, resolve
     from pipeline.core.params import load_params
-    from pipeline.core.precision import describe, resolve
     from stages import episodes, evaluate, features, prepare, priors, pseudo_masks, split, train
 
     out.mkdir(parents=True, exist_ok=True)
@@ -48,8 +48,8 @@ def main(run: Path, out: Path, params: Path) -> None:
             if stage.main(args) != 0:
                 raise SystemExit(f"{stage.__name__} failed")
     cfg = load_params(params)
-    kernels = describe() | {"train_precision": resolve(cfg.train.precision, "cpu"),
-                            "priors_precision": resolve(cfg.priors.precision, "cpu")}
+    kernels = describe() | {"train_dtype": resolve(cfg.train.dtype, "cpu"),
+                            "priors_dtype": resolve(cfg.priors.dtype, "cpu")}
     (out / "kernels.json").write_text(json.dumps(kernels))
 
 

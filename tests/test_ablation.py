@@ -58,8 +58,8 @@ def test_units_have_validated_params_and_equal_configurations_share_a_directory(
 
 def test_collect_summarizes_compares_and_lists_what_is_pending(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    study = definitions.Study({"full": {}, "worse": {"model.dps": False}, "later": {"model.vvp": False}}, "full",
-                           (("DPS", "full", "worse"),))
+    study = definitions.Study({"full": {}, "worse": {"model.dps": False}, "later": {"model.vvp": False}},
+                              "full", (("DPS", "full", "worse"),))
     units = runner.plan(study, list(study.rows), [0, 1, 2], [0, 1], committed(), "inputs")
     for unit in units:
         if unit.row != "later":

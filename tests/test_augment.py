@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.core.metrics import IGNORE
 from pipeline.fewshot.augment import letterbox_views, random_views, warp, warp_labels
-from pipeline.fewshot.metrics import IGNORE
 
 
 def test_a_view_without_zoom_rotation_or_flip_is_the_identity():
@@ -62,8 +62,8 @@ def test_letterbox_puts_the_whole_image_top_left_with_its_aspect_ratio():
 
 @pytest.mark.parametrize("resize", ["original", "hsnet", "pfenet"])
 def test_a_perfect_prediction_scores_100_under_every_evaluation_protocol(resize):
+    from pipeline.core.metrics import FewShotMeter
     from pipeline.fewshot.evaluate import Scoring, score
-    from pipeline.fewshot.metrics import FewShotMeter
 
     side = 240  # every upsampling below is by a whole factor: exact
     labels = [torch.zeros(30, 60, dtype=torch.uint8), torch.zeros(48, 40, dtype=torch.uint8)]

@@ -2,11 +2,11 @@
 AVX2 kernels only (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``, as on a CPU without
 AVX-512), each in a fresh process (:mod:`tests.cpu_kind_run`).
 
-What holds (README, "Reproducibility"): the benchmark, index, splits and episode manifests are
-bit-identical (integer, seeded NumPy and Pillow work only); float stores agree within float
-rounding; pseudo-masks within a few boundary pixels; metrics within the tolerances below. On one
-machine and CPU kind every artifact is bit-identical (tests/test_stages.py: rebuilds and resumes
-byte for byte).
+What holds (docs/operations.md#reproducibility-across-machines): the benchmark, index, splits and
+episode manifests are bit-identical (integer, seeded NumPy and Pillow work only); float stores agree
+within float rounding; pseudo-masks within a few boundary pixels; metrics within the tolerances
+below. On one machine and CPU kind every artifact is bit-identical (the stage tests: rebuilds and
+resumes byte for byte).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def test_pseudo_masks_differ_by_a_few_pixels_across_cpu_kinds(kinds):
         assert (a != avx2[name]).mean() <= 1e-4, name
 
 
-#: Smoke-size tolerances (mIoU points) across CPU kinds, with ``train.precision: auto`` (bf16 on
+#: Smoke-size tolerances (mIoU points) across CPU kinds, with ``train.dtype: auto`` (bf16 on
 #: a CPU with native bf16, fp32 on AVX2: the training itself differs, not only the kernels).
 #: Measured: pseudo-mask mIoU equal to 0.01, prior-alone equal, model mIoU 0.02-0.03 apart, FB-IoU 0.2.
 TOLERANCE = {"pseudo_masks": 0.05, "prior_miou": 0.05, "miou": 0.5, "fbiou": 1.0}
@@ -89,7 +89,7 @@ def test_metrics_agree_across_cpu_kinds(kinds):
 
     native, avx2 = ({"pm": read(k, "pseudo_masks.json")["mean"], "fold": read(k, "metrics/fold0.json"),
                      "kernels": read(k, "kernels.json")} for k in ("native", "avx2"))
-    assert avx2["kernels"]["train_precision"] == "fp32"  # auto never emulates bf16
+    assert avx2["kernels"]["train_dtype"] == "fp32"  # auto never emulates bf16
     for key, value in native["pm"].items():
         assert abs(value - avx2["pm"][key]) <= TOLERANCE["pseudo_masks"], key
     for shot in ("shot1", "shot5"):

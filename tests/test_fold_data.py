@@ -171,7 +171,7 @@ def test_a_bank_read_by_rows_trains_exactly_like_one_held_in_memory(fold: Fold):
         tokens = zarr.open_group(fold.path / "priors.zarr", mode="r+")[f"images/tokens_{b}"]
         tokens[:] = rng.standard_normal(tokens.shape).astype(np.float16)
     cfg = ModelParams(hidden=8, seeds=2, cluster_iterations=2)
-    train = TrainParams(epochs=2, batch_size=2, lr=1e-2, label_size=12, precision="fp32")
+    train = TrainParams(epochs=2, batch_size=2, lr=1e-2, label_size=12, dtype="fp32")
     labels = {i: str(fold.path / f"{i}.png") for i in IDS}
     trained = {}
     for budget, workers in ((2**30, 0), (0, 0), (0, 2)):

@@ -142,7 +142,7 @@ def test_kept_initial_masks_round_trip_through_their_bits(size):
 
 def test_mask_quality_counts_the_masks_that_miss_their_target():
     """Pixel sums hide a mask that misses its object: ``missed`` counts them per episode."""
-    from pipeline.fewshot.metrics import FewShotMeter
+    from pipeline.core.metrics import FewShotMeter
     from pipeline.pseudomasks.quality import figures
 
     target = torch.zeros(4, 10, 10, dtype=torch.uint8)

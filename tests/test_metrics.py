@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.fewshot.metrics import IGNORE, FewShotMeter, binary_target
+from pipeline.core.metrics import IGNORE, FewShotMeter, binary_target
 
 
 def reference(preds, targets, classes):

@@ -191,11 +191,11 @@ def random_episodes(b: int = 3, c: int = 12, side: int = 8, prior_side: int = 4,
         ({}, 6),
         ({"dps": False}, 6),
         ({"rcm": False}, 5),
-        ({"fcm": False}, 5),
-        ({"rcm": False, "fcm": False}, 4),
+        ({"ccm": False}, 5),
+        ({"rcm": False, "ccm": False}, 4),
         ({"vtp": False}, 5),
         ({"vvp": False}, 4),
-        ({"dps": False, "rcm": False, "fcm": False, "vtp": False, "vvp": False}, 1),
+        ({"dps": False, "rcm": False, "ccm": False, "vtp": False, "vvp": False}, 1),
     ],
 )
 def test_every_switch_changes_what_the_decoder_sees(switches, channels):
@@ -212,7 +212,7 @@ def test_every_switch_changes_what_the_decoder_sees(switches, channels):
         )
     if cfg.vtp:  # the VTP channel is the query's VTP, upsampled
         vtp = F.interpolate(x.query_vtp[:, None], size=(8, 8), mode="bilinear", align_corners=False)[:, 0]
-        assert torch.allclose(guides[:, 1 + cfg.rcm + cfg.fcm], vtp)
+        assert torch.allclose(guides[:, 1 + cfg.rcm + cfg.ccm], vtp)
 
 
 def test_circle_uses_the_predicted_support_mask():

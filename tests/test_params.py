@@ -32,10 +32,6 @@ def test_params_yaml_spells_out_every_key_of_the_schema():
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        ({"dataset": {"name": "voc"}},
-         "dataset.name = 'voc': should be 'synthetic', 'pascal' or 'coco'"),
-        ({"dataset": {"name": "pascal"}}, "dataset.root: required for dataset.name = 'pascal'"),
-        ({"dataset": {"root": "/elsewhere"}}, "dataset.root = '/elsewhere'"),
         ({"episodes": {"shots": [1, 0]}}, "episodes.shots[1] = 0: should be greater than 0"),
         ({"episodes": {"seeds": [3, 3]}}, "episodes.seeds = [3, 3]: values must be distinct"),
         ({"split": {"min_pixels": 0}}, "split.min_pixels = 0: should be 'auto' or greater than"),
@@ -46,6 +42,11 @@ def test_params_yaml_spells_out_every_key_of_the_schema():
         ({"train": {"features": "online", "augment": "papers", "augment_scale": [1.2, 0.8]}},
          "train.augment_scale = [1.2, 0.8]: should be [low, high]"),
         ({"train": {"sampling": "fresh"}}, "train.sampling = 'fresh': should be 'pool' or 'epoch'"),
+        # renamed keys: an error naming the new key, never a silent alias
+        ({"model": {"fcm": False}}, "model.fcm is now model.ccm: rename the key"),
+        ({"train": {"precision": "fp32"}}, "train.precision is now train.dtype"),
+        ({"priors": {"precision": "fp32"}}, "priors.precision is now priors.dtype"),
+        ({"clip": {"tiny": {"precision": "auto"}}}, "clip.tiny.precision is now clip.tiny.dtype"),
     ],
 )
 def test_bad_value_is_one_line_naming_key_value_and_allowed(raw, expected):
@@ -84,10 +85,11 @@ def test_yaml_errors_give_line_and_column(tmp_path):
 
 
 def test_the_params_check_make_repro_runs_first(tmp_path, capsys):
-    """`python -m pipeline.core.params`: the shipped file passes; a typo'd section, a missing
-    section (DVC would delete outputs before failing) and a bad orchestration value (no stage lists
-    those params, so DVC never runs a stage that would see it) each fail with one line."""
-    from pipeline.core import params as schema
+    """`python -m pipeline.config.check`: the shipped file passes; a typo'd section, a missing
+    section (DVC would delete outputs before failing), a bad orchestration value (no stage lists
+    those params, so DVC never runs a stage that would see it) and a bad dataset (the schema does not
+    know the registry's names) each fail with one line."""
+    from pipeline.config import check as schema
 
     assert schema.main([str(REPO / "params.yaml")]) == 0
     shipped = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -97,6 +99,10 @@ def test_the_params_check_make_repro_runs_first(tmp_path, capsys):
         ({k: v for k, v in shipped.items() if k != "evaluate"}, "section 'evaluate' is missing"),
         ({**shipped, "orchestration": {**shipped["orchestration"], "task_runner": "thread"}},
          "orchestration.task_runner = 'thread'"),
+        ({**shipped, "dataset": {"name": "voc"}},
+         "dataset.name = 'voc': should be 'synthetic', 'pascal' or 'coco'"),
+        ({**shipped, "dataset": {"name": "pascal"}}, "dataset.root: required for dataset.name = 'pascal'"),
+        ({**shipped, "dataset": {"root": "/elsewhere"}}, "dataset.root = '/elsewhere': the synthetic"),
     ]
     for raw, expected in cases:
         path = tmp_path / "params.yaml"

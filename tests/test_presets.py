@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.config.presets import apply_preset, main
 from pipeline.core.errors import PipelineError
 from pipeline.core.params import load_params
-from pipeline.core.presets import apply_preset, main
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {"configs/pascal-5i.yaml": ("pascal", "VOC2012"), "configs/coco-20i.yaml": ("coco", "COCO")}

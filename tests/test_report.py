@@ -90,7 +90,9 @@ def study(folds: dict[int, dict], masks: bool = False) -> dict:
     return {
         "commit": "abcdef0123", "reference": "full", "test": {"seeds": [0, 1, 2, 3, 4], "episodes": 200},
         "bootstrap": {"replicates": 10000}, "pending": ["not run"],
-        "rows": [row("full", {}, 0.0, None), row("no DPS", {"dps": False}, -3.0, worse)],
+        # rows spell out their masks, as every study's rows do (the paper's rows: refined)
+        "rows": [row("full", {"pseudo_masks": "refined"}, 0.0, None),
+                 row("no DPS", {"dps": False, "pseudo_masks": "refined"}, -3.0, worse)],
         "contrasts": [{"component": "DPS", "with": "full", "without": "no DPS",
                        "val": {"delta": 1.5, "wins": 11, "pairs": 12, "p": 0.0063},
                        "shots": {"1": {**worse, "delta": 3.0, "low": 2.4, "high": 3.6},
@@ -264,11 +266,11 @@ def test_provenance_repeats_no_raw_clip_floats():
     what else it says in words, never a float such as 0.921999990940094."""
     data = inputs()
     data.clip = {"zero_shot_top1": 0.921999990940094, "dense_chance_miou": 0.024807209976451815,
-                 "source": "trained", "model": "tiny-vit", "precision": "bf16", "sha256": "ab12"}
+                 "source": "trained", "model": "tiny-vit", "dtype": "bf16", "sha256": "ab12"}
     table = next(s for s in document.build(data) if s.title == "Provenance").tables[0]
     cells = [value for _, value in table.rows]
     assert ["CLIP source", "trained"] in table.rows
-    assert not {"CLIP sha256", "CLIP precision", "CLIP model"} & {item for item, _ in table.rows}  # above
+    assert not {"CLIP sha256", "CLIP dtype", "CLIP model"} & {item for item, _ in table.rows}  # above
     assert not any(re.search(r"\d\.\d{4,}", cell) for cell in cells), cells
 
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.fewshot.metrics import FewShotMeter
+from pipeline.core.metrics import FewShotMeter
 from pipeline.pseudomasks.oracle import truth_mask
 from pipeline.report.stats import Scores, paired_bootstrap, resample_weights, summarize
 

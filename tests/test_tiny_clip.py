@@ -20,7 +20,7 @@ from pipeline.tinyclip.model import build_tiny
 from tests.conftest import SMOKE
 
 FAST = TinyClipParams(batch_size=6, phase1_steps=24, phase2_steps=6, warmup=2, checkpoint_every=8,
-                      precision="fp32")
+                      dtype="fp32")
 
 
 @pytest.fixture(scope="module")

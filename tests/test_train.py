@@ -56,7 +56,7 @@ def tiny_fold(images: int = 24, episodes: int = 96) -> tuple[ImageBank, EpisodeT
 
 
 CFG = ModelParams(hidden=8, seeds=3, cluster_iterations=2)
-TRAIN = TrainParams(epochs=3, batch_size=8, lr=1e-2, label_size=LABEL, precision="fp32")
+TRAIN = TrainParams(epochs=3, batch_size=8, lr=1e-2, label_size=LABEL, dtype="fp32")
 
 
 class Crash(Exception):
@@ -225,3 +225,9 @@ def test_checkpoints_load_safely_and_are_verified(tmp_path, capsys):
     sha_file(path).write_text(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  model.pt\n")
     refused("refused: it holds more than tensors and plain data")
     assert "pwned" not in capsys.readouterr().out
+    # a checkpoint saved before the CCM switch was renamed
+    old = {**record, "state_dict": state.best_state, "model": {**record["model"], "fcm": True}}
+    del old["model"]["ccm"]
+    torch.save(old, path)
+    sha_file(path).write_text(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  model.pt\n")
+    refused("made by an earlier version (saved params: model.fcm is now model.ccm: rename the key)")

@@ -1,4 +1,4 @@
-"""MaskCLIP dense class scores (DESIGN §5), for ViT and ModifiedResNet image towers.
+"""MaskCLIP dense class scores (docs/method.md#clip-engine), for ViT and ModifiedResNet image towers.
 
 * ViT: the last block's attention is replaced by its value path,
   ``v = x + out_proj(value(LN1(x)))``, ``v = v + MLP(LN2(v))``, then ``ln_post`` and the

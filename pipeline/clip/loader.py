@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.clip.towers import TOWER_CHANGES
+from pipeline.core.artifacts import read_verified
 from pipeline.core.errors import PipelineError
 
 CONFIG_FILE, WEIGHTS_FILE, SHA_FILE = "open_clip_config.json", "open_clip_model.safetensors", "sha256.txt"
@@ -54,7 +55,7 @@ class ClipBundle:
 
 
 def _uses_quick_gelu(name: str, pretrained: str | None) -> bool:
-    """OpenAI weights were trained with QuickGELU (DESIGN §4)."""
+    """OpenAI weights were trained with QuickGELU (docs/design.md#conventions)."""
     return name.endswith("-quickgelu") or pretrained == "openai"
 
 
@@ -153,14 +154,10 @@ def load_local_dir(folder: Path, device: str | torch.device = "cpu") -> ClipBund
     """Load a folder written by :func:`save_local_dir`, verifying the weights' sha256."""
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
-        expected = (folder / SHA_FILE).read_text().strip()
-        blob = (folder / WEIGHTS_FILE).read_bytes()
     except FileNotFoundError as exc:
         raise PipelineError(f"{exc.filename}: missing (run the clip_model stage)") from None
-    sha = hashlib.sha256(blob).hexdigest()
-    if sha != expected:
-        raise PipelineError(f"{folder / WEIGHTS_FILE}: sha256 {sha[:12]}… differs from "
-                            f"{SHA_FILE} ({expected[:12]}…): the weights were changed or damaged")
+    _, sha = read_verified(folder / WEIGHTS_FILE, folder / SHA_FILE, "run the clip_model stage",
+                           "the weights were changed or damaged")
     model = build_model(config["model_cfg"], config.get("lfss"))
     model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     model.to(device).eval()

@@ -147,6 +147,21 @@ def file_digest(path: Path) -> list | None:
         return None
 
 
+def read_verified(path: Path, sidecar: Path, missing: str, damaged: str) -> tuple[bytes, str]:
+    """The bytes of ``path`` and their sha256, once it equals the one recorded in ``sidecar`` (its
+    first word). One line otherwise: ``missing`` says what makes the files, ``damaged`` what to do."""
+    try:
+        blob = path.read_bytes()
+        expected = sidecar.read_text().split()[0]
+    except FileNotFoundError as exc:
+        raise PipelineError(f"{exc.filename}: missing ({missing})") from None
+    sha = hashlib.sha256(blob).hexdigest()
+    if sha != expected:
+        raise PipelineError(f"{path}: sha256 {sha[:12]}… differs from {sidecar.name} ({expected[:12]}…): "
+                            f"{damaged}")
+    return blob, sha
+
+
 def zarr_shard_files(root: Path, index: int, arrays: Iterable[str] | None = None) -> list[Path]:
     """The files holding Zarr shard ``index`` (along the first axis) of each of ``arrays`` (default:
     every array) of the Zarr group at ``root``; a shard whose chunks all equal the fill value has

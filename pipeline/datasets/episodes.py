@@ -1,4 +1,4 @@
-"""Few-shot episode sampling (DESIGN §4) and the manifest schema.
+"""Few-shot episode sampling (docs/design.md#conventions) and the manifest schema.
 
 Manifest (Parquet, one row per episode):
 

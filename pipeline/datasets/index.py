@@ -16,8 +16,10 @@ class_pixels   list<int32>     pixel count of each class in ``class_ids``
 ignore_pixels  int32           pixels labelled 255
 =============  ==============  ==========================================================
 
-``meta.json`` beside it names the dataset, its root and the class names (id = position + 1),
-and lists the images ``prepare.on_bad_image: skip`` left out (``skipped``: one reason each).
+``meta.json`` beside it names the dataset and its root, holds what the dataset declares
+(:mod:`pipeline.datasets.registry`: ``class_names``, id = position + 1; ``prompt_names``;
+``fold_convention``; ``relative_min_pixels``), so that no later stage needs the registry, and
+lists the images ``prepare.on_bad_image: skip`` left out (``skipped``: one reason each).
 """
 
 from __future__ import annotations
@@ -149,6 +151,19 @@ def write_index(rows: list[IndexRow], path: Path) -> None:
 
 def read_index(path: Path) -> pd.DataFrame:
     return pq.read_table(path).to_pandas()
+
+
+DECLARATION = ("class_names", "prompt_names", "fold_convention", "relative_min_pixels")
+
+
+def dataset_declaration(meta: dict, index_dir: Path) -> dict:
+    """What the dataset declares, as ``prepare`` wrote it into ``meta.json`` (:data:`DECLARATION`);
+    one line for an index made before it was written there."""
+    missing = [key for key in DECLARATION if key not in meta]
+    if missing:
+        raise PipelineError(f"{index_dir / 'meta.json'}: no {missing[0]} (an index of an earlier version: "
+                            "re-run the prepare stage)")
+    return {key: meta[key] for key in DECLARATION}
 
 
 def read_index_dir(index_dir: Path) -> tuple[pd.DataFrame, dict]:

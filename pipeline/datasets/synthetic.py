@@ -1,4 +1,5 @@
-"""Scenes of the embedded synthetic benchmark (DESIGN §6): shapes on cluttered backgrounds.
+"""Scenes of the embedded synthetic benchmark: shapes on cluttered backgrounds
+(docs/design.md#the-embedded-synthetic-benchmark).
 
 Every image draws from its own generator seeded by ``(seed, split, index)``, so any shard can
 be rendered alone, in any order, on any worker, and the bytes never change.

@@ -34,12 +34,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline.core.params import SyntheticParams
-from pipeline.datasets.catalog.synthetic import SPEC
 from pipeline.datasets.shapes import SHAPE_NAMES
 from pipeline.datasets.synthetic import IGNORE, Scene, mixed_shape, render_scene, resized, scene_rng
 
 JPEG_QUALITY = 95
-VOC_DIR, COCO_DIR, CAPTIONS_DIR = SPEC.layout_dir, "COCO", "captions"  # prepare indexes the VOC one
+VOC_DIR, COCO_DIR, CAPTIONS_DIR = "VOC2012", "COCO", "captions"
 
 
 def coco_category_id(class_id: int) -> int:

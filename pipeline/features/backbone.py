@@ -1,4 +1,4 @@
-"""Frozen feature extractors with one interface (DESIGN §5 "Model").
+"""Frozen feature extractors with one interface (docs/method.md#backbone).
 
 * ``resnet50``: torchvision ResNet-50 with ImageNet weights, layer3 dilated (PFENet), features
   of layer2 ⊕ layer3 at stride 8 (1536 channels);

@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.fewshot.metrics import IGNORE
+from pipeline.core.metrics import IGNORE
 
 
 def random_views(

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
+from pipeline.core.artifacts import read_verified
 from pipeline.core.errors import PipelineError
-from pipeline.core.params import ModelParams
+from pipeline.core.params import ModelParams, validation_message
 from pipeline.fewshot.train import State
 from pipeline.model.lfss import LFSS
 
@@ -38,7 +40,7 @@ def save_model(
         "history": state.history,
         "best_epoch": best["epoch"],
         "best_val_miou": best["val_miou"],
-        "precision": state.precision,
+        "dtype": state.dtype,
     }
     torch.save(saved, path)
     sha_file(path).write_text(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.name}\n")
@@ -60,16 +62,14 @@ def safe_load(path: Path, device: torch.device | str = "cpu") -> Any:
 
 def load_model(path: Path, device: torch.device) -> tuple[LFSS, dict[str, Any]]:
     """The model in eval mode on ``device``, and the saved record, once the file's sha256 matches."""
-    try:
-        blob = path.read_bytes()
-        expected = sha_file(path).read_text().split()[0]
-    except FileNotFoundError as exc:
-        raise PipelineError(f"{exc.filename}: missing (run the train stage for this fold)") from None
-    sha = hashlib.sha256(blob).hexdigest()
-    if sha != expected:
-        raise PipelineError(f"{path}: sha256 {sha[:12]}… differs from {sha_file(path).name} "
-                            f"({expected[:12]}…): the checkpoint was changed or damaged (re-run train)")
+    read_verified(path, sha_file(path), "run the train stage for this fold",
+                  "the checkpoint was changed or damaged (re-run train)")
     saved = safe_load(path, device)
-    model = LFSS(saved["feat_channels"], ModelParams(**saved["model"])).to(device)
+    try:
+        cfg = ModelParams(**saved["model"])
+    except ValidationError as exc:
+        why = validation_message(exc, "saved params")
+        raise PipelineError(f"{path}: made by an earlier version ({why}): re-run train") from None
+    model = LFSS(saved["feat_channels"], cfg).to(device)
     model.load_state_dict(saved["state_dict"])
     return model.eval(), saved

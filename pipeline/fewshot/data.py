@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipeline.core.metrics import binary_target
 from pipeline.core.params import ModelParams
 from pipeline.core.tensors import mask_to_grid
 from pipeline.datasets.episodes import episode_images
 from pipeline.features.store import FeatureStore
-from pipeline.fewshot.metrics import binary_target
 from pipeline.model.lfss import Episodes
 from pipeline.priors.store import PriorStore
 from pipeline.pseudomasks.online import MaskInputs

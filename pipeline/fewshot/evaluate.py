@@ -1,4 +1,4 @@
-"""Scoring few-shot predictions under the papers' evaluation protocols (DESIGN §4).
+"""Scoring few-shot predictions under the papers' evaluation protocols (docs/design.md#conventions).
 
 :func:`evaluate_table` scores the model on one manifest; :func:`prior_meter` scores the
 priors alone (the query's VTP thresholded, no decoder), so every run shows what training adds;
@@ -24,10 +24,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from pipeline.core.metrics import IGNORE, FewShotMeter, binary_target
 from pipeline.core.params import ModelParams
 from pipeline.fewshot.augment import letterbox_views, warp
 from pipeline.fewshot.data import EpisodeTable, ImageBank, prefetched, upsample
-from pipeline.fewshot.metrics import IGNORE, FewShotMeter, binary_target
 from pipeline.fewshot.online import ImageSource, letterboxed_batch, with_features
 from pipeline.model.lfss import Episodes, predict
 from pipeline.pseudomasks.oracle import truth_mask

@@ -18,11 +18,11 @@ import pandas as pd
 import torch
 
 from pipeline.core.images import load_normalized
+from pipeline.core.metrics import binary_target
 from pipeline.core.params import TrainParams
 from pipeline.core.tensors import mask_to_grid
 from pipeline.fewshot.augment import letterbox_views, random_views, warp, warp_labels
 from pipeline.fewshot.data import EpisodeTable, ImageBank
-from pipeline.fewshot.metrics import binary_target
 from pipeline.model.lfss import Episodes
 from pipeline.pseudomasks.online import MaskInputs
 

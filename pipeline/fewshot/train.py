@@ -10,7 +10,7 @@
   learning rate is constant or decays per step as ``(1 - step / steps) ** poly_power``. After every epoch the
   model is scored on held-out base-class episodes (validation mIoU) and a checkpoint is written;
   :func:`fit` resumes from it, continuing exactly where it stopped. The best epoch's weights win.
-* ``train.precision`` (:mod:`pipeline.core.precision`): ``auto`` is fp16 autocast with gradient
+* ``train.dtype`` (:mod:`pipeline.core.dtype`): ``auto`` is fp16 autocast with gradient
   scaling on CUDA, bf16 autocast on a CPU with native bf16, else fp32. Under ``torchrun``
   (``torch.distributed`` initialised) the model is wrapped in DistributedDataParallel, each
   rank takes its share of every batch, and rank 0 writes.
@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.core.artifacts import write_atomic
+from pipeline.core.dtype import Resolved, autocast, resolve
+from pipeline.core.metrics import IGNORE
 from pipeline.core.params import TrainParams
-from pipeline.core.precision import Resolved, autocast, resolve
 from pipeline.fewshot.data import EpisodeTable, ImageBank, prefetched, upsample
 from pipeline.fewshot.evaluate import evaluate_table
-from pipeline.fewshot.metrics import IGNORE
 from pipeline.fewshot.online import ImageSource, online_batch, view_seed, with_features
 from pipeline.model.lfss import Episodes, circle
 from pipeline.pseudomasks.online import MaskInputs, OnlineRefiner
@@ -131,7 +131,7 @@ class State:
     history: list[dict] = field(default_factory=list)
     best_miou: float = -1.0
     best_state: dict | None = None
-    precision: str = "fp32"  # resolved: of training and validation
+    dtype: str = "fp32"  # resolved: of training and validation
 
 
 def same_keys(history: list[dict]) -> list[dict]:
@@ -151,6 +151,85 @@ def lr_factor(cfg: TrainParams, steps: int) -> Callable[[int], float]:
     if cfg.lr_schedule == "constant":
         return lambda step: 1.0
     return lambda step: max(0.0, 1 - step / steps) ** cfg.poly_power
+
+
+@dataclass
+class Optimiser:
+    """Adam, its gradient scaler (active for fp16 on CUDA) and the learning-rate schedule: what a
+    step updates and a checkpoint keeps."""
+
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    schedule: torch.optim.lr_scheduler.LambdaLR
+
+    @classmethod
+    def of(cls, model: nn.Module, cfg: TrainParams, device: torch.device, resolved: Resolved,
+           steps: int) -> Optimiser:
+        """For ``steps`` optimiser steps of ``model``'s trainable parameters."""
+        optimizer = torch.optim.Adam(
+            [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and resolved == "fp16")
+        return cls(optimizer, scaler, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps)))
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.schedule.step()
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "schedule": self.schedule.state_dict()}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scaler.load_state_dict(saved["scaler"])
+        self.schedule.load_state_dict(saved["schedule"])
+
+
+def resume(checkpoint: Path | None, model: nn.Module, opt: Optimiser, device: torch.device) -> State:
+    """The state of the last finished epoch in ``checkpoint`` (model and optimiser restored in
+    place), or a fresh one."""
+    if checkpoint is None or not checkpoint.exists():
+        return State()
+    saved = torch.load(checkpoint, map_location=device, weights_only=True)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved)
+    state = State(**saved["state"])
+    state.history = same_keys(state.history)
+    return state
+
+
+def save_checkpoint(checkpoint: Path, model: nn.Module, opt: Optimiser, state: State) -> None:
+    saved = {"model": model.state_dict(), **opt.state_dict(),
+             "state": vars(state)}  # plain data: loads with weights_only=True
+    write_atomic(checkpoint, lambda tmp: torch.save(saved, tmp))
+
+
+def train_epoch(net: nn.Module, table: EpisodeTable, bank: ImageBank, cfg: TrainParams, opt: Optimiser,
+                mixed: Callable[[], contextlib.AbstractContextManager], device: torch.device, online: Online,
+                epoch: int, steps: int, shard: tuple[int, int], loader_workers: int,
+                progress: Callable[[int, int], None] | None) -> float:
+    """One epoch over ``table`` in its seeded order (this process's ``shard = (rank, world)`` of
+    each batch); the mean loss."""
+    order = epoch_order(len(table), cfg.seed, epoch)
+    rank, world = shard
+    total = 0.0
+
+    def batch(step: int) -> Step:
+        index = order[step * cfg.batch_size : (step + 1) * cfg.batch_size][rank::world]
+        return make_step(table, bank, index, cfg, online.source, view_seed(cfg.seed, epoch, step))
+
+    for step, prepared in enumerate(prefetched(batch, steps, loader_workers)):
+        with mixed():
+            loss = episode_loss(net, prepared, cfg, device, online)
+        opt.step(loss)
+        total += float(loss.detach())
+        if progress:
+            progress(epoch * steps + step + 1, cfg.epochs * steps)
+    return total / steps
 
 
 def fit(
@@ -183,56 +262,28 @@ def fit(
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     net = nn.parallel.DistributedDataParallel(model) if distributed else model
-    optimizer = torch.optim.Adam(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
-    )
-    resolved = resolve(cfg.precision, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and resolved == "fp16")
+    resolved = resolve(cfg.dtype, device)
     mixed = autocast_for(device, resolved)
     steps = (len(episodes_of(0)) + cfg.batch_size - 1) // cfg.batch_size
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, cfg.epochs * steps))
-    state = State()
-    if checkpoint is not None and checkpoint.exists():
-        saved = torch.load(checkpoint, map_location=device, weights_only=True)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scaler.load_state_dict(saved["scaler"])
-        schedule.load_state_dict(saved["schedule"])
-        state = State(**saved["state"])
-        state.history = same_keys(state.history)
-    state.precision = resolved
+    opt = Optimiser.of(model, cfg, device, resolved, cfg.epochs * steps)
+    state = resume(checkpoint, model, opt, device)
+    state.dtype = resolved
     for epoch in range(state.epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout: a function of seed and epoch
         table = episodes_of(epoch)
         if (len(table) + cfg.batch_size - 1) // cfg.batch_size != steps:
             raise ValueError(f"epoch {epoch} has {len(table)} episodes: every epoch needs {steps} steps")
-        order = epoch_order(len(table), cfg.seed, epoch)
         model.train()
-        start, total = time.perf_counter(), 0.0
-
-        def batch(step: int, order: torch.Tensor = order, table: EpisodeTable = table,
-                  epoch: int = epoch) -> Step:
-            index = order[step * cfg.batch_size : (step + 1) * cfg.batch_size][rank::world]
-            return make_step(table, bank, index, cfg, online.source, view_seed(cfg.seed, epoch, step))
-
-        for step, prepared in enumerate(prefetched(batch, steps, loader_workers)):
-            with mixed():
-                loss = episode_loss(net, prepared, cfg, device, online)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            schedule.step()
-            total += float(loss.detach())
-            if progress:
-                progress(epoch * steps + step + 1, cfg.epochs * steps)
+        start = time.perf_counter()
+        loss = train_epoch(net, table, bank, cfg, opt, mixed, device, online, epoch, steps, (rank, world),
+                           loader_workers, progress)
         val_miou = evaluate_table(
             model, val, bank, num_classes, circle_inference=cfg.circle, batch_size=VALIDATION_BATCH,
             device=device, autocast=mixed, loader_workers=loader_workers,
         ).miou()
         record = {
             "epoch": epoch + 1,
-            "loss": round(total / steps, 5),
+            "loss": round(loss, 5),
             "val_miou": round(val_miou, 3),
         }  # no wall-clock time here: the saved history (and so model.pt) must be reproducible
         state.history.append(record)
@@ -240,14 +291,7 @@ def fit(
         if val_miou > state.best_miou:
             state.best_miou, state.best_state = val_miou, copy.deepcopy(model.state_dict())
         if checkpoint is not None and rank == 0:
-            saved = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "schedule": schedule.state_dict(),
-                "state": vars(state),  # plain data: loads with weights_only=True
-            }
-            write_atomic(checkpoint, lambda tmp, saved=saved: torch.save(saved, tmp))
+            save_checkpoint(checkpoint, model, opt, state)
         if distributed:
             dist.barrier()
         log(record | {"seconds": round(time.perf_counter() - start, 2)})

@@ -65,7 +65,7 @@ class Episodes:
 
 
 def guide_channels(cfg: ModelParams) -> int:
-    return 1 + cfg.rcm + cfg.fcm + cfg.vtp + 2 * cfg.vvp
+    return 1 + cfg.rcm + cfg.ccm + cfg.vtp + 2 * cfg.vvp
 
 
 class LFSS(nn.Module):
@@ -96,12 +96,12 @@ class LFSS(nn.Module):
             maps = [association_map(prototypes, x.query)]
         else:
             maps = [cosine(x.query, support_prototype[..., None, None], dim=1)[:, None]]
-        if cfg.rcm or cfg.fcm:
+        if cfg.rcm or cfg.ccm:
             attended = attended_prototype(
                 x.query, x.query_mask, x.support, x.support_mask, temperature=cfg.ccm_temperature
             )
-            ccm = correlation_maps(x.query, x.query_mask, attended)
-            maps.append(ccm[:, [i for i, on in enumerate((cfg.rcm, cfg.fcm)) if on]])
+            rcm_fcm = correlation_maps(x.query, x.query_mask, attended)  # (B, 2, h, w): RCM, FCM
+            maps.append(rcm_fcm[:, [i for i, on in enumerate((cfg.rcm, cfg.ccm)) if on]])
         priors = []
         if cfg.vtp:
             priors.append(x.query_vtp[:, None])

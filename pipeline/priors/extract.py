@@ -1,4 +1,4 @@
-"""Priors of a batch of images, each forwarded once (DESIGN §5 "Priors").
+"""Priors of a batch of images, each forwarded once (docs/method.md#priors).
 
 One forward per image serves MaskCLIP, every GradCAM of the image's (image, class) pairs (only
 the last block runs again, per pair, with one backward for all), the PIR affinity and the VVP

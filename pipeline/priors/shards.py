@@ -17,10 +17,10 @@ import zarr
 
 from pipeline.clip.loader import ClipBundle, load_local_dir
 from pipeline.clip.prompts import text_embeddings
+from pipeline.core.dtype import Resolved, autocast, resolve
 from pipeline.core.images import load_normalized
 from pipeline.core.interrupt import check_stop
 from pipeline.core.params import PriorsParams
-from pipeline.core.precision import Resolved, autocast, resolve
 from pipeline.priors.extract import extract_priors
 from pipeline.priors.vtp import PromptBank, PromptSet, prompt_bank
 
@@ -37,7 +37,7 @@ class Extractor:
     pir_blocks: int
     pir_threshold: float
     batch_size: int
-    precision: Resolved
+    dtype: Resolved
 
     @property
     def device(self) -> torch.device:
@@ -48,7 +48,7 @@ class Extractor:
         return load_normalized(paths, self.image_size, self.bundle.mean, self.bundle.std, self.device)
 
     def autocast_context(self):
-        return autocast(self.precision, self.device)
+        return autocast(self.dtype, self.device)
 
     def priors(self, images: torch.Tensor, pair_classes: Sequence[Sequence[int]],
                image_labels: Sequence[Sequence[int]]):
@@ -72,7 +72,7 @@ def load_extractor(clip_dir: Path, cfg: PriorsParams, names: Sequence[str]) -> E
         prompt_bank(bundle.model, tokenizer, names, cfg.foreground_template, cfg.background_template),
         text_embeddings(bundle.model, tokenizer, names), cfg.image_size or bundle.image_size,
         prompt_set=cfg.prompt_set, pir_blocks=cfg.pir_blocks, pir_threshold=cfg.pir_threshold,
-        batch_size=cfg.batch_size, precision=resolve(cfg.precision, device))
+        batch_size=cfg.batch_size, dtype=resolve(cfg.dtype, device))
 
 
 def extract_image_shard(

@@ -1,4 +1,4 @@
-"""Visual-text prior (VTP): softmax-GradCAM of a class's foreground prompt (DESIGN §5).
+"""Visual-text prior (VTP): softmax-GradCAM of a class's foreground prompt (docs/method.md#priors).
 
 Every class has a foreground prompt ("a photo of a {c}.") and a background prompt ("a photo
 without {c}."). The prompt set of an (image, class) pair decides which classes compete in the

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.fewshot.metrics import FewShotMeter, binary_target
+from pipeline.core.metrics import FewShotMeter, binary_target
 from pipeline.pseudomasks.oracle import truth_mask
 from pipeline.pseudomasks.store import ARRAYS, PseudoMaskStore
 

@@ -147,6 +147,15 @@ def findings(results: dict) -> list[str]:
 
 
 def build(inputs: Inputs) -> list[Section]:
+    """The report's sections in order; a section whose inputs are missing is left out."""
+    sections = [summary_section(inputs), results_section(inputs), pseudo_mask_section(inputs),
+                ablation_section(inputs), mask_study_section(inputs), parts_section(inputs),
+                class_iou_section(inputs), training_section(inputs), qualitative_section(inputs),
+                provenance_section(inputs)]
+    return [s for s in sections if s is not None]
+
+
+def summary_section(inputs: Inputs) -> Section:
     folds = inputs.folds
     shots = tables.shots_of(folds)
     headline = ", ".join(
@@ -157,20 +166,21 @@ def build(inputs: Inputs) -> list[Section]:
     beats = all(
         folds[k][f"shot{s}"]["miou"] > folds[k][f"shot{s}"]["prior_miou"] for k in folds for s in shots
     )
-    sections = [
-        Section(
-            "Summary",
-            [
-                f"Mean over {len(folds)} folds on {inputs.provenance.get('dataset', 'the dataset')}: "
-                f"{headline}.",
-                "The trained decoder beats thresholding its priors on every fold and shot."
-                if beats
-                else "On some fold or shot the trained decoder does **not** beat its priors alone: see the "
-                "results table.",
-            ],
-        )
-    ]
-    results = Section(
+    return Section(
+        "Summary",
+        [
+            f"Mean over {len(folds)} folds on {inputs.provenance.get('dataset', 'the dataset')}: "
+            f"{headline}.",
+            "The trained decoder beats thresholding its priors on every fold and shot."
+            if beats
+            else "On some fold or shot the trained decoder does **not** beat its priors alone: see the "
+            "results table.",
+        ],
+    )
+
+
+def results_section(inputs: Inputs) -> Section:
+    return Section(
         "Results",
         [
             "Novel classes of each fold's test episodes (the fold's classes were never "
@@ -180,132 +190,135 @@ def build(inputs: Inputs) -> list[Section]:
             "base-class validation episodes, with no decoder; VTP depends on the query and the class name "
             "only, so this row is the same for every shot."
         ],
-        [tables.results_table(folds), tables.fbiou_table(folds)],
+        [tables.results_table(inputs.folds), tables.fbiou_table(inputs.folds)],
     )
-    sections.append(results)
-    if inputs.pseudo:
-        sections.append(
-            Section(
-                "Pseudo-masks",
-                [
-                    "Support and query pseudo-masks of the 1-shot test episodes: "
-                    "MaskCLIP label maps (initial) and after the self-supported "
-                    "refiner (LFSS Table 3)."
-                ],
-                [tables.pseudo_mask_table(inputs.pseudo)],
-            )
-        )
-    if inputs.ablations:
-        sections.append(
-            Section(
-                "Ablation",
-                [
-                    "Each row is the model trained on every fold for each training seed (`make ablation`) "
-                    "with the marked components, scored on the test episodes of every test seed.",
-                    study_provenance(inputs.ablations, run_params(inputs), "ablations/results.json"),
-                    *findings(inputs.ablations),
-                ],
-                [tables.ablation_table(inputs.ablations)],
-            )
-        )
-    else:
-        sections.append(
-            Section(
-                "Ablation",
-                [
-                    "No ablation results yet: `make ablation` runs the component ablations over three "
-                    "training seeds and this table appears."
-                ],
-            )
-        )
-    if inputs.masks:
-        sections.append(
-            Section(
-                "Mask quality",
-                [
-                    "How good must the masks the model is given be? The model trained and tested with "
-                    "the ground truth, eroded (precision kept, recall lost) or dilated (recall kept, "
-                    "precision lost), against the pseudo-masks (`make mask-study`).",
-                    study_provenance(inputs.masks, run_params(inputs), "ablations/masks.json"),
-                    *findings(inputs.masks),
-                ],
-                [tables.mask_study_table(inputs.masks)],
-                [Figure("mask_quality", "Model mIoU (1-shot) against the recall and precision of the query "
-                        "masks it was trained and tested with.", figures.mask_quality_figure(inputs.masks))],
-            )
-        )
-    if inputs.parts:
-        sections.append(
-            Section(
-                "DPS on objects with parts",
-                [
-                    "Does DPS help where its distributed prototypes are meant to, on objects whose parts "
-                    "look different? The ablation's DPS contrast on a benchmark of the same shapes in two "
-                    "parts: beyond each shape's axis a second colour and its class's texture "
-                    "(`make parts-study`).",
-                    study_provenance(inputs.parts, run_params(inputs), "ablations/parts.json"),
-                    *findings(inputs.parts),
-                ],
-                [tables.ablation_table(inputs.parts, "DPS on objects in two parts", "tab:parts")],
-            )
-        )
-    sections.append(
-        Section(
-            "Per-class IoU",
-            figures=[
-                Figure(
-                    "class_iou",
-                    "IoU of each novel class, per fold and shot.",
-                    figures.class_iou_figure(folds),
-                )
+
+
+def pseudo_mask_section(inputs: Inputs) -> Section | None:
+    if not inputs.pseudo:
+        return None
+    return Section(
+        "Pseudo-masks",
+        [
+            "Support and query pseudo-masks of the 1-shot test episodes: "
+            "MaskCLIP label maps (initial) and after the self-supported "
+            "refiner (LFSS Table 3)."
+        ],
+        [tables.pseudo_mask_table(inputs.pseudo)],
+    )
+
+
+def ablation_section(inputs: Inputs) -> Section:
+    if not inputs.ablations:
+        return Section(
+            "Ablation",
+            [
+                "No ablation results yet: `make ablation` runs the component ablations over three "
+                "training seeds and this table appears."
             ],
         )
+    return Section(
+        "Ablation",
+        [
+            "Each row is the model trained on every fold for each training seed (`make ablation`) "
+            "with the marked components, scored on the test episodes of every test seed.",
+            study_provenance(inputs.ablations, run_params(inputs), "ablations/results.json"),
+            *findings(inputs.ablations),
+        ],
+        [tables.ablation_table(inputs.ablations)],
     )
-    if inputs.curves:
-        sections.append(
-            Section(
-                "Training",
-                figures=[
-                    Figure(
-                        "training_curves",
-                        "Training loss and validation mIoU (held-out base-class episodes) per epoch; the "
-                        "best validation epoch is kept.",
-                        figures.curves_figure(inputs.curves),
-                    )
-                ],
+
+
+def mask_study_section(inputs: Inputs) -> Section | None:
+    if not inputs.masks:
+        return None
+    return Section(
+        "Mask quality",
+        [
+            "How good must the masks the model is given be? The model trained and tested with "
+            "the ground truth, eroded (precision kept, recall lost) or dilated (recall kept, "
+            "precision lost), against the pseudo-masks (`make mask-study`).",
+            study_provenance(inputs.masks, run_params(inputs), "ablations/masks.json"),
+            *findings(inputs.masks),
+        ],
+        [tables.mask_study_table(inputs.masks)],
+        [Figure("mask_quality", "Model mIoU (1-shot) against the recall and precision of the query "
+                "masks it was trained and tested with.", figures.mask_quality_figure(inputs.masks))],
+    )
+
+
+def parts_section(inputs: Inputs) -> Section | None:
+    if not inputs.parts:
+        return None
+    return Section(
+        "DPS on objects with parts",
+        [
+            "Does DPS help where its distributed prototypes are meant to, on objects whose parts "
+            "look different? The ablation's DPS contrast on a benchmark of the same shapes in two "
+            "parts: beyond each shape's axis a second colour and its class's texture "
+            "(`make parts-study`).",
+            study_provenance(inputs.parts, run_params(inputs), "ablations/parts.json"),
+            *findings(inputs.parts),
+        ],
+        [tables.ablation_table(inputs.parts, "DPS on objects in two parts", "tab:parts")],
+    )
+
+
+def class_iou_section(inputs: Inputs) -> Section:
+    return Section(
+        "Per-class IoU",
+        figures=[Figure("class_iou", "IoU of each novel class, per fold and shot.",
+                        figures.class_iou_figure(inputs.folds))],
+    )
+
+
+def training_section(inputs: Inputs) -> Section | None:
+    if not inputs.curves:
+        return None
+    return Section(
+        "Training",
+        figures=[
+            Figure(
+                "training_curves",
+                "Training loss and validation mIoU (held-out base-class episodes) per epoch; the "
+                "best validation epoch is kept.",
+                figures.curves_figure(inputs.curves),
             )
-        )
-    if inputs.samples:
-        sections.append(
-            Section(
-                "Qualitative results",
-                figures=[
-                    Figure(
-                        "qualitative",
-                        "1-shot test episodes: the support with its language-guided pseudo-mask (green), the "
-                        "query with its ground truth (blue), the prediction (orange).",
-                        figures.qualitative_figure(inputs.samples),
-                    )
-                ],
+        ],
+    )
+
+
+def qualitative_section(inputs: Inputs) -> Section | None:
+    if not inputs.samples:
+        return None
+    return Section(
+        "Qualitative results",
+        figures=[
+            Figure(
+                "qualitative",
+                "1-shot test episodes: the support with its language-guided pseudo-mask (green), the "
+                "query with its ground truth (blue), the prediction (orange).",
+                figures.qualitative_figure(inputs.samples),
             )
-        )
+        ],
+    )
+
+
+def provenance_section(inputs: Inputs) -> Section:
     rows = [[key, value] for key, value in inputs.provenance.items()]
     if inputs.clip:  # its figures are in the provenance already, rounded: here what else it says
         rows += [
             [f"CLIP {key.replace('_', ' ')}", str(value)]
             for key, value in sorted(inputs.clip.items())
-            if isinstance(value, str) and key not in ("model", "precision", "sha256")
+            if isinstance(value, str) and key not in ("model", "dtype", "sha256")
         ]
-    sections.append(
-        Section(
-            "Provenance",
-            tables=[
-                Table("How these numbers were made.", "tab:provenance", ["Item", "Value"], rows, align="ll")
-            ],
-            code=inputs.params_yaml,
-        )
+    return Section(
+        "Provenance",
+        tables=[
+            Table("How these numbers were made.", "tab:provenance", ["Item", "Value"], rows, align="ll")
+        ],
+        code=inputs.params_yaml,
     )
-    return sections
 
 
 def render_markdown(sections: Sequence[Section], title: str, figure_dir: str = "figures") -> str:

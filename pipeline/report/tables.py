@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.core.params import ModelParams
+
 YES, NO = "✓", "✗"
 
 
@@ -70,9 +72,9 @@ def scoring_of(folds: dict[int, dict]) -> str | None:
 
 
 def compute_of(folds: dict[int, dict]) -> str | None:
-    """Where and how the folds were computed (torch, CPU kernels, training precision), when they say."""
+    """Where and how the folds were computed (torch, CPU kernels, training dtype), when they say."""
     seen = {(m["compute"]["torch"], m["compute"]["device"], m["compute"]["cpu_capability"],
-             m["compute"]["native_cpu_bf16"], m.get("train_precision", "unknown"))
+             m["compute"]["native_cpu_bf16"], m.get("train_dtype", "unknown"))
             for m in folds.values() if "compute" in m}
     return "; ".join(f"torch {t} on {d}, CPU kernels {c} (native bf16: {'yes' if b else 'no'}), "
                      f"training in {p}" for t, d, c, b, p in sorted(seen)) or None
@@ -148,14 +150,10 @@ ABLATION_SWITCHES = (
 
 
 def switch_marks(model: dict) -> list[str]:
-    on = {
-        "dps": model.get("dps", True),
-        "pseudo_masks": model.get("pseudo_masks", "refined") == "refined",
-        "ccm": model.get("fcm", True),
-        "vtp": model.get("vtp", True),
-        "pir": model.get("vtp", True) and model.get("pir", True),
-        "vvp": model.get("vvp", True),
-    }
+    """A study row's switches (its ``model`` params; the schema's defaults for keys it omits)."""
+    cfg = ModelParams(**model)
+    on = {"dps": cfg.dps, "pseudo_masks": cfg.pseudo_masks == "refined", "ccm": cfg.ccm, "vtp": cfg.vtp,
+          "pir": cfg.vtp and cfg.pir, "vvp": cfg.vvp}
     return [YES if on[key] else NO for key, _ in ABLATION_SWITCHES]
 
 
@@ -225,7 +223,8 @@ def significance_note(results: dict) -> str:
 def ablation_table(results: dict, title: str = "Ablation", label: str = "tab:ablation") -> Table:
     """LFSS Table 4 (extended with the PI-CLIP priors): one row per configuration, its switches, its
     mIoU over training and test seeds and its difference from the full model, per shot.
-    ``results``: ``ablations/results.json`` (``python -m pipeline.studies``; or a study of some of its rows)."""
+    ``results``: ``ablations/results.json`` (``python -m pipeline.studies``; or a study of some of its
+    rows)."""
     shots = study_shots(results)
     header = ["Run", *[name for _, name in ABLATION_SWITCHES], "Seeds", *shot_header(shots)]
     rows = [[row_name(row), *switch_marks(row["model"]), seeds_cell(row, results),

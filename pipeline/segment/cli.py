@@ -59,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="queries per forward (default: %(default)s)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="(default: cuda when present)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core; on a machine "
-                   "shared with other jobs 1 is much faster: see the README)")
+                   "shared with other jobs 1 is much faster: see docs/operations.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

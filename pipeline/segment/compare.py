@@ -12,12 +12,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline.core.metrics import FewShotMeter
 from pipeline.core.params import ModelParams
 from pipeline.datasets.episodes import read_manifests
 from pipeline.fewshot.checkpoint import load_model
 from pipeline.fewshot.data import EpisodeTable, open_fold_inputs
 from pipeline.fewshot.evaluate import Scoring, evaluate_table, query_labels
-from pipeline.fewshot.metrics import FewShotMeter
 from pipeline.segment.run import RunDir
 
 TENSORS = ("query", "supports", "classes", "query_mask", "support_mask", "query_vtp", "support_vtp")

@@ -4,7 +4,7 @@ checks that a checkpoint belongs to it.
 A run directory (``--run``, default ``.``) holds what ``make repro`` wrote::
 
     params.yaml                  the params the run was made with
-    data/index/meta.json         class names (the MaskCLIP vocabulary, in class-id order)
+    data/index/meta.json         class and prompt names (the MaskCLIP vocabulary, in class-id order)
     data/models/clip/            the CLIP (open_clip local-dir, with its sha256)
     data/models/fold{k}/model.pt a trained fold (with model.pt.sha256)
 """
@@ -20,7 +20,7 @@ import pandas as pd
 from pipeline.clip.loader import SHA_FILE
 from pipeline.core.errors import PipelineError
 from pipeline.core.params import Params, load_params
-from pipeline.datasets.index import read_index_dir
+from pipeline.datasets.index import dataset_declaration, read_index_dir
 from pipeline.fewshot.checkpoint import MODEL_FILE
 
 
@@ -60,11 +60,20 @@ class RunDir:
 
     def class_names(self) -> list[str]:
         """The run's class names, class id ``i + 1`` at position ``i`` (``data/index/meta.json``)."""
-        path = self.root / "data" / "index" / "meta.json"
+        return list(self.declaration()["class_names"])
+
+    def prompt_names(self) -> tuple[str, ...]:
+        """The same classes as the priors stage prompted them (the MaskCLIP vocabulary)."""
+        return tuple(self.declaration()["prompt_names"])
+
+    def declaration(self) -> dict:
+        """What the run's dataset declares, as ``prepare`` recorded it (``data/index/meta.json``)."""
+        index_dir = self.root / "data" / "index"
         try:
-            return list(json.loads(path.read_text())["class_names"])
+            meta = json.loads((index_dir / "meta.json").read_text())
         except FileNotFoundError:
-            raise PipelineError(f"{path}: missing (run the prepare stage first)") from None
+            raise PipelineError(f"{index_dir / 'meta.json'}: missing (run the prepare stage first)") from None
+        return dataset_declaration(meta, index_dir)
 
     def resolve(self, path: str | Path) -> Path:
         """A path of the run's index (relative ones are relative to the run directory)."""

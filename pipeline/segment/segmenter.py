@@ -38,7 +38,6 @@ from pipeline.core.images import load_normalized
 from pipeline.core.params import ModelParams, Params
 from pipeline.core.tensors import mask_to_grid
 from pipeline.datasets.index import image_size
-from pipeline.datasets.registry import prompt_names
 from pipeline.features.backbone import Backbone, load_backbone
 from pipeline.fewshot.checkpoint import load_model, sha_file
 from pipeline.fewshot.evaluate import Scoring
@@ -180,7 +179,7 @@ class Segmenter:
         root = RunDir.open(run)
         params = root.params()
         class_names = root.class_names()
-        vocabulary = prompt_names(params.dataset.name, class_names)
+        vocabulary = root.prompt_names()
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         path = Path(model) if model is not None else root.model_path(fold)
         check_same_clip(path, root.clip_dir)

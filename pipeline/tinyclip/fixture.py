@@ -28,7 +28,7 @@ PROVENANCE = "provenance.json"
 CORPUS_KEYS = ("seed", "image_size", "caption_images", "max_objects", "boundary_width")
 #: the code that decides the trained weights, under pipeline/
 TRAINING_CODE = ("tinyclip/model.py", "tinyclip/train.py", "clip/loader.py", "clip/towers.py",
-                 "core/precision.py")
+                 "core/dtype.py")
 
 
 def corpus_params(generator: dict[str, Any]) -> dict[str, Any]:

@@ -28,8 +28,8 @@ from tqdm import tqdm
 from pipeline.clip.dense import resnet_features, resnet_value_path, vit_tokens
 from pipeline.clip.gradcam import attention_pool
 from pipeline.clip.loader import ClipBundle
+from pipeline.core.dtype import autocast, resolve
 from pipeline.core.params import TinyClipParams
-from pipeline.core.precision import autocast, resolve
 from pipeline.datasets.shapes import SHAPE_NAMES
 from pipeline.datasets.synthetic import IGNORE, caption
 
@@ -164,7 +164,7 @@ def train_phase1(
         idx = torch.from_numpy(_epoch_order(cfg.seed, epoch, n)[offset: offset + cfg.batch_size])
         images, labels = dihedral(normalize(corpus.images[idx], bundle), corpus.patch_labels[idx],
                                   np.random.default_rng([cfg.seed, 2, step]))
-        with autocast(resolve(cfg.precision, "cpu"), "cpu"):
+        with autocast(resolve(cfg.dtype, "cpu"), "cpu"):
             pooled, tokens = image_outputs(visual, images)
             loss = F.binary_cross_entropy_with_logits(heads.shapes(pooled).float(), corpus.multi_hot[idx])
             loss = loss + F.cross_entropy(heads.patches(tokens).float().transpose(1, 2), labels.flatten(1),
@@ -218,7 +218,7 @@ def train_phase2(bundle: ClipBundle, corpus: Corpus, cfg: TinyClipParams) -> lis
         plain = rng.random(batch) < 0.5
         tokens = tokenizer([caption(corpus.names[i], None if bare else corpus.colours[i])
                             for i, bare in zip(idx, plain, strict=True)])
-        with autocast(resolve(cfg.precision, "cpu"), "cpu"):
+        with autocast(resolve(cfg.dtype, "cpu"), "cpu"):
             text = F.normalize(model.encode_text(tokens).float(), dim=-1)
         logits = model.logit_scale.exp() * text @ targets[idx].T
         labels = torch.arange(batch)

@@ -3,6 +3,7 @@
 
 from pipeline.datasets.shapes import SHAPE_NAMES
 from pipeline.datasets.spec import DatasetSpec
+from pipeline.datasets.synthetic_writer import VOC_DIR
 
 SPEC = DatasetSpec(
     name="synthetic",
@@ -10,7 +11,7 @@ SPEC = DatasetSpec(
     prompt_names=SHAPE_NAMES,
     fold_convention="contiguous",
     adapter="voc",
-    layout_dir="VOC2012",
+    layout_dir=VOC_DIR,
     generated=True,
     relative_min_pixels=True,
 )

@@ -1,4 +1,4 @@
-"""The precision policy: ``fp32``, ``bf16``, or ``auto`` (mixed precision only where it is fast).
+"""The dtype policy: ``fp32``, ``bf16``, or ``auto`` (mixed precision only where it is fast).
 
 bf16 autocast is 1–1.8× faster than fp32 on a CPU with native bf16 instructions (AVX512-BF16 or
 AMX) and 45–58× *slower* on one without (AVX2 only: PyTorch emulates bf16). ``auto`` therefore
@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from pipeline.core.params import Precision
+from pipeline.core.params import Dtype
 
 Resolved = Literal["fp32", "bf16", "fp16"]
 
@@ -33,22 +33,22 @@ def native_cpu_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def resolve(precision: Precision, device: torch.device | str) -> Resolved:
-    """The precision ``precision`` means on ``device``: ``auto`` is fp16 mixed precision on CUDA,
+def resolve(dtype: Dtype, device: torch.device | str) -> Resolved:
+    """What the policy ``dtype`` means on ``device``: ``auto`` is fp16 mixed precision on CUDA,
     bf16 on a CPU with native bf16 (:func:`native_cpu_bf16`), else fp32."""
-    if precision != "auto":
-        return precision
+    if dtype != "auto":
+        return dtype
     if torch.device(device).type == "cuda":
         return "fp16"
     return "bf16" if native_cpu_bf16() else "fp32"
 
 
 def autocast(resolved: Resolved, device: torch.device | str) -> contextlib.AbstractContextManager:
-    """The autocast context of a resolved precision (none for fp32)."""
+    """The autocast context of a resolved dtype (none for fp32)."""
     if resolved == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if resolved == "bf16" else torch.float16
-    return torch.autocast(torch.device(device).type, dtype=dtype)
+    half = torch.bfloat16 if resolved == "bf16" else torch.float16
+    return torch.autocast(torch.device(device).type, dtype=half)
 
 
 def describe() -> dict[str, str | bool]:

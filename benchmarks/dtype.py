@@ -3,12 +3,12 @@
 For a training step of the model (forward, circle loss, backward, Adam; the embedded benchmark's
 shapes: 16 episodes of the tiny CLIP trunk's features at 256 px) and for a priors batch (the
 shipped tiny CLIP, 32 images: MaskCLIP, VTP, PIR, tokens), prints seconds per step in fp32 and
-in bf16, the bf16/fp32 ratio, and what ``auto`` (``pipeline.core.precision``) picks — each
+in bf16, the bf16/fp32 ratio, and what ``auto`` (``pipeline.core.dtype``) picks — each
 under the machine's native kernels and under ``ATEN_CPU_CAPABILITY=avx2
 ONEDNN_MAX_CPU_ISA=AVX2`` (a CPU without native bf16: PyTorch emulates it). Each variant runs in
 a fresh process with the same thread count.
 
-    .venv/bin/python benchmarks/precision.py [--threads 2] [--repeats 3]
+    .venv/bin/python benchmarks/dtype.py [--threads 2] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -18,29 +18,19 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+from _timing import best_of  # benchmarks/_timing.py (run as a script: its folder is on the path)
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures/tiny-vit"
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 WIDTHS = (10, 12, 6, 14, -9, -9, -11)  # negative: right-aligned
 
 
-def seconds_per_call(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def train_step(resolved: str, repeats: int) -> float:
+    from pipeline.core.dtype import autocast
     from pipeline.core.params import BackboneParams, ModelParams, TrainParams
-    from pipeline.core.precision import autocast
     from pipeline.features.backbone import load_backbone
     from pipeline.fewshot.train import Step, episode_loss
     from pipeline.model.lfss import LFSS, Episodes
@@ -71,7 +61,7 @@ def train_step(resolved: str, repeats: int) -> float:
         loss.backward()
         optimizer.step()
 
-    return seconds_per_call(once, repeats)
+    return best_of(once, repeats)
 
 
 def priors_batch(resolved: str, repeats: int) -> float:
@@ -80,14 +70,14 @@ def priors_batch(resolved: str, repeats: int) -> float:
 
     torch.manual_seed(0)
     names = [f"class {i}" for i in range(20)]
-    ex = load_extractor(FIXTURE, PriorsParams(precision=resolved), names)
+    ex = load_extractor(FIXTURE, PriorsParams(dtype=resolved), names)
     images = torch.randn(32, 3, ex.image_size, ex.image_size)
     pairs, labels = [[1 + i % 20, 1 + (i + 7) % 20] for i in range(32)], [[1 + i % 20] for i in range(32)]
-    return seconds_per_call(lambda: ex.priors(images, pairs, labels), repeats)
+    return best_of(lambda: ex.priors(images, pairs, labels), repeats)
 
 
 def child(repeats: int) -> None:
-    from pipeline.core.precision import describe, resolve
+    from pipeline.core.dtype import describe, resolve
 
     out = {**describe(), "auto": resolve("auto", "cpu")}
     for name, fn in (("train_step", train_step), ("priors_batch", priors_batch)):

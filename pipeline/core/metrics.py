@@ -1,4 +1,4 @@
-"""Few-shot segmentation metrics (DESIGN §4).
+"""Few-shot segmentation metrics (docs/design.md#conventions).
 
 * **mIoU**: for each class, sum foreground intersections and unions over *all* episodes of
   that class, divide, then average over the classes — not the mean of per-episode IoUs.

@@ -6,7 +6,7 @@ dataset's root). Every value it names replaces the one in ``params.yaml``, the r
 comment) is kept; the result is validated before anything is written, so a bad preset or value
 fails with one line and leaves ``params.yaml`` as it was::
 
-    python -m pipeline.core.presets configs/pascal-5i.yaml --set dataset.root=/data/VOC2012
+    python -m pipeline.config.presets configs/pascal-5i.yaml --set dataset.root=/data/VOC2012
     make repro CONFIG=configs/pascal-5i.yaml DATASET_ROOT=/data/VOC2012   # the same, then dvc repro
 """
 
@@ -25,6 +25,7 @@ from ruamel.yaml.comments import CommentedSeq
 from pipeline.core.artifacts import write_atomic
 from pipeline.core.errors import PipelineError
 from pipeline.core.params import parse_params
+from pipeline.datasets.registry import check_dataset
 
 
 def _merge(into: dict, values: dict) -> None:
@@ -79,13 +80,14 @@ def apply_preset(params_path: Path, preset: Path | None, overrides: list[str]) -
     buffer = io.StringIO()
     editor.dump(document, buffer)
     merged = yaml.safe_load(buffer.getvalue())
-    parse_params(merged, f"{params_path} with {preset or 'the overrides'}")  # fails before writing
+    source = f"{params_path} with {preset or 'the overrides'}"
+    check_dataset(parse_params(merged, source).dataset, source)  # fails before writing
     write_atomic(Path(params_path), lambda tmp: tmp.write_text(buffer.getvalue()))
     return merged
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.core.presets",
+    parser = argparse.ArgumentParser(prog="python -m pipeline.config.presets",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("preset", nargs="?", type=Path, help="a configs/*.yaml preset")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",

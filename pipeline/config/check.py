@@ -1,0 +1,34 @@
+"""``python -m pipeline.config.check [params.yaml]``: the whole file checked in about a second, as
+``dvc repro`` needs it (``make repro`` runs it before DVC touches anything): the schema
+(:mod:`pipeline.core.params`), every section written out, and the dataset's name and root
+(:mod:`pipeline.datasets.registry`). A bad value is one line naming the key, and exit status 1."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import Params, check_complete
+from pipeline.datasets.registry import check_dataset
+
+
+def check_params(path: str | Path = "params.yaml") -> Params:
+    """``path`` validated whole: one :class:`PipelineError` line on the first bad key."""
+    params = check_complete(path)
+    check_dataset(params.dataset, str(path))
+    return params
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        check_params(Path(args[0] if args else "params.yaml"))
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
