@@ -10,23 +10,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.datasets import coco, voc
 from pipeline.datasets.index import read_index, read_label, write_index
 from pipeline.datasets.shapes import SHAPE_NAMES
-from tests.conftest import SMOKE
-
-
-def make_voc(root: Path, train: list[str], val: list[str], size=(24, 32)) -> Path:
-    """A tiny VOC2012 folder without a train_aug list."""
-    rng = np.random.default_rng(0)
-    for d in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    for image_id in train + val:
-        pixels = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / "JPEGImages" / f"{image_id}.jpg")
-        label = np.zeros(size, np.uint8)
-        label[2:10, 3:12] = 15
-        label[10, :] = 255
-        Image.fromarray(label).save(root / "SegmentationClassAug" / f"{image_id}.png")
-    (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(val) + "\n")
-    return root
+from tests.conftest import SMOKE, make_voc
 
 
 def test_voc_index_rows_count_pixels_per_class(benchmark_root, tmp_path):

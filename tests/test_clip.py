@@ -22,22 +22,7 @@ from pipeline.clip.dense import (
 from pipeline.clip.gradcam import softmax_gradcam
 from pipeline.clip.prompts import MASKCLIP_TEMPLATES, text_embeddings
 from pipeline.core.errors import PipelineError
-
-TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
-VIT = {"embed_dim": 24, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2,
-                                       "head_width": 16, "pool_type": "avg"}, "text_cfg": TEXT}
-RESNET = {"embed_dim": 24, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8,
-                                          "head_width": 32}, "text_cfg": TEXT}
-
-
-def tiny(cfg: dict, seed: int = 0) -> open_clip.CLIP:
-    torch.manual_seed(seed)
-    model = loader.build_model(cfg).eval()
-    with torch.no_grad():  # open_clip zero-inits each bottleneck's last BN: random nets go flat
-        for name, param in model.named_parameters():
-            if name.endswith("bn3.weight"):
-                param.uniform_(0.5, 1.5)
-    return model
+from tests.conftest import RESNET, VIT, tiny
 
 
 @pytest.fixture(scope="module")

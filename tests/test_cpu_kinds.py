@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 
 from pipeline.clip.loader import load_local_dir, save_local_dir
-from tests.test_stages import IN_PROCESS, REPO, files_of, write_params, zarr_arrays
+from tests.conftest import IN_PROCESS, REPO, files_of, write_params, zarr_arrays
 
 pytestmark = pytest.mark.slow
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}

@@ -16,7 +16,7 @@ from pipeline.priors.forward import block_with_attention, image_features
 from pipeline.priors.pir import box_mask, high_order_affinity, refine
 from pipeline.priors.vtp import PromptBank, prompt_sets
 from pipeline.priors.vvp import vvp
-from tests.test_clip import RESNET, VIT, tiny
+from tests.conftest import RESNET, VIT, tiny
 
 NUM_CLASSES = 4
 PIR = {"pir_blocks": 8, "pir_threshold": 0.4}  # the paper's PIR settings

@@ -22,8 +22,7 @@ from pipeline.segment.compare import evaluate_episodes
 from pipeline.segment.run import RunDir
 from pipeline.segment.segmenter import Segmenter
 from pipeline.tinyclip.model import build_tiny
-from tests.conftest import run_first_stages
-from tests.test_stages import REPO, write_params
+from tests.conftest import REPO, run_first_stages, write_params
 
 pytestmark = pytest.mark.slow
 FOLD, MANIFEST, MANIFEST5 = 0, "test/fold0/shot1_seed0", "test/fold0/shot5_seed0"
