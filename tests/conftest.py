@@ -75,7 +75,7 @@ SMOKE_PARAMS = {
     # images of mixed sizes and aspect ratios, as VOC / COCO: every stage below runs on them
     "prepare": {"synthetic": {**SMOKE.model_dump(), "mixed_sizes": True}},
     "clip": {"tiny": {"batch_size": 8, "phase1_steps": 12, "phase2_steps": 4, "warmup": 2,
-                      "precision": "fp32"},
+                      "dtype": "fp32"},
              "zero_shot_images": 40, "dense_eval_images": 20},
     # two test seeds of 30: the 60 test episodes a fold and shot of one seed before, and a std
     "episodes": {"test_episodes": 30, "seeds": [0, 1], "train_episodes": 50, "val_episodes": 20},
