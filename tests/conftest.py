@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -27,6 +28,16 @@ from pipeline.datasets import synthetic_writer  # noqa: E402
 
 if TYPE_CHECKING:
     import open_clip
+
+# A stage run in-process sets torch's thread count for its tasks (stages/priors.py and others) and,
+# as in a stage process of its own, leaves it set. Each test starts from the count a fresh process
+# has, so in-process and subprocess runs compute alike (bf16 / fp32 reductions depend on it).
+_PROCESS_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_threads():
+    torch.set_num_threads(_PROCESS_THREADS)
 
 
 # --- the small benchmark ------------------------------------------------------------------------------
