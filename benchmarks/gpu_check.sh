@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# benchmarks/scale.py on a bare GPU machine (the device tool's H200), in one command:
+# The GPU check of a bare GPU machine (the device tool's H100 / H200), in one command:
 #     bash benchmarks/gpu_check.sh          with carry: [".whl"]
+# 1. benchmarks/throughput.py --device cuda: every stage's host feed per core and its model work
+#    on the GPU (CUDA events), host_feed_ratio and the projected PASCAL-5i / COCO-20i hours;
+# 2. benchmarks/scale.py --device cuda with the time left: the real stages, each in a process of
+#    its own, and benchmarks/gpu_utilisation.py: mean and peak GPU utilisation per stage.
 # .whl/ holds the py3.12 wheels the stages need beyond what that machine's python3 has (prefect,
 # pydantic, zarr, open_clip, dvclive + dvc, ...; benchmarks/gpu_wheels.txt lists them and says how to
 # download them). Everything printed goes to $OUT/gpu_scale.log
@@ -10,7 +14,7 @@
 # Prefect server, as plain scale.py does (default 1: one for all stages, as `make repro` does).
 set -u
 N=${N:-64}
-BUDGET_S=${BUDGET_S:-400}
+BUDGET_S=${BUDGET_S:-460}
 SHARED_PREFECT=${SHARED_PREFECT:-1}
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
@@ -35,6 +39,10 @@ python3 benchmarks/gpu_smoke.py 2>&1 | stamp
 
 nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 1 >"$OUT/gpu_mem.csv" 2>&1 &
 sampler=$!
+left=$((BUDGET_S - SECONDS - 150)); [ "$left" -gt 60 ] || left=60
+echo "== throughput.py --device cuda, at most ${left}s ($SECONDS s so far)" | stamp
+timeout -k 10 "$left" python3 benchmarks/throughput.py --device cuda --items 64 --keep /tmp/tp 2>&1 | stamp
+echo "== throughput.py exit ${PIPESTATUS[0]}" | stamp
 left=$((BUDGET_S - SECONDS)); [ "$left" -gt 60 ] || left=60
 echo "== scale.py --device cuda --images $N, at most ${left}s ($SECONDS s so far)" | stamp
 launch=()
@@ -42,5 +50,7 @@ launch=()
 timeout -k 15 "$left" ${launch[@]+"${launch[@]}"} python3 benchmarks/scale.py --device cuda --images "$N" 2>&1 | stamp
 rc=${PIPESTATUS[0]}
 kill "$sampler" 2>/dev/null
+echo "== GPU utilisation per stage" | stamp
+python3 benchmarks/gpu_utilisation.py "$LOG" "$OUT/gpu_mem.csv" 2>&1 | stamp
 echo "== scale.py exit $rc$([ "$rc" = 124 ] && echo ' (timed out)') after $SECONDS s in all" | stamp
 exit "$rc"

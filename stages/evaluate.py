@@ -69,7 +69,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
     # as trained: validation is never letterboxed
     threshold, _ = best_prior_threshold(val, inputs.bank, len(meta["class_names"]))
     workers = loader_workers(inputs.bank, params.orchestration.loader_workers,
-                             images=params.evaluate.resize == "pfenet")
+                             images=params.evaluate.resize == "pfenet", device=device)
     scores = score_fold(model, cfg, inputs, manifests, tests, meta["class_names"], circle=saved["circle"],
                         prior_threshold=threshold, scoring=scoring, samples=params.evaluate.samples,
                         batch_size=params.evaluate.batch_size, device=device, loader_workers=workers,

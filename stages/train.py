@@ -150,7 +150,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
             progress=progress,
             curves=lambda history: write_curves(Path(args.plots) / f"fold{fold}", history),
             loader_workers=loader_workers(bank, params.orchestration.loader_workers,
-                                          images=online.source is not None),
+                                          images=online.source is not None, device=device),
             online=online,
         )
     if rank != 0:

@@ -259,11 +259,68 @@ def test_batches_are_read_ahead_when_there_is_reading_to_do(fold: Fold):
     from pipeline.fewshot.data import loader_workers
 
     labels = {i: str(fold.path / f"{i}.png") for i in IDS}
-    some = min(4, os.cpu_count() or 1)
+    some, more = min(4, len(os.sched_getaffinity(0))), min(8, len(os.sched_getaffinity(0)))
     for budget, default in ((2**30, 0), (0, some)):
         features = features_store.FeatureStore(fold.path / "features.zarr", cache_bytes=budget)
         priors = priors_store.PriorStore(fold.path / "priors.zarr", cache_bytes=budget)
         bank = load_bank(IDS, features, priors, labels)
         assert loader_workers(bank, None) == default
         assert loader_workers(bank, None, images=True) == some
+        assert loader_workers(bank, None, images=True, device="cuda") == more
+        with pytest.MonkeyPatch.context() as patch:  # on a 16-core box a GPU takes more than a CPU
+            patch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+            assert loader_workers(bank, None, images=True) == 4
+            assert loader_workers(bank, None, images=True, device="cuda") == 8
         assert loader_workers(bank, 3, images=True) == loader_workers(bank, 0) + 3 == 3
+
+
+def test_an_augmented_online_batch_is_finished_where_the_step_runs_with_the_host_paths_values(fold: Fold):
+    """``train.augment: papers``: the loader leaves uint8 pixels, the stored maps and the drawn
+    views; finishing the batch (normalise, warp, targets) gives what normalising and warping on
+    the host gives, the same whether the batch came from a loader process or from here."""
+    from pipeline.core.images import load_normalized
+    from pipeline.core.metrics import binary_target
+    from pipeline.core.params import TrainParams
+    from pipeline.fewshot.augment import random_views, warp, warp_labels
+    from pipeline.fewshot.data import prefetched
+    from pipeline.fewshot.online import ImageSource, online_batch
+
+    rng = np.random.default_rng(1)
+    for i, (h, w) in zip(IDS, LABEL_SIZES, strict=True):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(fold.path / f"{i}.jpg")
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
+    source = ImageSource([str(fold.path / f"{i}.jpg") for i in IDS], 12, mean, std)
+    labels = {i: str(fold.path / f"{i}.png") for i in IDS}
+    features = features_store.FeatureStore(fold.path / "features.zarr", cache_bytes=2**30)
+    priors = priors_store.PriorStore(fold.path / "priors.zarr", cache_bytes=2**30)
+    bank = load_bank(IDS, features, priors, labels)
+    pseudo = pseudo_store.PseudoMaskStore(fold.path / "pseudo_masks.zarr")
+    table = load_episodes(NAME, manifest(), bank, pseudo, priors, ModelParams(), online_masks=True)
+    cfg = TrainParams(features="online", augment="papers", sampling="epoch", label_size=10)
+    index = torch.tensor([2, 0, 3])
+
+    def make(seed: int):
+        return online_batch(table, bank, index, cfg, source, seed)
+
+    loaded = [make(7), *prefetched(lambda _: make(7), 1, workers=1)]
+    assert loaded[0].query.images.dtype == torch.uint8
+    finished = [b.finish("cpu") for b in loaded]
+    # the host path, by hand: views drawn query first, every map normalised / widened and warped
+    generator = torch.Generator().manual_seed(7)
+    expect = {}
+    for role, rows in (("query", table.query[index]), ("support", table.supports[index, 0])):
+        own = [torch.from_numpy(bank.labels[r]) for r in rows.tolist()]
+        theta = random_views(generator, [tuple(lab.shape) for lab in own], cfg.augment_scale,
+                             cfg.augment_rotate)
+        images = load_normalized([source.paths[r] for r in rows.tolist()], 12, mean, std)
+        expect[role] = (warp(images, theta, (12, 12)),
+                        binary_target(warp_labels(own, theta, (10, 10)), table.classes[index]))
+    for x, made, query_target, support_target in finished:
+        assert torch.equal(x.query, expect["query"][0]) and torch.equal(x.support, expect["support"][0])
+        assert torch.equal(query_target, expect["query"][1])
+        assert torch.equal(support_target, expect["support"][1])
+        assert made.query_scores.shape == (3, *bank.scores.shape[1:])
+    (a, a_made, *_), (b, b_made, *_) = finished  # from a loader process or from here: the same batch
+    for field in ("query", "support", "query_vtp", "support_vtp", "query_tokens", "support_tokens"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert torch.equal(a_made.support_scores, b_made.support_scores)

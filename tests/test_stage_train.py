@@ -226,7 +226,8 @@ def test_online_features_equal_the_stored_ones_and_augmented_training_runs(model
     from pipeline.datasets.episodes import read_manifests
     from pipeline.datasets.index import read_index_dir
     from pipeline.fewshot.data import open_fold_inputs
-    from pipeline.fewshot.train import episode_loss, make_step, with_features
+    from pipeline.fewshot.online import OnlineBatch
+    from pipeline.fewshot.train import episode_loss, make_step, on_device, with_features
     from pipeline.model.lfss import LFSS
     from stages import train
     from stages.train import online_parts
@@ -243,7 +244,9 @@ def test_online_features_equal_the_stored_ones_and_augmented_training_runs(model
     stored = make_step(inputs.episodes(name, manifests[name], params.model), bank, first, params.train)
     online = online_parts(params, index, bank, pipeline_run / "clip", torch.device("cpu"))
     table = inputs.episodes(name, manifests[name], params.model, online_masks=True)
-    step = make_step(table, bank, first, params.train, online.source, seed=0)
+    loaded = make_step(table, bank, first, params.train, online.source, seed=0)
+    assert isinstance(loaded, OnlineBatch) and loaded.query.images.dtype == torch.uint8  # normalised later
+    step = on_device(loaded, params.train, "cpu")
     assert step.images and step.x.query.shape[1:] == (3, 256, 256)
     made = with_features([step.x], online.backbone)[0]
     torch.testing.assert_close(made.query, stored.x.query.float(), atol=2e-3, rtol=2e-3)  # float16 either way
@@ -261,7 +264,8 @@ def test_online_features_equal_the_stored_ones_and_augmented_training_runs(model
     augment = {"train": {**online_params["train"], "augment": "papers", "sampling": "epoch",
                          "episodes_per_epoch": 16}, "model": {"hidden": 8}, **IN_PROCESS}
     params = load_params(write_params(tmp_path / "params.yaml", augment))
-    viewed = [make_step(table, bank, first, params.train, online.source, seed=s) for s in (0, 0, 1)]
+    viewed = [on_device(make_step(table, bank, first, params.train, online.source, seed=s), params.train,
+                        "cpu") for s in (0, 0, 1)]
     assert torch.equal(viewed[0].x.query, viewed[1].x.query)  # views are a function of the seed
     assert not torch.equal(viewed[0].x.query, viewed[2].x.query) and not torch.equal(viewed[0].x.query,
                                                                                     step.x.query)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 import zarr
 
-from pipeline.core.images import load_normalized
+from pipeline.core.images import load_resized, normalize, read_ahead
 from pipeline.core.interrupt import check_stop
 from pipeline.features.backbone import Backbone
 
@@ -16,11 +16,16 @@ from pipeline.features.backbone import Backbone
 def extract_shard(
     root: zarr.Group, rows: range, paths: Sequence[str], backbone: Backbone, size: int, batch_size: int = 64
 ) -> None:
-    """Fill ``features[rows]`` from the images at ``paths`` (one per row)."""
+    """Fill ``features[rows]`` from the images at ``paths`` (one per row); for a backbone on a GPU
+    the next batch's images are decoded while it computes."""
     device = next(backbone.parameters()).device
+
+    def load(part: slice) -> torch.Tensor:
+        return load_resized(paths[part], size)
+
     out = []
-    for start in range(0, len(paths), batch_size):
+    for _, pixels in read_ahead(load, len(paths), batch_size, ahead=device.type == "cuda"):
         check_stop()
-        images = load_normalized(paths[start : start + batch_size], size, backbone.mean, backbone.std, device)
+        images = normalize(pixels, backbone.mean, backbone.std, device)
         out.append(backbone(images).to(torch.float16).cpu())
     root["features"][rows.start : rows.stop] = torch.cat(out).numpy()

@@ -290,13 +290,25 @@ class _Made(torch.utils.data.Dataset):
         return self.make(i)
 
 
-def loader_workers(bank: ImageBank, requested: int | None, *, images: bool = False) -> int:
+# Loader processes by default, when batches are read from the stores or decode images: on a CPU a
+# few (the model's threads need the cores); for a GPU as many as feed it. One process makes
+# ~40-60 stored-feature episodes/s of the LFSS preset (benchmarks/throughput.py --host-only; the
+# bytes of two 400 px ResNet-50 feature maps an episode bound it), the GPU step ~250.
+CPU_LOADERS, GPU_LOADERS = 4, 8
+
+
+def loader_workers(bank: ImageBank, requested: int | None, *, images: bool = False,
+                   device: torch.device | str = "cpu") -> int:
     """Processes that read batches ahead: ``requested``, or by default none for a bank in memory
-    (nothing to read) and up to four for one read from the stores or for batches that decode
-    ``images`` (online features, letterboxed evaluation)."""
+    (nothing to read) and, for one read from the stores or for batches that decode ``images``
+    (online features, letterboxed evaluation), up to ``CPU_LOADERS`` (``GPU_LOADERS`` for a model
+    on a GPU), never more than the cores this process may use."""
     if requested is not None:
         return requested
-    return 0 if isinstance(bank.features, torch.Tensor) and not images else min(4, os.cpu_count() or 1)
+    if isinstance(bank.features, torch.Tensor) and not images:
+        return 0
+    most = GPU_LOADERS if torch.device(device).type == "cuda" else CPU_LOADERS
+    return min(most, len(os.sched_getaffinity(0)))
 
 
 def _as_made(item: Any) -> Any:

@@ -7,6 +7,12 @@ them, on the device, and rounds its output to float16 as the store does, so that
 augmentation an online batch equals a precomputed one. With ``train.augment: papers`` each image
 is seen through a random view (:mod:`pipeline.fewshot.augment`), and so are its label and its
 stored priors; the pseudo-masks are then made from the view's features and scores.
+
+The loader does only what needs the host (:func:`online_batch`: decode and resize, read the stored
+priors and labels, draw the views); normalising, warping and the targets are per-pixel work and run
+where the training step does (:meth:`OnlineBatch.finish`): on a GPU, the loader processes then
+feed it at ~5x the rate (``benchmarks/throughput.py --host-only``: the warps were 93 % of their
+work). On a CPU the same operations run in the same order, so the values are the same.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.core.images import load_normalized
+from pipeline.core.images import load_resized, normalize
 from pipeline.core.metrics import binary_target
 from pipeline.core.params import TrainParams
 from pipeline.core.tensors import mask_to_grid
@@ -45,9 +51,13 @@ class ImageSource:
         paths = [path_of[image] for image in sorted(bank.rows, key=bank.rows.__getitem__)]
         return cls(paths, size, backbone.mean, backbone.std)
 
+    def pixels(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, S, S)`` uint8 images of bank ``rows``, resized (:func:`normalize` them)."""
+        return load_resized([self.paths[r] for r in rows.tolist()], self.size)
+
     def load(self, rows: torch.Tensor) -> torch.Tensor:
         """``(B, 3, S, S)`` normalised images of bank ``rows``."""
-        return load_normalized([self.paths[r] for r in rows.tolist()], self.size, self.mean, self.std)
+        return normalize(self.pixels(rows), self.mean, self.std)
 
 
 @torch.no_grad()
@@ -103,6 +113,10 @@ class ImageBatch:
     raw_vtp: torch.Tensor | None = None  # (B, hp, wp): the VTP an initial mask is thresholded with
     mask: torch.Tensor | None = None  # (B, h, w) stored pseudo-mask
 
+    def to(self, device: torch.device | str) -> ImageBatch:
+        moved = (None if v is None else v.to(device, non_blocking=True) for v in vars(self).values())
+        return ImageBatch(*moved)
+
     def viewed(self, theta: torch.Tensor) -> ImageBatch:
         """This batch seen through the views ``theta`` ``(B, 2, 3)``: every map warped at its own size."""
         grid = tuple(self.vtp.shape[-2:])
@@ -112,15 +126,70 @@ class ImageBatch:
         return ImageBatch(images, vtp, tokens, scores, raw_vtp, mask)
 
 
+@dataclass
+class OnlineBatch:
+    """An online training batch as the loader leaves it (:func:`online_batch`): per role (query,
+    support) the uint8 pixels and the stored priors as read, and either the random views drawn
+    with the labels at their own sizes, or the targets already made (no augmentation).
+
+    Attributes:
+        query, support: the roles' :class:`ImageBatch` (``images`` uint8 ``(B, 3, S, S)``).
+        classes: ``(B,)``; views: ``(B, 2, 3)`` per role, or None.
+        labels: per role the ``B`` label maps ``(H_i, W_i)`` (with views), else None.
+        targets: per role ``(B, L, L)`` uint8 (without views), else None.
+        support_mask: ``(B, h, w)`` ground-truth support masks (``supervision: mask``), or None.
+    """
+
+    query: ImageBatch
+    support: ImageBatch
+    classes: torch.Tensor
+    mean: tuple[float, float, float]  # the backbone's normalisation
+    std: tuple[float, float, float]
+    label_size: int
+    grid: tuple[int, int]
+    views: tuple[torch.Tensor, torch.Tensor] | None = None
+    labels: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+    targets: tuple[torch.Tensor, torch.Tensor] | None = None
+    support_mask: torch.Tensor | None = None
+
+    def finish(self, device: torch.device | str) -> tuple[Episodes, MaskInputs, torch.Tensor, torch.Tensor]:
+        """On ``device``: the images normalised and every map seen through its view; the episodes
+        (images in place of features, no pseudo-masks yet), what those are made from, and the
+        query and support targets ``(B, L, L)``. Under views, ground-truth support masks come
+        from the viewed label."""
+        roles = {}
+        for role, batch in (("query", self.query), ("support", self.support)):
+            batch = batch.to(device)
+            roles[role] = replace(batch, images=normalize(batch.images, self.mean, self.std, device))
+        classes = self.classes.to(device)
+        support_mask = None if self.support_mask is None else self.support_mask.to(device)
+        if self.views is None:
+            targets = tuple(t.to(device) for t in self.targets)
+        else:
+            side = (self.label_size, self.label_size)
+            targets = []
+            for role, theta, labels in zip(roles, self.views, self.labels, strict=True):
+                theta = theta.to(device)
+                roles[role] = roles[role].viewed(theta)
+                seen = warp_labels([lab.to(device) for lab in labels], theta, side)
+                targets.append(binary_target(seen, classes))
+            if support_mask is not None:
+                support_mask = mask_to_grid(targets[1] == 1, self.grid).half()
+        q, s = roles["query"], roles["support"]
+        x = Episodes(query=q.images, query_mask=None, support=s.images, support_mask=support_mask,
+                     query_vtp=q.vtp, support_vtp=s.vtp, query_tokens=q.tokens, support_tokens=s.tokens)
+        made = MaskInputs(q.scores, s.scores[:, None], classes, q.raw_vtp,
+                          None if s.raw_vtp is None else s.raw_vtp[:, None])
+        return x, made, targets[0], targets[1]
+
+
 def online_batch(
     table: EpisodeTable, bank: ImageBank, index: torch.Tensor, cfg: TrainParams, source: ImageSource,
     seed: int,
-) -> tuple[Episodes, MaskInputs, torch.Tensor, torch.Tensor]:
-    """Episodes ``index`` with images in place of features (``query``/``support`` ``(B, 3, S, S)``)
-    and no pseudo-masks yet, what those are made from, and the query and support targets
-    ``(B, L, L)``. Under ``train.augment: papers`` every image is seen through its own random
-    view, drawn from ``seed``, and so is its label; ground-truth support masks (``supervision:
-    mask``) then come from the viewed label."""
+) -> OnlineBatch:
+    """Episodes ``index`` with images in place of features, as the loader reads them: pixels,
+    stored priors and labels, and under ``train.augment: papers`` every image's random view,
+    drawn from ``seed`` (query views first); :meth:`OnlineBatch.finish` does the rest."""
     classes = table.classes[index]
     masks = table.mask_inputs(bank, index)
     raw_support = None if masks.support_vtp is None else masks.support_vtp[:, 0]
@@ -130,27 +199,21 @@ def online_batch(
                     raw_support),
     }
     generator = torch.Generator().manual_seed(seed)
-    batches, targets = {}, {}
+    batches, views, labels, targets = {}, [], [], []
     for role, (rows, vtp, scores, raw) in roles.items():
-        batches[role] = ImageBatch(source.load(rows), vtp, bank.tokens[rows], scores, raw)
+        batches[role] = ImageBatch(source.pixels(rows), vtp, bank.tokens[rows], scores, raw)
         if cfg.augment == "papers":
-            labels = [torch.from_numpy(bank.labels[r]) for r in rows.tolist()]
-            theta = random_views(generator, [tuple(lab.shape) for lab in labels], tuple(cfg.augment_scale),
-                                 cfg.augment_rotate)
-            batches[role] = batches[role].viewed(theta)
-            side = (cfg.label_size, cfg.label_size)
-            targets[role] = binary_target(warp_labels(labels, theta, side), classes)
+            labels.append([torch.from_numpy(bank.labels[r]) for r in rows.tolist()])
+            views.append(random_views(generator, [tuple(lab.shape) for lab in labels[-1]],
+                                      tuple(cfg.augment_scale), cfg.augment_rotate))
         else:
-            targets[role] = bank.targets(rows, classes, cfg.label_size)
+            targets.append(bank.targets(rows, classes, cfg.label_size))
     support_mask = None if table.support_mask is None else table.support_mask[index, 0]
-    if support_mask is not None and cfg.augment == "papers":
-        support_mask = mask_to_grid(targets["support"] == 1, bank.grid).half()
-    q, s = batches["query"], batches["support"]
-    x = Episodes(query=q.images, query_mask=None, support=s.images, support_mask=support_mask,
-                 query_vtp=q.vtp, support_vtp=s.vtp, query_tokens=q.tokens, support_tokens=s.tokens)
-    made = MaskInputs(q.scores, s.scores[:, None], classes, q.raw_vtp,
-                      None if s.raw_vtp is None else s.raw_vtp[:, None])
-    return x, made, targets["query"], targets["support"]
+    augmented = cfg.augment == "papers"
+    return OnlineBatch(batches["query"], batches["support"], classes, source.mean, source.std,
+                       cfg.label_size, bank.grid,
+                       tuple(views) if augmented else None, tuple(labels) if augmented else None,
+                       None if augmented else tuple(targets), support_mask)
 
 
 def letterboxed_batch(

@@ -37,7 +37,7 @@ from pipeline.core.metrics import IGNORE
 from pipeline.core.params import TrainParams
 from pipeline.fewshot.data import EpisodeTable, ImageBank, prefetched, upsample
 from pipeline.fewshot.evaluate import evaluate_table
-from pipeline.fewshot.online import ImageSource, online_batch, view_seed, with_features
+from pipeline.fewshot.online import ImageSource, OnlineBatch, online_batch, view_seed, with_features
 from pipeline.model.lfss import Episodes, circle
 from pipeline.pseudomasks.online import MaskInputs, OnlineRefiner
 
@@ -77,18 +77,27 @@ class Online:
 def make_step(
     table: EpisodeTable, bank: ImageBank, index: torch.Tensor, cfg: TrainParams,
     source: ImageSource | None = None, seed: int = 0,
-) -> Step:
-    """The batch of episodes ``index`` (read from the bank: in memory, or from the stores); with
-    a ``source``, images instead of features, seen through random views drawn from ``seed``
-    under ``train.augment: papers`` (:func:`~pipeline.fewshot.online.online_batch`)."""
+) -> Step | OnlineBatch:
+    """The batch of episodes ``index`` (read from the bank: in memory, or from the stores), as a
+    loader makes it; with a ``source``, images instead of features, seen through random views
+    drawn from ``seed`` under ``train.augment: papers``: an :class:`OnlineBatch` whose per-pixel
+    work :func:`on_device` does where the step runs."""
     if source is not None:
-        x, masks, query_target, support_target = online_batch(table, bank, index, cfg, source, seed)
-        return Step(x, query_target, support_target if cfg.circle else None, masks, images=True)
+        return online_batch(table, bank, index, cfg, source, seed)
     query_target = bank.targets(table.query[index], table.classes[index], cfg.label_size)
     support_target = (bank.targets(table.supports[index, 0], table.classes[index], cfg.label_size)
                       if cfg.circle else None)
     masks = table.mask_inputs(bank, index) if table.online_masks else None
     return Step(table.batch(bank, index), query_target, support_target, masks)
+
+
+def on_device(batch: Step | OnlineBatch, cfg: TrainParams, device: torch.device | str) -> Step:
+    """``batch`` ready for the step on ``device``: an online batch finished there (normalised,
+    warped, its targets made), a stored one as it is (moved by :func:`episode_loss`)."""
+    if isinstance(batch, Step):
+        return batch
+    x, masks, query_target, support_target = batch.finish(device)
+    return Step(x, query_target, support_target if cfg.circle else None, masks, images=True)
 
 
 def with_pseudo_masks(x: Episodes, masks: MaskInputs, refiner: OnlineRefiner) -> Episodes:
@@ -101,8 +110,10 @@ def with_pseudo_masks(x: Episodes, masks: MaskInputs, refiner: OnlineRefiner) ->
 
 
 def episode_loss(
-    model: nn.Module, step: Step, cfg: TrainParams, device: torch.device, online: Online = Online()
+    model: nn.Module, batch: Step | OnlineBatch, cfg: TrainParams, device: torch.device,
+    online: Online = Online(),
 ) -> torch.Tensor:
+    step = on_device(batch, cfg, device)
     x, query_target = step.x.to(device), step.query_target.to(device)
     if step.images:
         if online.backbone is None:
@@ -218,7 +229,7 @@ def train_epoch(net: nn.Module, table: EpisodeTable, bank: ImageBank, cfg: Train
     rank, world = shard
     total = 0.0
 
-    def batch(step: int) -> Step:
+    def batch(step: int) -> Step | OnlineBatch:
         index = order[step * cfg.batch_size : (step + 1) * cfg.batch_size][rank::world]
         return make_step(table, bank, index, cfg, online.source, view_seed(cfg.seed, epoch, step))
 

@@ -18,7 +18,7 @@ import zarr
 from pipeline.clip.loader import ClipBundle, load_local_dir
 from pipeline.clip.prompts import text_embeddings
 from pipeline.core.dtype import Resolved, autocast, resolve
-from pipeline.core.images import load_normalized
+from pipeline.core.images import load_resized, normalize, read_ahead
 from pipeline.core.interrupt import check_stop
 from pipeline.core.params import PriorsParams
 from pipeline.priors.extract import extract_priors
@@ -44,8 +44,16 @@ class Extractor:
         return next(self.bundle.model.parameters()).device
 
     def load_images(self, paths: Sequence[str]) -> torch.Tensor:
-        """``(B, 3, S, S)`` normalised images (bicubic resize to the CLIP input side)."""
-        return load_normalized(paths, self.image_size, self.bundle.mean, self.bundle.std, self.device)
+        """``(B, 3, S, S)`` normalised images (bicubic resize to the CLIP input side), on its device."""
+        return self.normalize(self.pixels(paths))
+
+    def pixels(self, paths: Sequence[str]) -> torch.Tensor:
+        """``(B, 3, S, S)`` uint8 images resized to the CLIP input side, on the host."""
+        return load_resized(paths, self.image_size)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The CLIP's normalised input, on its device."""
+        return normalize(pixels, self.bundle.mean, self.bundle.std, self.device)
 
     def autocast_context(self):
         return autocast(self.dtype, self.device)
@@ -84,10 +92,14 @@ def extract_image_shard(
     names = ("images/maskclip_scores", "images/maskclip_labels", "images/tokens_0", "images/tokens_1",
              "pairs/class_id", "pairs/vtp", "pairs/pir")
     out = {name: np.zeros((n, *root[name].shape[1:]), root[name].dtype) for name in names}
-    for start in range(0, n, ex.batch_size):
+
+    def load(part: slice) -> torch.Tensor:  # on a GPU the next batch decodes while the CLIP works
+        return ex.pixels(paths[part])
+
+    for part, pixels in read_ahead(load, n, ex.batch_size, ahead=ex.device.type == "cuda"):
         check_stop()
-        part = slice(start, min(start + ex.batch_size, n))
-        got = ex.priors(ex.load_images(paths[part]), pair_classes[part], image_labels[part])
+        start = part.start
+        got = ex.priors(ex.normalize(pixels), pair_classes[part], image_labels[part])
         out["images/maskclip_scores"][part] = got.maskclip_scores.cpu().numpy()
         out["images/maskclip_labels"][part] = got.maskclip_labels.cpu().numpy()
         out["images/tokens_0"][part] = got.tokens[0].float().cpu().numpy()

@@ -37,22 +37,27 @@ class Refiner:
     batch_size: int
     device: str
 
+    def on_device(self, stored: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Stored float16 values as float32 on the device: moved as stored, widened there (exact)."""
+        return torch.as_tensor(stored).to(self.device).float()
+
     def labels(self, ids: list[str]) -> torch.Tensor:
-        """``(I, S, S)`` MaskCLIP label maps (class ids) from the stored scores, each distinct
-        image's computed once."""
+        """``(I, S, S)`` MaskCLIP label maps (class ids) from the stored scores, on the device (the
+        upsampling to ``S`` is most of the stage's per-pixel work), each distinct image's once."""
         distinct = sorted(set(ids))
-        scores = torch.from_numpy(self.priors.maskclip_scores(distinct).astype(np.float32))
+        scores = self.on_device(self.priors.maskclip_scores(distinct))
         maps = torch.cat([labels_from_scores(scores[i: i + self.batch_size], (self.size, self.size)) + 1
                           for i in range(0, len(distinct), self.batch_size)])
         row = {image: j for j, image in enumerate(distinct)}
         return maps if distinct == ids else maps[[row[image] for image in ids]]
 
     def initial(self, labels: torch.Tensor, images: list[str], classes: list[int]) -> torch.Tensor:
+        """``(P, S, S)`` bool initial masks of the pairs ``(images[j], classes[j])``, on the device."""
         vtp = None
-        if self.vtp_threshold is not None:
-            maps = [self.priors.vtp(i, c) for i, c in zip(images, classes, strict=True)]
-            vtp = torch.from_numpy(np.stack(maps))
-        return initial_masks(labels, torch.tensor(classes), vtp, vtp_threshold=self.vtp_threshold)
+        if self.vtp_threshold is not None:  # one read for every pair
+            vtp = self.on_device(self.priors.vtp_of(images, classes, refined=False))
+        return initial_masks(labels, torch.tensor(classes, device=labels.device), vtp,
+                             vtp_threshold=self.vtp_threshold)
 
 
 def pack_masks(masks: torch.Tensor) -> np.ndarray:
@@ -76,7 +81,7 @@ def refine_shard(root: zarr.Group, manifest: str, episodes: pd.DataFrame, refine
     refined masks live for one batch, whose masks are written as it finishes. So a shard's
     memory grows with its episodes by at most :func:`pipeline.pseudomasks.store.kept_bytes`."""
     def features(pairs: list[tuple[str, int]]) -> torch.Tensor:
-        return refiner.features.read([image for image, _ in pairs]).to(refiner.device).float()
+        return refiner.on_device(refiner.features.read([image for image, _ in pairs]))
 
     def initial(pairs: list[tuple[str, int]]) -> torch.Tensor:
         images, classes = map(list, zip(*pairs, strict=True))
