@@ -164,7 +164,7 @@ class BackboneStandIn(torch.nn.Module):
     def __init__(self, batch_size: int) -> None:
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
-        self.out = random_like((batch_size, *FEATURE_SHAPE))
+        self.out = random_like((batch_size, *FEATURE_SHAPE), torch.float16)  # rounded on the device
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.out[: len(images)]
@@ -429,10 +429,16 @@ FEEDS = ("priors", "features", "pseudo_masks", "train_lfss", "train_piclip", "ev
 
 
 def run_feeds(run: Run, variant: str, scale_items: int) -> dict[str, Feed]:
-    """Every stage's feed, in the order the stores are written."""
-    feeds = {"priors": feed_priors(run, variant, scale_items),
-             "features": feed_features(run, variant, scale_items),
-             "pseudo_masks": feed_pseudo_masks(run, variant)}
+    """Every stage's feed, in the order the stores are written (``plain``: zstd-compressed
+    features and tokens, read through zarr, as they were)."""
+    from pipeline.features import store as features_store
+    from pipeline.priors import store as priors_store
+
+    layout = {"RAW_ROWS": {}} if variant == "plain" else {}
+    with patched(features_store, **layout), patched(priors_store, **layout):
+        feeds = {"priors": feed_priors(run, variant, scale_items),
+                 "features": feed_features(run, variant, scale_items)}
+    feeds["pseudo_masks"] = feed_pseudo_masks(run, variant)
     feeds["train_lfss"] = feed_train(run, variant, 2 * scale_items, "lfss")
     feeds["train_piclip"] = feed_train(run, variant, scale_items, "piclip")
     feeds["evaluate"] = feed_evaluate(run, variant, scale_items)

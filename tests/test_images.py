@@ -50,7 +50,7 @@ def test_read_ahead_gives_every_batch_in_order_and_loads_the_next_while_one_is_u
     for ahead in (False, True):
         loaded = {s: threading.Event() for s in (0, 4, 8)}
 
-        def load(part: slice) -> list[int]:
+        def load(part: slice, loaded=loaded) -> list[int]:
             loaded[part.start].set()
             return list(range(10))[part]
 

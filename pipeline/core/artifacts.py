@@ -30,6 +30,7 @@ import numpy as np
 import zarr
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.shard_rows import ShardRows
 
 _FINGERPRINT = ".fingerprint"
 
@@ -268,6 +269,7 @@ class StoreReader:
         self.attrs = dict(self.root.attrs)
         self.cache_bytes = cache_bytes
         self._whole: dict[str, np.ndarray] = {}
+        self._direct: dict[str, ShardRows | None] = {}
 
     def cached(self, name: str) -> np.ndarray | None:
         """Array ``name`` held in memory (read now if it fits the budget), or None."""
@@ -279,9 +281,14 @@ class StoreReader:
         return self._whole[name]
 
     def read_rows(self, name: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
-        """``(len(rows), ...)`` rows of array ``name``, in the order asked (repeats allowed)."""
+        """``(len(rows), ...)`` rows of array ``name``, in the order asked (repeats allowed): from
+        memory, straight from the shard files for raw one-row chunks
+        (:class:`~pipeline.core.shard_rows.ShardRows`), else by zarr."""
         rows = np.asarray(rows, dtype=np.int64)
         whole = self.cached(name)
         if whole is not None:
             return whole[rows]
-        return read_rows(self.root[name], rows)
+        if name not in self._direct:
+            self._direct[name] = ShardRows.of(self.root[name])
+        direct = self._direct[name]
+        return read_rows(self.root[name], rows) if direct is None else direct.read(rows)

@@ -9,6 +9,7 @@ import zarr
 
 from pipeline.core.images import load_resized, normalize, read_ahead
 from pipeline.core.interrupt import check_stop
+from pipeline.core.shard_rows import write_shard
 from pipeline.features.backbone import Backbone
 
 
@@ -28,4 +29,4 @@ def extract_shard(
         check_stop()
         images = normalize(pixels, backbone.mean, backbone.std, device)
         out.append(backbone(images).to(torch.float16).cpu())
-    root["features"][rows.start : rows.stop] = torch.cat(out).numpy()
+    write_shard(root["features"], rows.start, torch.cat(out).numpy())

@@ -21,6 +21,7 @@ import zarr
 
 from pipeline.core.artifacts import StoreReader
 from pipeline.core.errors import PipelineError
+from pipeline.core.shard_rows import RAW_ROWS
 
 MAX_SHARD = 256  # images per shard at most
 SHARD_BYTES = 2**28  # float16 features a shard holds at most (256 MiB)
@@ -44,6 +45,7 @@ def create(root: zarr.Group, count: int, channels: int, grid: tuple[int, int], a
             chunks=(1, *shape[1:]),
             shards=(shard, *shape[1:]),
             fill_value=0,
+            **RAW_ROWS,  # read by rows straight from the shard files (pipeline/core/shard_rows.py)
         )
     root.attrs.update({**attrs, "channels": channels, "grid": list(grid), "shard": shard})
     return shard

@@ -21,6 +21,7 @@ from pipeline.core.dtype import Resolved, autocast, resolve
 from pipeline.core.images import load_resized, normalize, read_ahead
 from pipeline.core.interrupt import check_stop
 from pipeline.core.params import PriorsParams
+from pipeline.core.shard_rows import write_shard
 from pipeline.priors.extract import extract_priors
 from pipeline.priors.vtp import PromptBank, PromptSet, prompt_bank
 
@@ -112,4 +113,4 @@ def extract_image_shard(
                 out["pairs/pir"][i, slot] = got.pir[p].cpu().numpy()
                 p += 1
     for name, values in out.items():
-        root[name][rows.start: rows.stop] = values
+        write_shard(root[name], rows.start, values)

@@ -32,6 +32,7 @@ import zarr
 from pipeline.clip.dense import labels_from_scores
 from pipeline.core.artifacts import StoreReader
 from pipeline.core.errors import PipelineError
+from pipeline.core.shard_rows import RAW_ROWS
 from pipeline.core.tensors import mask_to_grid
 from pipeline.priors.vvp import vvp
 
@@ -56,14 +57,14 @@ def create(path: Path, layout: Layout, attrs: dict[str, Any]) -> zarr.Group:
     n, s, (h, w), shard = layout.num_images, layout.slots, layout.grid, layout.shard_size
     tokens = h * w
 
-    def array(name: str, shape: tuple[int, ...], dtype: str, rows: int) -> None:
+    def array(name: str, shape: tuple[int, ...], dtype: str, rows: int, **options) -> None:
         root.create_array(name, shape=shape, dtype=dtype, chunks=(1, *shape[1:]),
-                          shards=(rows, *shape[1:]), fill_value=0, overwrite=True)
+                          shards=(rows, *shape[1:]), fill_value=0, overwrite=True, **options)
 
     array("images/maskclip_scores", (n, layout.num_classes, h, w), "float16", shard)
     array("images/maskclip_labels", (n, h, w), "uint8", shard)
     for j, dim in enumerate(layout.token_dims):
-        array(f"images/tokens_{j}", (n, tokens, dim), "float16", shard)
+        array(f"images/tokens_{j}", (n, tokens, dim), "float16", shard, **RAW_ROWS)  # the large rows
     array("pairs/class_id", (n, s), "int16", shard)
     array("pairs/vtp", (n, s, h, w), "float16", shard)
     array("pairs/pir", (n, s, h, w), "float16", shard)
