@@ -1,4 +1,4 @@
-"""The layout of ``data/priors.zarr`` (Zarr 3, sharded, compressed) and its reader.
+"""The layout of ``data/priors.zarr`` (Zarr 3, sharded; the tokens raw, the rest compressed) and its reader.
 
 ::
 
