@@ -11,18 +11,24 @@ augmentation, label maps. Stores are filled with random values of the real shape
 priors and features feeds write is what the later feeds read) from uncached readers
 (``cache_gb: 0``, the path a dataset larger than the cache takes).
 
-Each feed runs twice in one run: ``plain`` — the data path as it was when issue 30 opened (kept
-here as a reference: one image at a time, label maps on the host, one store read per pair) —
-and ``pipeline`` — the library's path today; both at one core, so their ratio is the per-core
-gain. The last lines project what the host can feed per second with C cores against the device
-rates last measured on a GPU (an H200, README "Resources at scale"), marked as projected.
+Each feed runs twice in one run: ``plain`` — the data path as it was before it was tuned for a
+GPU (kept here as the reference: images normalised on the host, label maps and augmentation warps
+on the host, zstd-compressed feature and token rows read and written through zarr) — and
+``pipeline`` — the library's path today; both on one core, so their ratio is the per-core gain.
+The last lines set the host's rate with C cores against the device's (measured here without
+``--host-only``, else the rates last measured on an H200: docs/operations.md "Feeding a GPU")
+and project the hours of a reproduction, marked as projected.
 
-    .venv/bin/python benchmarks/throughput.py --host-only          # ~5 min on 2 cores
+    .venv/bin/python benchmarks/throughput.py --host-only          # ~4 min on 2 cores
     .venv/bin/python benchmarks/throughput.py --host-only --keep /tmp/tp   # reuse the benchmark
 
-Without ``--host-only`` the real models run too (random weights; ``--device cuda`` on a GPU):
-each feed is then followed by its model work and the device seconds are reported beside the
-host seconds (CUDA events on a GPU; wall time of the model call on a CPU).
+Without ``--host-only`` each stage's model work is also timed alone, on inputs already on the
+device (benchmarks/_device_work.py: random-weight models of the real shapes at the LFSS preset's
+batch sizes; CUDA events on a GPU, wall time on a CPU), which needs the CLIP folder the
+benchmark then builds too:
+
+    python3 benchmarks/throughput.py --device cuda --keep /tmp/tp                 # on a GPU
+    .venv/bin/python benchmarks/throughput.py --device cpu --device-batch 2 --device-repeats 1
 """
 
 from __future__ import annotations
@@ -183,7 +189,7 @@ def patched(module, **stand_ins) -> Iterator[None]:
             setattr(module, name, value)
 
 
-# --- the plain data paths of the issue's start (references) -------------------------------------------
+# --- the plain data paths before the GPU tuning (references) ----------------------------------------
 
 def plain_load_normalized(paths, size, mean, std, device="cpu") -> torch.Tensor:
     """The loader as it was: one image after another, normalised in float32 on the host."""

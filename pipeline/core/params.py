@@ -308,7 +308,7 @@ class OrchestrationParams(Section):
     # Changes speed and memory, never results.
     cache_gb: Annotated[float, Field(ge=0)] = 4.0
     # Processes that read training / evaluation batches ahead; None: none when the fold's images are
-    # held in memory, else min(4, CPU count).
+    # held in memory, else up to 4 (8 for a model on a GPU), at most the cores this process may use.
     loader_workers: Annotated[int, Field(ge=0)] | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 

@@ -10,8 +10,8 @@ stored priors; the pseudo-masks are then made from the view's features and score
 
 The loader does only what needs the host (:func:`online_batch`: decode and resize, read the stored
 priors and labels, draw the views); normalising, warping and the targets are per-pixel work and run
-where the training step does (:meth:`OnlineBatch.finish`): on a GPU, the loader processes then
-feed it at ~5x the rate (``benchmarks/throughput.py --host-only``: the warps were 93 % of their
+where the training step does (:meth:`OnlineBatch.finish`): on a GPU, each loader process then
+makes 6.6x the batches (``benchmarks/throughput.py --host-only``: the warps were 93 % of its
 work). On a CPU the same operations run in the same order, so the values are the same.
 """
 
