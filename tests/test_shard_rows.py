@@ -62,6 +62,9 @@ def test_a_cut_shard_is_named_in_one_line(tmp_path, values):
     with pytest.raises(PipelineError, match=r"c/0/0/0/0: row 3 is cut short") as caught:
         ShardRows.of(array).read(np.array([0, 3]))
     assert "\n" not in str(caught.value)
+    shard.write_bytes(data[: len(data) // 2])  # cut in half: what the index's place holds is not an index
+    with pytest.raises(PipelineError, match=r"c/0/0/0/0: its shard index does not match its checksum"):
+        ShardRows.of(array).read(np.array([0]))
 
 
 def test_a_shard_written_directly_reads_back_by_zarr_and_directly(tmp_path, values):

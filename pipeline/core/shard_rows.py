@@ -28,6 +28,11 @@ MISSING = 2**64 - 1  # an index entry of an inner chunk never written (equal to 
 RAW_ROWS = {"compressors": None}  # create_array options of an array ShardRows can read
 
 
+def _checksum(index: bytes) -> bytes:
+    """The crc32c the sharding codec stores after a shard's index (little-endian uint32)."""
+    return np.uint32(google_crc32c.value(index)).astype("<u4").tobytes()
+
+
 class ShardRows:
     """Direct reads of whole rows of ``array`` (see the module docstring); build with :meth:`of`."""
 
@@ -67,12 +72,19 @@ class ShardRows:
     def _offsets(self, shard: int) -> np.ndarray | None:
         """``(shard, 2)`` offset and size of each row of ``shard`` in its file (None: no file)."""
         if shard not in self._index:
+            path = self._file(shard)
             try:
-                with open(self._file(shard), "rb") as f:
-                    f.seek(-(16 * self.shard + 4), 2)
-                    self._index[shard] = np.frombuffer(f.read(16 * self.shard), "<u8").reshape(-1, 2)
+                with open(path, "rb") as f:
+                    f.seek(max(0, path.stat().st_size - (16 * self.shard + 4)))
+                    tail = f.read()
             except FileNotFoundError:  # every row of the shard equals the fill value
                 self._index[shard] = None
+                return None
+            index, checksum = tail[:-4], tail[-4:]
+            if len(tail) != 16 * self.shard + 4 or _checksum(index) != checksum:
+                raise PipelineError(f"{path}: its shard index does not match its checksum: the store is "
+                                    "damaged (re-run its stage)")
+            self._index[shard] = np.frombuffer(index, "<u8").reshape(-1, 2)
         return self._index[shard]
 
     def read(self, rows: np.ndarray) -> np.ndarray:
@@ -119,7 +131,7 @@ def write_shard(array: zarr.Array, start: int, values: np.ndarray) -> None:
     index = np.full((direct.shard, 2), MISSING, "<u8")
     index[: len(data), 0] = np.arange(len(data), dtype=np.uint64) * np.uint64(direct.row_bytes)
     index[: len(data), 1] = direct.row_bytes
-    checksum = np.uint32(google_crc32c.value(index.tobytes())).astype("<u4").tobytes()
+    checksum = _checksum(index.tobytes())
     path = direct._file(start // direct.shard)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")

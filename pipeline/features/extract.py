@@ -22,11 +22,11 @@ def extract_shard(
     device = next(backbone.parameters()).device
 
     def load(part: slice) -> torch.Tensor:
+        check_stop()  # a stop requested: no further batch is read
         return load_resized(paths[part], size)
 
     out = []
     for _, pixels in read_ahead(load, len(paths), batch_size, ahead=device.type == "cuda"):
-        check_stop()
         images = normalize(pixels, backbone.mean, backbone.std, device)
         out.append(backbone(images).to(torch.float16).cpu())
     write_shard(root["features"], rows.start, torch.cat(out).numpy())

@@ -95,10 +95,11 @@ def extract_image_shard(
     out = {name: np.zeros((n, *root[name].shape[1:]), root[name].dtype) for name in names}
 
     def load(part: slice) -> torch.Tensor:  # on a GPU the next batch decodes while the CLIP works
+        check_stop()  # a stop requested: no further batch is read
         return ex.pixels(paths[part])
 
+    check_stop()
     for part, pixels in read_ahead(load, n, ex.batch_size, ahead=ex.device.type == "cuda"):
-        check_stop()
         start = part.start
         got = ex.priors(ex.normalize(pixels), pair_classes[part], image_labels[part])
         out["images/maskclip_scores"][part] = got.maskclip_scores.cpu().numpy()
