@@ -324,3 +324,33 @@ def test_an_augmented_online_batch_is_finished_where_the_step_runs_with_the_host
     for field in ("query", "support", "query_vtp", "support_vtp", "query_tokens", "support_tokens"):
         assert torch.equal(getattr(a, field), getattr(b, field)), field
     assert torch.equal(a_made.support_scores, b_made.support_scores)
+    x, made, query_target, _ = loaded[0].finish("meta")  # all of it where the step runs (a GPU's stand-in)
+    assert {t.device.type for t in (x.query, x.support_tokens, made.query_scores, query_target)} == {"meta"}
+
+
+def test_the_pseudo_mask_refiner_makes_its_label_maps_and_initial_masks_on_its_device(fold: Fold):
+    """The stage's label maps (scores upsampled, argmax) and VTP-gated initial masks: on the CPU
+    the values of the plain path (float32 scores on the host, one VTP read per pair), and made
+    on the refiner's device (``meta`` standing in for a GPU)."""
+    from pipeline.clip.dense import labels_from_scores
+    from pipeline.pseudomasks.refine import initial_masks
+    from pipeline.pseudomasks.shards import Refiner
+
+    rng = np.random.default_rng(2)
+    scores = zarr.open_group(fold.path / "priors.zarr", mode="r+")["images/maskclip_scores"]
+    scores[:] = rng.standard_normal(scores.shape).astype(np.float16)
+    features = features_store.FeatureStore(fold.path / "features.zarr")
+    priors = priors_store.PriorStore(fold.path / "priors.zarr")
+    images, classes = ["c", "a", "c", "f"], [2, 1, 1, 2]
+    got = {}
+    for device in ("cpu", "meta"):
+        refiner = Refiner(features, priors, SIZE, 0.5, 0.1, 0.4, 2, device)
+        labels = refiner.labels(images)
+        got[device] = (labels, refiner.initial(labels, images, classes))
+    assert {t.device.type for t in got["meta"]} == {"meta"}
+    plain = torch.from_numpy(priors.maskclip_scores(images).astype(np.float32))
+    labels = labels_from_scores(plain, (SIZE, SIZE)) + 1
+    vtp = torch.from_numpy(np.stack([priors.vtp(i, c) for i, c in zip(images, classes, strict=True)]))
+    assert torch.equal(got["cpu"][0], labels)
+    assert torch.equal(got["cpu"][1], initial_masks(labels, torch.tensor(classes), vtp, vtp_threshold=0.4))
+    assert got["cpu"][1].any() and not got["cpu"][1].all()
