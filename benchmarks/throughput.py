@@ -230,6 +230,19 @@ def timed(fn: Callable[[], int]) -> tuple[int, float]:
     return items, time.perf_counter() - start
 
 
+def every_shard_some_timed(write: Callable[[int], int], count: int, shard: int,
+                           items: int) -> tuple[int, float]:
+    """Write every shard of ``count`` rows (the later feeds read them): the first as a warm-up,
+    the next ones up to ``items`` rows timed; returns ``(rows timed, seconds)``."""
+    starts = range(0, count, shard)
+    write(starts[0])
+    timed_starts = starts[1: 1 + -(-items // shard)]
+    done, seconds = timed(lambda: sum(write(s) for s in timed_starts))
+    for start in starts[1 + len(timed_starts):]:
+        write(start)
+    return done, seconds
+
+
 def feed_priors(run: Run, variant: str, images: int, batch_size: int = 32) -> Feed:
     """Images decoded to the CLIP input and their priors written to a priors.zarr of the real
     layout (every image the episodes use; ``images`` of them timed)."""
@@ -256,12 +269,7 @@ def feed_priors(run: Run, variant: str, images: int, batch_size: int = 32) -> Fe
                             [list(labels[i]) for i in part], stand_in)
         return len(rows)
 
-    starts = range(0, len(ids), batch_size)  # every row is written: the later feeds read them
-    shard(starts[0])  # warm-up
-    timed_starts = starts[1: 1 + -(-images // batch_size)]
-    done, seconds = timed(lambda: sum(shard(s) for s in timed_starts))
-    for start in starts[1 + len(timed_starts):]:
-        shard(start)
+    done, seconds = every_shard_some_timed(shard, len(ids), batch_size, images)
     return Feed("priors", "images", done, seconds)
 
 
@@ -282,15 +290,10 @@ def feed_features(run: Run, variant: str, images: int, batch_size: int = 32) -> 
                               FEATURE_SIDE, batch_size)
         return len(part)
 
-    starts = range(0, len(ids), shard)
     host = {"load_resized": lambda paths, size: load(paths, size, IMAGENET_MEAN, IMAGENET_STD),
             "normalize": lambda pixels, *_: pixels}  # the device's work, or the plain host's already
     with patched(extract, **host):
-        rows(starts[0])  # warm-up
-        timed_starts = starts[1: 1 + -(-images // shard)]
-        done, seconds = timed(lambda: sum(rows(s) for s in timed_starts))
-        for start in starts[1 + len(timed_starts):]:
-            rows(start)
+        done, seconds = every_shard_some_timed(rows, len(ids), shard, images)
     return Feed("features", "images", done, seconds)
 
 

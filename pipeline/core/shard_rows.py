@@ -89,31 +89,29 @@ class ShardRows:
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         """``(len(rows), *row_shape)`` rows, in the order asked (repeats allowed)."""
+        rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), *self.row_shape), self.dtype)
-        order = np.argsort(rows, kind="stable")
-        opened: tuple[int, object] | None = None
-        try:
-            for j in order:  # by shard, so each file is opened once
-                shard, k = divmod(int(rows[j]), self.shard)
-                index = self._offsets(shard)
-                if index is None or index[k, 0] == MISSING:
-                    out[j] = self.fill_value
-                    continue
-                if int(index[k, 1]) != self.row_bytes:
-                    raise PipelineError(f"{self._file(shard)}: row {rows[j]} has {index[k, 1]} bytes, "
-                                        f"not {self.row_bytes}: the store is damaged (re-run its stage)")
-                if opened is None or opened[0] != shard:
-                    if opened is not None:
-                        opened[1].close()
-                    opened = (shard, open(self._file(shard), "rb", buffering=0))  # noqa: SIM115
-                file = opened[1]
-                file.seek(int(index[k, 0]))
-                if file.readinto(memoryview(out[j]).cast("B")) != self.row_bytes:
-                    raise PipelineError(f"{self._file(shard)}: row {rows[j]} is cut short: the store is "
-                                        "damaged (re-run its stage)")
-        finally:
-            if opened is not None:
-                opened[1].close()
+        shards = rows // self.shard
+        for shard in np.unique(shards).tolist():  # each shard's file opened once
+            wanted = np.flatnonzero(shards == shard)
+            index = self._offsets(shard)
+            if index is None:
+                out[wanted] = self.fill_value
+                continue
+            path = self._file(shard)
+            with open(path, "rb", buffering=0) as file:
+                for j in wanted.tolist():
+                    offset, size = index[rows[j] - shard * self.shard]
+                    if offset == MISSING:
+                        out[j] = self.fill_value
+                        continue
+                    if int(size) != self.row_bytes:
+                        raise PipelineError(f"{path}: row {rows[j]} has {size} bytes, not {self.row_bytes}: "
+                                            "the store is damaged (re-run its stage)")
+                    file.seek(int(offset))
+                    if file.readinto(memoryview(out[j]).cast("B")) != self.row_bytes:
+                        raise PipelineError(f"{path}: row {rows[j]} is cut short: the store is damaged "
+                                            "(re-run its stage)")
         return out
 
 

@@ -291,9 +291,9 @@ class _Made(torch.utils.data.Dataset):
 
 
 # Loader processes by default, when batches are read from the stores or decode images: on a CPU a
-# few (the model's threads need the cores); for a GPU as many as feed it. One process makes
-# ~40-60 stored-feature episodes/s of the LFSS preset (benchmarks/throughput.py --host-only; the
-# bytes of two 400 px ResNet-50 feature maps an episode bound it), the GPU step ~250.
+# few (the model's threads need the cores); for a GPU as many as feed it. One process makes ~190
+# stored-feature episodes/s of the LFSS preset and ~110 online PI-CLIP ones (benchmarks/throughput.py
+# --host-only, 2-core AMD EPYC); a GPU step may take ~250 and more.
 CPU_LOADERS, GPU_LOADERS = 4, 8
 
 
