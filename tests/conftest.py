@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 # A stage run in-process sets torch's thread count for its tasks (stages/priors.py and others) and,
 # as in a stage process of its own, leaves it set. Each test starts from the count a fresh process
-# has, so in-process and subprocess runs compute alike (bf16 / fp32 reductions depend on it).
+# has (bf16 / fp32 reductions depend on it). Other state such a run leaves still moved a bf16
+# weight by 4e-6: a test comparing bytes across runs runs each stage as a process of its own.
 _PROCESS_THREADS = torch.get_num_threads()
 
 
