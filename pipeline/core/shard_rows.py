@@ -11,10 +11,19 @@ pseudo-masks are bound by these reads). :func:`write_shard` writes a whole shard
 array as one file (its rows, then the index and its checksum), 7x faster than zarr's assembling
 of the same bytes (29 ms a 7.7 MB row); zarr reads the result as its own. Arrays laid out
 otherwise are read and written by zarr.
+
+A shard of features is hundreds of MB written once and read later, so where the filesystem allows
+it the rows go to disk with ``O_DIRECT`` from a page-aligned buffer (:func:`aligned_zeros`):
+through the page cache the host copied every byte and was held back by the kernel's dirty-page
+throttling (2–21 ms of CPU a 7.7 MB row on a shared VM), where a direct write costs ~0.1 ms of
+CPU and runs at the disk's speed, without evicting the page cache that readers of other stores
+rely on. The bytes written are the same either way.
 """
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 from pathlib import Path
 
@@ -26,6 +35,44 @@ from pipeline.core.errors import PipelineError
 
 MISSING = 2**64 - 1  # an index entry of an inner chunk never written (equal to the fill value)
 RAW_ROWS = {"compressors": None}  # create_array options of an array ShardRows can read
+BLOCK = 4096  # O_DIRECT's alignment of addresses, offsets and sizes (any logical block size up to 4 KiB)
+DIRECT_MIN = 16 << 20  # rows of a shard below this many bytes go through the page cache
+
+
+def aligned_zeros(shape: tuple[int, ...], dtype: np.dtype | str) -> np.ndarray:
+    """A zero-filled C-contiguous array at a page-aligned address (anonymous memory), so that
+    :func:`write_shard` can hand it to the disk without a copy."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes == 0:
+        return np.zeros(shape, dtype)
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype, count=int(np.prod(shape))).reshape(shape)
+
+
+def _write_direct(path: Path, data: memoryview) -> int:
+    """Write the longest block-aligned prefix of ``data`` to a new file ``path`` with
+    ``O_DIRECT``; returns the bytes written (0: not possible here, nothing written)."""
+    flag = getattr(os, "O_DIRECT", 0)
+    size = len(data) - len(data) % BLOCK
+    address = np.frombuffer(data, np.uint8).ctypes.data if len(data) else 1
+    if not flag or size < DIRECT_MIN or address % BLOCK:
+        return 0
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o644)
+    except OSError as error:  # e.g. tmpfs: no direct I/O
+        if error.errno == errno.EINVAL:
+            return 0
+        raise
+    done = 0
+    try:
+        while done < size:
+            done += os.write(fd, data[done: min(size, done + (1 << 30))])
+    except OSError as error:
+        if error.errno != errno.EINVAL:
+            raise
+        done = 0  # refused part-way (a misaligned partial write): write it all again, buffered
+    finally:
+        os.close(fd)
+    return done
 
 
 def _checksum(index: bytes) -> bytes:
@@ -133,7 +180,9 @@ def write_shard(array: zarr.Array, start: int, values: np.ndarray) -> None:
     path = direct._file(start // direct.shard)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
-    with open(partial, "wb") as f:
-        f.write(memoryview(data).cast("B"))
+    rows = memoryview(data).cast("B")
+    done = _write_direct(partial, rows)  # the aligned bulk, past the page cache where possible
+    with open(partial, "ab" if done else "wb") as f:
+        f.write(rows[done:])
         f.write(index.tobytes() + checksum)
     os.replace(partial, path)
