@@ -5,16 +5,20 @@ With random-weight models of the real shapes (open_clip ViT-B-16 at 473 px for t
 dilated torchvision ResNet-50 at 400 px, or 473 px online, for the features, the LFSS decoder with
 its guidance on 1536 x 50 x 50 features), at the LFSS preset's batch sizes and ``dtype: auto``
 (fp16 autocast on CUDA for the CLIP and for training; fp32 on a CPU).
+
+With a :data:`projection` set (``throughput.py --project h200``), each work runs once on this
+device and its time on that GPU is projected op by op instead (benchmarks/_roofline.py).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from _roofline import Gpu, OpCosts
 
 from pipeline.clip.dense import labels_from_scores
 from pipeline.core.dtype import resolve
@@ -35,11 +39,36 @@ class DeviceWork:
     stage: str
     unit: str
     seconds_per_item: float
+    items: int  # per call
 
 
-def per_call(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+@dataclass
+class Projection:
+    """Project onto ``gpu`` rather than time; ``scale``: the preset's items per call over this run's.
+    ``recorded``: each projected call's ops and whether it runs in fp16 there, in order."""
+
+    gpu: Gpu
+    scale: float
+    recorded: list[tuple[OpCosts, bool]] = field(default_factory=list)
+
+    def seconds(self, costs: OpCosts, half: bool, efficiency: float) -> float:
+        """Projected seconds of one call of this run's size at ``efficiency`` of the peaks."""
+        return costs.seconds(replace(self.gpu, efficiency=efficiency), self.scale, half) / self.scale
+
+
+projection: Projection | None = None
+
+
+def per_call(fn: Callable[[], object], device: torch.device, repeats: int, half: bool) -> float:
     """Seconds of one call of ``fn`` on ``device`` (after a warm-up call): CUDA events around
-    ``repeats`` calls on a GPU, wall time on a CPU."""
+    ``repeats`` calls on a GPU, wall time on a CPU; with a :data:`projection`, its projected
+    seconds on that GPU, per this run's items (``half``: the work runs in fp16 autocast there)."""
+    if projection is not None:  # no warm-up: the ops are counted, not timed
+        with OpCosts() as costs:
+            fn()
+        print(f"    {costs.summary()} a call", flush=True)
+        projection.recorded.append((costs, half))
+        return projection.seconds(costs, half, projection.gpu.efficiency)
     fn()
     if device.type != "cuda":
         start = time.perf_counter()
@@ -65,8 +94,8 @@ def priors_work(run, clip_dir: Path, device: torch.device, batch: int, repeats: 
     paths, labels = run.paths, dict(zip(run.index.image_id, run.index.class_ids, strict=True))
     images = ex.load_images([paths[i] for i in ids])
     pair_classes, image_labels = [pairs[i] for i in ids], [list(labels[i]) for i in ids]
-    seconds = per_call(lambda: ex.priors(images, pair_classes, image_labels), device, repeats)
-    return DeviceWork("priors", "images", seconds / batch)
+    seconds = per_call(lambda: ex.priors(images, pair_classes, image_labels), device, repeats, half=True)
+    return DeviceWork("priors", "images", seconds / batch, batch)
 
 
 def features_work(run, resnet: Path, device: torch.device, batch: int, repeats: int) -> DeviceWork:
@@ -74,8 +103,8 @@ def features_work(run, resnet: Path, device: torch.device, batch: int, repeats: 
     backbone = load_backbone(BackboneParams(name="resnet50", weights=str(resnet), image_size=400), Path("-"),
                              device)
     images = torch.randn(batch, 3, 400, 400, device=device)
-    seconds = per_call(lambda: backbone(images), device, repeats)
-    return DeviceWork("features", "images", seconds / batch)
+    seconds = per_call(lambda: backbone(images), device, repeats, half=False)
+    return DeviceWork("features", "images", seconds / batch, batch)
 
 
 def pseudo_mask_work(device: torch.device, batch: int, shots: int, classes: int, repeats: int) -> DeviceWork:
@@ -95,7 +124,7 @@ def pseudo_mask_work(device: torch.device, batch: int, shots: int, classes: int,
                             init[:n].view(batch, shots, 400, 400), feats[n:], init[n:], alpha=0.5,
                             temperature=0.1, background=background)
 
-    return DeviceWork("pseudo_masks", "episodes", per_call(work, device, repeats) / batch)
+    return DeviceWork("pseudo_masks", "episodes", per_call(work, device, repeats, half=False) / batch, batch)
 
 
 def training_work(inputs, table, cfg: TrainParams, device: torch.device, online: Online, repeats: int,
@@ -113,7 +142,8 @@ def training_work(inputs, table, cfg: TrainParams, device: torch.device, online:
             loss = episode_loss(model, batch, cfg, device, online)
         opt.step(loss)
 
-    return DeviceWork(stage, "episodes", per_call(step, device, repeats) / cfg.batch_size)
+    seconds = per_call(step, device, repeats, half=True)
+    return DeviceWork(stage, "episodes", seconds / cfg.batch_size, cfg.batch_size)
 
 
 def evaluation_work(inputs, table, device: torch.device, batch: int, repeats: int) -> DeviceWork:
@@ -128,7 +158,8 @@ def evaluation_work(inputs, table, device: torch.device, batch: int, repeats: in
         with mixed():
             return predict(model, shots, circle_inference=TrainParams().circle)
 
-    return DeviceWork("evaluate", "episode-shots", per_call(work, device, repeats) / (batch * table.shots))
+    seconds = per_call(work, device, repeats, half=True)
+    return DeviceWork("evaluate", "episode-shots", seconds / (batch * table.shots), batch * table.shots)
 
 
 def lfss_online() -> Online:

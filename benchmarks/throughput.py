@@ -52,7 +52,9 @@ import zarr
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
+import _device_work  # noqa: E402  benchmarks/_device_work.py: each stage's model work alone
 import scale  # noqa: E402  benchmarks/scale.py: the real-shaped benchmark's params and stage runner
+from _roofline import GPUS  # noqa: E402
 
 from pipeline.clip.dense import labels_from_scores  # noqa: E402
 from pipeline.pseudomasks import shards  # noqa: E402
@@ -212,26 +214,75 @@ def host_part_of_loading(variant: str) -> Callable:
     return lambda paths, size, mean, std, device="cpu": load_resized(paths, size)
 
 
+def plain_priors_shard(root, rows: range, paths, pair_classes, image_labels, ex) -> None:
+    """The priors writer as it was: float32 copies cast by numpy, one pair after another, every
+    array written through zarr."""
+    n = len(rows)
+    out = {name: np.zeros((n, *root[name].shape[1:]), root[name].dtype) for name in PRIOR_ARRAYS}
+    for start in range(0, n, ex.batch_size):
+        part = slice(start, min(start + ex.batch_size, n))
+        got = ex.priors(ex.normalize(ex.pixels(paths[part])), pair_classes[part], image_labels[part])
+        out["images/maskclip_scores"][part] = got.maskclip_scores.cpu().numpy()
+        out["images/maskclip_labels"][part] = got.maskclip_labels.cpu().numpy()
+        out["images/tokens_0"][part] = got.tokens[0].float().cpu().numpy()
+        out["images/tokens_1"][part] = got.tokens[1].float().cpu().numpy()
+        p = 0
+        for i, classes in enumerate(pair_classes[part], start=start):
+            for slot, c in enumerate(classes):
+                out["pairs/class_id"][i, slot] = c
+                out["pairs/vtp"][i, slot] = got.vtp[p].cpu().numpy()
+                out["pairs/pir"][i, slot] = got.pir[p].cpu().numpy()
+                p += 1
+    for name, values in out.items():
+        root[name][rows.start: rows.stop] = values
+
+
+def plain_features_shard(root, rows: range, paths, backbone, size: int, batch_size: int) -> None:
+    """The features writer as it was: each batch's features kept, concatenated, written by zarr."""
+    from pipeline.features import extract
+
+    out = []
+    for start in range(0, len(paths), batch_size):
+        pixels = extract.load_resized(paths[start: start + batch_size], size)
+        out.append(backbone(extract.normalize(pixels, backbone.mean, backbone.std, "cpu")).to(torch.float16))
+    root["features"][rows.start: rows.stop] = torch.cat(out).numpy()
+
+
+PRIOR_ARRAYS = ("images/maskclip_scores", "images/maskclip_labels", "images/tokens_0", "images/tokens_1",
+                "pairs/class_id", "pairs/vtp", "pairs/pir")
+
+
 # --- the feeds ----------------------------------------------------------------------------------------
 
 @dataclass
 class Feed:
-    """One stage's host work over ``items`` units (images or episodes), timed."""
+    """One stage's host work over ``items`` units (images or episodes): its CPU seconds (what a
+    core spends: the rate per core, steady on a shared machine) and its wall seconds (with the
+    waits for the disk and for other processes)."""
 
     stage: str
     unit: str
     items: int
-    seconds: float
+    seconds: tuple[float, float]  # (cpu, wall)
+
+    @property
+    def cpu(self) -> float:
+        return self.seconds[0]
+
+    @property
+    def wall(self) -> float:
+        return self.seconds[1]
 
 
-def timed(fn: Callable[[], int]) -> tuple[int, float]:
-    start = time.perf_counter()
+def timed(fn: Callable[[], int]) -> tuple[int, tuple[float, float]]:
+    """``fn()``'s items and its ``(cpu, wall)`` seconds (this process's CPU time: one thread)."""
+    cpu, wall = time.process_time(), time.perf_counter()
     items = fn()
-    return items, time.perf_counter() - start
+    return items, (time.process_time() - cpu, time.perf_counter() - wall)
 
 
 def every_shard_some_timed(write: Callable[[int], int], count: int, shard: int,
-                           items: int) -> tuple[int, float]:
+                           items: int) -> tuple[int, tuple[float, float]]:
     """Write every shard of ``count`` rows (the later feeds read them): the first as a warm-up,
     the next ones up to ``items`` rows timed; returns ``(rows timed, seconds)``."""
     starts = range(0, count, shard)
@@ -260,13 +311,13 @@ def feed_priors(run: Run, variant: str, images: int, batch_size: int = 32) -> Fe
     stand_in = PriorsStandIn(len(run.class_names), batch_size,
                              lambda paths: load(paths, PRIOR_SIDE, CLIP_MEAN, CLIP_STD))
     labels = dict(zip(run.index.image_id, run.index.class_ids, strict=True))
-    paths = run.paths
+    paths, write = run.paths, plain_priors_shard if variant == "plain" else extract_image_shard
 
     def shard(start: int) -> int:
         rows = range(start, min(start + batch_size, len(ids)))
         part = ids[rows.start: rows.stop]
-        extract_image_shard(root, rows, [paths[i] for i in part], [pairs[i] for i in part],
-                            [list(labels[i]) for i in part], stand_in)
+        write(root, rows, [paths[i] for i in part], [pairs[i] for i in part], [list(labels[i]) for i in part],
+              stand_in)
         return len(rows)
 
     done, seconds = every_shard_some_timed(shard, len(ids), batch_size, images)
@@ -283,11 +334,11 @@ def feed_features(run: Run, variant: str, images: int, batch_size: int = 32) -> 
     shard = store.create(root, len(ids), FEATURE_SHAPE[0], FEATURE_SHAPE[1:], {"image_ids": ids})
     backbone, paths = BackboneStandIn(batch_size), run.paths
     load = host_part_of_loading(variant)
+    write = plain_features_shard if variant == "plain" else extract.extract_shard
 
     def rows(start: int) -> int:
         part = range(start, min(start + shard, len(ids)))
-        extract.extract_shard(root, part, [paths[i] for i in ids[part.start: part.stop]], backbone,
-                              FEATURE_SIDE, batch_size)
+        write(root, part, [paths[i] for i in ids[part.start: part.stop]], backbone, FEATURE_SIDE, batch_size)
         return len(part)
 
     host = {"load_resized": lambda paths, size: load(paths, size, IMAGENET_MEAN, IMAGENET_STD),
@@ -455,11 +506,10 @@ def run_feeds(run: Run, variant: str, scale_items: int) -> dict[str, Feed]:
 
 
 def device_work(run: Run, root: Path, device: torch.device, repeats: int,
-                batch: int | None) -> dict[str, float]:
+                batch: int | None) -> list[_device_work.DeviceWork]:
     """Seconds per item of every stage's model work on ``device`` (benchmarks/_device_work.py), at
     the LFSS preset's batch sizes (or ``batch`` for all: a quick run on a CPU)."""
-    import _device_work as work
-
+    work = _device_work
     from pipeline.core.params import TrainParams
     from pipeline.fewshot.online import ImageSource
 
@@ -485,7 +535,7 @@ def device_work(run: Run, root: Path, device: torch.device, repeats: int,
     ]
     for w in measured:
         print(f"  device {w.stage}: {w.seconds_per_item * 1000:.1f} ms per {w.unit[:-1]}", flush=True)
-    return {w.stage: w.seconds_per_item for w in measured}
+    return measured
 
 
 def _model(kind: str = "refined"):
@@ -494,18 +544,24 @@ def _model(kind: str = "refined"):
     return ModelParams(pseudo_masks=kind)
 
 
-def report(before: dict[str, Feed], after: dict[str, Feed], cores: int, device_s: dict[str, float | None],
-           device_name: str) -> None:
-    print(f"\nhost feed per core (one thread, cache_gb 0): {'plain':>10}{'pipeline':>10}{'gain':>7}")
+def host_table(before: dict[str, Feed], after: dict[str, Feed]) -> None:
+    print(f"\nhost feed per core (one thread, cache_gb 0; items per CPU second, wall in brackets):\n"
+          f"  {'':<23}{'plain':>18}{'pipeline':>18}{'gain':>7}")
     for stage in FEEDS:
         a, b = before[stage], after[stage]
-        ra, rb = a.items / a.seconds, b.items / b.seconds
-        print(f"  {stage:<14}{b.unit:<9}/s/core {ra:>10.1f}{rb:>10.1f}{rb / ra:>6.2f}x")
+        ra, rb = a.items / a.cpu, b.items / b.cpu
+        wall = f"({a.items / a.wall:6.1f}){rb:>10.1f} ({b.items / b.wall:6.1f})"
+        print(f"  {stage:<14}{b.unit:<9}{ra:>10.1f} {wall}{rb / ra:>6.2f}x")
+
+
+def projection(after: dict[str, Feed], cores: int, device_s: dict[str, float | None],
+               device_name: str) -> None:
+    """``host_feed_ratio`` per stage and the projected hours of each reproduction."""
     print(f"\nwith {cores} cores feeding {device_name} (host rate x cores against the device's rate; "
           "host_feed_ratio > 1: the device is the bound):")
     rates = {}
     for stage in FEEDS:
-        host = after[stage].items / after[stage].seconds * cores
+        host = after[stage].items / after[stage].cpu * cores
         device = device_s[stage]
         rates[stage] = host if device is None else min(host, 1 / device)
         ratio = f"{host * device:6.2f}" if device else "   n/a (device not measured)"
@@ -516,7 +572,8 @@ def report(before: dict[str, Feed], after: dict[str, Feed], cores: int, device_s
             stages = [s for s in FEEDS if not s.startswith("train")] + [train]
             known = all(device_s[s] is not None for s in stages)
             hours = sum(counts[s] / rates[s] for s in stages) / 3600
-            basis = "measured rates" if known else "host rates where the device is unmeasured: a lower bound"
+            basis = ("device rates as above" if known
+                     else "host rates where the device is unmeasured: a lower bound")
             print(f"projected {name}, {preset} preset, 4 folds, 1- and 5-shot: {hours:.1f} h on {device_name}"
                   f" with {cores} cores ({basis})")
     print("(the model: per stage, its items x the seconds per item of the slower side, host or device; "
@@ -537,7 +594,17 @@ def main() -> None:
                         "the LFSS preset's, 32 images / 16 episodes)")
     parser.add_argument("--device-repeats", type=int, default=3, help="timed calls of each model's work")
     parser.add_argument("--keep", type=Path, help="build (or reuse) the benchmark here")
+    parser.add_argument("--project", choices=sorted(GPUS), help="run each model's work once on this CPU (at "
+                        "--device-batch, default 2) and project its time on that GPU op by op "
+                        "(benchmarks/_roofline.py) instead of timing it")
+    parser.add_argument("--efficiency", type=float, default=0.5, help="with --project: the share of the "
+                        "GPU's peak compute and bandwidth a kernel reaches (also shown at a third of it)")
     args = parser.parse_args()
+    if args.project and args.host_only:
+        parser.error("--project projects the model work that --host-only leaves out: give one of them")
+    if args.project:
+        args.device, args.device_batch = "cpu", args.device_batch or 2
+        _device_work.projection = _device_work.Projection(GPUS[args.project], 16 / args.device_batch)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
@@ -549,19 +616,29 @@ def main() -> None:
             for variant in ("plain", "pipeline"):
                 for stage, feed in run_feeds(run, variant, args.items).items():
                     best = results[variant].get(stage)
-                    if best is None or feed.seconds < best.seconds:
+                    if best is None or feed.cpu < best.cpu:
                         results[variant][stage] = feed
-                    print(f"  {repeat} {variant} {stage}: {feed.items} {feed.unit} in {feed.seconds:.2f} s",
-                          flush=True)
+                    print(f"  {repeat} {variant} {stage}: {feed.items} {feed.unit} in {feed.cpu:.2f} CPU s "
+                          f"({feed.wall:.2f} s wall)", flush=True)
         if args.host_only:
             device_s, name = DEVICE_S, "one H200 (device rates last measured, host included: projected)"
         else:
             torch.set_num_threads(os.cpu_count() or 1)  # the model work may use every core
             device = torch.device(args.device)
-            device_s = device_work(run, root, device, repeats=args.device_repeats, batch=args.device_batch)
+            measured = device_work(run, root, device, repeats=args.device_repeats, batch=args.device_batch)
+            device_s = {w.stage: w.seconds_per_item for w in measured}
             name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                     else f"this CPU ({os.cpu_count()} cores)")
-        report(results["plain"], results["pipeline"], args.cores, device_s, name)
+        host_table(results["plain"], results["pipeline"])
+        if not args.project:
+            projection(results["pipeline"], args.cores, device_s, name)
+            return
+        projected = _device_work.projection
+        for efficiency, bound in ((args.efficiency, "optimistic"), (args.efficiency / 3, "a third of that")):
+            seconds = {w.stage: projected.seconds(costs, half, efficiency) / w.items
+                       for w, (costs, half) in zip(measured, projected.recorded, strict=True)}
+            projection(results["pipeline"], args.cores, seconds,
+                       f"{projected.gpu.name}, kernels at {efficiency:.0%} of peak ({bound})")
 
 
 if __name__ == "__main__":
