@@ -453,22 +453,24 @@ def test_an_interrupted_run_leaves_no_half_folder(run_dir, tmp_path, monkeypatch
     capsys.readouterr()
     add = outputs.OutputWriter.add
 
-    def add_then_interrupt(self, part):
-        add(self, part)
-        if len(self.rows) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # SIGTERM only once SIGINT passed: unhandled, it ends pytest
 
-    monkeypatch.setattr(outputs.OutputWriter, "add", add_then_interrupt)
-    try:
-        code = cli.main(args(val[1:6]))
-    except KeyboardInterrupt:
-        pytest.fail("Ctrl-C escaped lfss-segment as a traceback")
-    monkeypatch.undo()
-    err = capsys.readouterr().err.strip()
-    assert code == 130, err
-    assert err == f"lfss-segment: stopped by SIGINT; nothing written ({out} is as it was)", err
-    assert output_files(out) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left
+        def add_then_interrupt(self, part, sig=sig):
+            add(self, part)
+            if len(self.rows) == 2:
+                os.kill(os.getpid(), sig)
+
+        monkeypatch.setattr(outputs.OutputWriter, "add", add_then_interrupt)
+        try:
+            code = cli.main(args(val[1:6]))
+        except KeyboardInterrupt:
+            pytest.fail("Ctrl-C escaped lfss-segment as a traceback")
+        monkeypatch.undo()
+        err = capsys.readouterr().err.strip()
+        assert code == 130, err
+        assert err == f"lfss-segment: stopped by {sig.name}; nothing written ({out} is as it was)", err
+        assert output_files(out) == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left
 
     (out / ".index.html.cards").write_text("<figure>stale</figure>")  # what an old interrupted run left
     (out / "zz_stale_mask.png").write_bytes(before["summary.json"])
@@ -485,6 +487,12 @@ def test_an_interrupted_run_leaves_no_half_folder(run_dir, tmp_path, monkeypatch
     assert err == (f"error: --out {mine}: holds 'notes.txt', which lfss-segment does not write (it replaces "
                    "the folder: give a new one, an empty one or an earlier output of lfss-segment)"), err
     assert output_files(mine) == {"notes.txt": b"keep me"}
+    shutil.copy(val[1], out / "q_overlay.png")  # an input inside an earlier output: refused, kept
+    assert cli.main(args([str(out / "q_overlay.png")])) == 1
+    err = capsys.readouterr().err.strip()
+    inside = out / "q_overlay.png"
+    assert err == f"error: --out {out}: holds the input {inside} (it replaces the folder: give another)", err
+    assert (out / "q_overlay.png").is_file()
 
 
 def test_ctrl_c_stops_the_command_with_one_line(run_dir, tmp_path):
