@@ -290,3 +290,242 @@ def test_gallery_pictures_stay_small_and_names_stay_unique_across_batches():
     assert thumbnail(small) is small
     seen: dict[str, int] = {}
     assert unique_names(["a/x.jpg", "b/x.jpg"], seen) + unique_names(["c/x.png"], seen) == ["x", "x_2", "x_3"]
+
+
+# --- users' own images: modes, EXIF orientation, long names, interrupts ----------------------------
+
+def benchmark_picture(run_dir: Path, k: int = 0) -> tuple[str, np.ndarray]:
+    """A validation image of the run (an 8-bit RGB JPEG) and its decoded pixels."""
+    index = RunDir(run_dir).index()
+    path = index[index["split"] == "val"]["image_path"].iloc[k]
+    return path, np.asarray(Image.open(path).convert("RGB"))
+
+
+def plain_copies(copies: dict[str, tuple[Path, np.ndarray]], folder: Path) -> dict[str, Path]:
+    """Per converted copy, the plain 8-bit upright RGB PNG it must read as."""
+    folder.mkdir()
+    out = {}
+    for name, (_, want) in copies.items():
+        out[name] = folder / f"{name}.png"  # exif6.jpg and exif6.png: two files
+        Image.fromarray(want).save(out[name])
+    return out
+
+
+def assert_same_segmentation(segmenter, copies, plain, support: str, what: str) -> None:
+    """The copies, as queries of one call, give the masks and probabilities of their plain
+    pictures (as queries of the same call: the same batch); the masks are not trivial."""
+    names = sorted(copies)
+    got = segmenter.segment([str(copies[n][0]) for n in names] + [str(plain[n]) for n in names], what,
+                            [support]).predictions
+    for j, name in enumerate(names):
+        a, b = got[j], got[len(names) + j]
+        assert a.mask.shape == b.mask.shape == copies[name][1].shape[:2], name
+        np.testing.assert_allclose(a.probability, b.probability, atol=1e-6, err_msg=name)
+        assert np.array_equal(a.mask, b.mask), name
+
+
+def test_16_bit_and_float_grey_images_segment_as_their_8_bit_picture(run_dir, segmenter, tmp_path):
+    """A 16-bit PNG (I;16), a big-endian 16-bit TIFF (I;16B), a 32-bit integer TIFF (I) and a float
+    TIFF (F) of a benchmark image in grey give the masks of the 8-bit grey picture (the same
+    pixels once scaled: probabilities to 1e-6, the float rounding of one batched forward) -- not of
+    an all-white one, as Pillow's clipping conversion made them."""
+    from tests.image_copies import gray_copies
+
+    support, rgb = benchmark_picture(run_dir, 10)
+    _, query = benchmark_picture(run_dir, 0)
+    gray = np.asarray(Image.fromarray(query).convert("L"))
+    copies = gray_copies(gray, tmp_path / "copies")
+    plain = plain_copies(copies, tmp_path / "plain")
+    assert_same_segmentation(segmenter, copies, plain, support, "star")
+    white = tmp_path / "white.png"
+    Image.fromarray(np.full_like(query, 255)).save(white)
+    got = segmenter.segment([str(plain["I;16.png"]), str(white)], "star", [support]).predictions
+    assert not np.allclose(got[0].probability, got[1].probability, atol=1e-3)  # the test has teeth
+
+
+def test_palette_cmyk_alpha_and_exif_rotated_images_segment_as_shown(run_dir, segmenter, tmp_path):
+    """Palette (with a transparent colour too), CMYK, RGBA and LA (transparency composited on white),
+    and images stored sideways with an EXIF orientation (PNG 3, 6, 8; a phone's JPEG 6) give the
+    masks of the plain 8-bit upright picture they show, at its upright size."""
+    from tests.image_copies import color_copies
+
+    support, _ = benchmark_picture(run_dir, 10)
+    _, query = benchmark_picture(run_dir, 1)
+    copies = color_copies(query, tmp_path / "copies")
+    plain = plain_copies(copies, tmp_path / "plain")
+    assert_same_segmentation(segmenter, copies, plain, support, "star")
+
+
+def test_an_exif_rotated_run_writes_upright_outputs(run_dir, tmp_path, capsys):
+    """Through the command: a query and a support stored sideways (EXIF 6) give the masks, overlays
+    and summary sizes of the upright pictures, as a browser shows them; a support mask drawn on
+    the upright picture fits, one of the stored orientation gets a line saying so."""
+    from tests.image_copies import STORED, exif
+
+    support, s_rgb = benchmark_picture(run_dir, 10)
+    _, q_rgb = benchmark_picture(run_dir, 2)
+    q_rgb = q_rgb[:, : q_rgb.shape[1] * 3 // 4]  # not square: a turn shows in the sizes
+    s_rgb = s_rgb[: s_rgb.shape[0] * 2 // 3]
+    files = {}
+    for name, rgb in (("q", q_rgb), ("s", s_rgb)):
+        files[name] = tmp_path / f"{name}.png"
+        Image.fromarray(rgb).save(files[name])
+        files[f"{name}6"] = tmp_path / f"{name}6.png"
+        Image.fromarray(np.ascontiguousarray(STORED[6](rgb))).save(files[f"{name}6"], exif=exif(6))
+    mask = tmp_path / "m.png"
+    drawn = np.zeros(s_rgb.shape[:2], np.uint8)
+    drawn[:, : s_rgb.shape[1] // 2] = 255  # the upright picture's left half
+    Image.fromarray(drawn).save(mask)
+
+    def run(query: str, support: str, support_mask: Path, out: Path) -> int:
+        return cli.main(["--run", str(run_dir), "--class", "star", "--support", str(files[support]),
+                         "--support-mask", str(support_mask), "--query", str(files[query]), "--out", str(out),
+                         "--no-progress"])
+
+    outs = {"plain": tmp_path / "plain", "turned": tmp_path / "turned"}
+    assert run("q", "s", mask, outs["plain"]) == 0 and run("q6", "s6", mask, outs["turned"]) == 0
+    summaries = {k: json.loads((o / "summary.json").read_text()) for k, o in outs.items()}
+    plain, turned = summaries["plain"]["queries"][0], summaries["turned"]["queries"][0]
+    assert (turned["height"], turned["width"]) == q_rgb.shape[:2] == (plain["height"], plain["width"])
+    for kind in ("mask", "overlay"):
+        assert np.array_equal(np.asarray(Image.open(outs["turned"] / turned[kind])),
+                              np.asarray(Image.open(outs["plain"] / plain[kind]))), kind
+    stored_mask = tmp_path / "m6.png"
+    Image.fromarray(np.ascontiguousarray(STORED[6](drawn))).save(stored_mask)
+    assert run("q6", "s6", stored_mask, tmp_path / "x") == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "EXIF orientation 6" in err and "give the mask upright" in err, err
+
+
+def test_a_class_name_beyond_the_text_context_is_refused(run_dir, segmenter, tmp_path, capsys):
+    """A name whose prompts do not fit the CLIP's text context (32 tokens for the tiny CLIP) is one
+    line, nothing written -- never cut short silently; the longest name the line allows is taken."""
+    import re as _re
+
+    from pipeline.core.errors import PipelineError
+
+    support, _ = benchmark_picture(run_dir, 10)
+    query, _ = benchmark_picture(run_dir, 0)
+    out = tmp_path / "out"
+    args = ["--run", str(run_dir), "--support", support, "--query", query, "--out", str(out), "--no-progress"]
+    long_name = " ".join(["bright"] * 50)  # 300 characters, 50 tokens
+    assert cli.main(["--class", long_name, *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --class 'bright bright") and "\n" not in err, err
+    assert "too long for the CLIP's 32-token text context (the name is 50 tokens" in err, err
+    assert not out.exists()
+    most = int(_re.search(r"at most (\d+) tokens", err).group(1))
+    context = segmenter.extractor.bundle.model.context_length
+    tokenizer = segmenter.extractor.bundle.tokenizer()
+    from pipeline.clip.prompts import MASKCLIP_TEMPLATES
+
+    fits = " ".join(["bright"] * most)
+    longest = max(len(tokenizer.encode(t.format(fits))) + 2 for t in MASKCLIP_TEMPLATES)
+    assert longest == context  # the limit the line gives is the context, exactly
+    assert segmenter.segment([query], fits, [support]).target.name == fits
+    with pytest.raises(PipelineError, match="too long for the CLIP"):
+        segmenter.segment([query], fits + " bright", [support])
+
+
+def output_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_an_interrupted_run_leaves_no_half_folder(run_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C after the first batch's files are written: one line, status 130, the earlier output in
+    ``--out`` as it was and no staging folder left; a later run into the folder replaces the
+    leftovers of an old interrupted run (``.index.html.cards``, stray masks) instead of mixing
+    with them, and a folder of other files is refused, untouched."""
+    import signal
+
+    from pipeline.segment import outputs
+
+    index = RunDir(run_dir).index()
+    val = list(index[index["split"] == "val"]["image_path"][:6])
+    out = tmp_path / "out"
+
+    def args(queries: list[str], folder: Path = out) -> list[str]:
+        return ["--run", str(run_dir), "--class", "star", "--support", val[0], "--query", *queries,
+                "--out", str(folder), "--batch-size", "1", "--no-progress"]
+
+    assert cli.main(args(val[1:4])) == 0
+    before = output_files(out)
+    capsys.readouterr()
+    add = outputs.OutputWriter.add
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # SIGTERM only once SIGINT passed: unhandled, it ends pytest
+
+        def add_then_interrupt(self, part, sig=sig):
+            add(self, part)
+            if len(self.rows) == 2:
+                os.kill(os.getpid(), sig)
+
+        monkeypatch.setattr(outputs.OutputWriter, "add", add_then_interrupt)
+        try:
+            code = cli.main(args(val[1:6]))
+        except KeyboardInterrupt:
+            pytest.fail("Ctrl-C escaped lfss-segment as a traceback")
+        monkeypatch.undo()
+        err = capsys.readouterr().err.strip()
+        assert code == 130, err
+        assert err == f"lfss-segment: stopped by {sig.name}; nothing written ({out} is as it was)", err
+        assert output_files(out) == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left
+
+    (out / ".index.html.cards").write_text("<figure>stale</figure>")  # what an old interrupted run left
+    (out / "zz_stale_mask.png").write_bytes(before["summary.json"])
+    (out / "summary.json").unlink()
+    assert cli.main(args(val[1:4])) == 0
+    assert output_files(out) == before  # the same run's files, and nothing else
+    assert "stale" not in (out / "index.html").read_text()
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert cli.main(args(val[1:4], mine)) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --out {mine}: holds 'notes.txt', which lfss-segment does not write (it replaces "
+                   "the folder: give a new one, an empty one or an earlier output of lfss-segment)"), err
+    assert output_files(mine) == {"notes.txt": b"keep me"}
+    shutil.copy(val[1], out / "q_overlay.png")  # an input inside an earlier output: refused, kept
+    assert cli.main(args([str(out / "q_overlay.png")])) == 1
+    err = capsys.readouterr().err.strip()
+    inside = out / "q_overlay.png"
+    assert err == f"error: --out {out}: holds the input {inside} (it replaces the folder: give another)", err
+    assert (out / "q_overlay.png").is_file()
+
+
+def test_ctrl_c_stops_the_command_with_one_line(run_dir, tmp_path):
+    """A real SIGINT to the command while it writes: one line on stderr, no traceback, status 130,
+    neither the output folder nor its staging folder left."""
+    import signal
+    import time
+
+    index = RunDir(run_dir).index()
+    val = list(index[index["split"] == "val"]["image_path"])
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    for k in range(60):
+        shutil.copy(val[1 + k % 20], queries / f"q{k:02d}.jpg")
+    out = tmp_path / "out"
+    staging = tmp_path / ".out.partial"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.segment.cli", "--run", str(run_dir), "--class",
+                             "star", "--support", val[0], "--query", str(queries), "--out", str(out),
+                             "--batch-size", "1", "--threads", "1", "--no-progress"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (staging.is_dir() and any(staging.glob("*_mask.png"))):
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "no output was being written"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip() == f"lfss-segment: stopped by SIGINT; nothing written ({out} is as it was)", err[-999:]
+    assert not out.exists() and not staging.exists()

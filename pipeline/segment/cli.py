@@ -3,15 +3,20 @@
     lfss-segment --class star --support s1.jpg --query photos/ --out out/
     lfss-segment --class star --support s1.jpg s2.jpg --support-mask m1.png m2.png --query q.jpg --out out/
 
-Bad input (an unreadable image, a mask count or size that does not fit, an empty class name, a
-checkpoint from another CLIP, a missing run directory) is one line ``error: ...`` and status 1.
+Bad input (an unreadable image, a mask count or size that does not fit, an empty or over-long
+class name, a checkpoint from another CLIP, a missing run directory, an ``--out`` folder of other
+files) is one line ``error: ...`` and status 1. Ctrl-C (SIGINT) or SIGTERM stops it with one line
+and status 130. Either way nothing is left half-written: the outputs are built in a staging folder
+and renamed onto ``--out`` when complete (:func:`~pipeline.segment.outputs.staged`).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,7 +57,8 @@ def parser() -> argparse.ArgumentParser:
                    help="one binary mask per support (nonzero = foreground): standard few-shot")
     p.add_argument("--query", nargs="+", required=True, metavar="PATH",
                    help="query images or folders of them")
-    p.add_argument("--out", required=True, help="output folder (masks, overlays, summary.json, index.html)")
+    p.add_argument("--out", required=True, help="output folder (masks, overlays, summary.json, index.html); "
+                   "an earlier output there is replaced, a folder of other files refused")
     p.add_argument("--run", default=".", help="the run directory: params.yaml, data/ (default: %(default)s)")
     p.add_argument("--fold", type=int, default=0, help="the fold whose model to use (default: %(default)s)")
     p.add_argument("--model", help="a fold checkpoint (default: <run>/data/models/fold<fold>/model.pt)")
@@ -64,40 +70,61 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {sig: signal.signal(sig, _interrupt) for sig in handled}
     try:
-        from pipeline.segment.outputs import OutputWriter
-        from pipeline.segment.segmenter import Segmenter
-
-        if not " ".join(args.class_name.split()):
-            raise PipelineError("--class: an empty class name")
-        if args.batch_size < 1:
-            raise PipelineError(f"--batch-size = {args.batch_size}: must be at least 1")
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise PipelineError("--device cuda: no CUDA device here")
-        if args.threads is not None:
-            if args.threads < 1:
-                raise PipelineError(f"--threads = {args.threads}: must be at least 1")
-            torch.set_num_threads(args.threads)
-        queries = query_files(args.query)
-        segmenter = Segmenter.from_run(args.run, fold=args.fold, model=args.model, device=args.device,
-                                       batch_size=args.batch_size)
-        batches = -(-len(queries) // args.batch_size)
-
-        def progress(it):
-            return tqdm(it, total=batches, desc="lfss-segment", unit="batch", file=sys.stderr)
-
-        parts = segmenter.segment_batches(queries, args.class_name, args.support, args.support_mask,
-                                          progress=None if args.no_progress else progress)
-        first = next(parts)  # every image checked, nothing written yet
-        writer = OutputWriter(Path(args.out))
-        for part in itertools.chain([first], parts):
-            writer.add(part)  # one batch at a time: memory does not grow with the queries
-        summary = writer.finish(segmenter, args.support_mask)
+        return run(args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as exc:
+        by = exc.args[0] if exc.args else "SIGINT"
+        print(f"lfss-segment: stopped by {by}; nothing written ({args.out} is as it was)", file=sys.stderr)
+        return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command, its arguments parsed; raises :class:`PipelineError` for bad input."""
+    from pipeline.segment.outputs import OutputWriter, check_replaceable, staged
+    from pipeline.segment.segmenter import Segmenter
+
+    if not " ".join(args.class_name.split()):
+        raise PipelineError("--class: an empty class name")
+    if args.batch_size < 1:
+        raise PipelineError(f"--batch-size = {args.batch_size}: must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("--device cuda: no CUDA device here")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise PipelineError(f"--threads = {args.threads}: must be at least 1")
+        torch.set_num_threads(args.threads)
+    queries = query_files(args.query)
+    inputs = [*queries, *args.support, *(args.support_mask or [])]
+    check_replaceable(Path(args.out), inputs)  # before any work: a folder of other files is refused
+    segmenter = Segmenter.from_run(args.run, fold=args.fold, model=args.model, device=args.device,
+                                   batch_size=args.batch_size)
+    batches = -(-len(queries) // args.batch_size)
+
+    def progress(it):
+        return tqdm(it, total=batches, desc="lfss-segment", unit="batch", file=sys.stderr)
+
+    parts = segmenter.segment_batches(queries, args.class_name, args.support, args.support_mask,
+                                      progress=None if args.no_progress else progress)
+    first = next(parts)  # every image checked, nothing written yet
+    with staged(Path(args.out), inputs) as folder:
+        writer = OutputWriter(folder)
+        for part in itertools.chain([first], parts):
+            writer.add(part)  # one batch at a time: memory does not grow with the queries
+        summary = writer.finish(segmenter, args.support_mask)
     fg = [q["foreground_fraction"] for q in summary["queries"]]
     print(f"lfss-segment: {len(fg)} queries of {summary['class']!r} ({summary['support_masks']} supports), "
           f"mean foreground {100 * sum(fg) / len(fg):.1f}%: {Path(args.out) / 'index.html'}")

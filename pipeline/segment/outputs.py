@@ -1,22 +1,29 @@
 """What ``lfss-segment`` writes: per query a mask PNG (0/255, the query's own size) and an overlay
 PNG, ``summary.json``, ``index.html``, a self-contained gallery (every picture inlined as a data
-URI: the file can be mailed or opened anywhere), and ``gallery.png``, the same tiles as one picture."""
+URI: the file can be mailed or opened anywhere), and ``gallery.png``, the same tiles as one picture.
+
+The folder is built beside its final place (``.<out>.partial``) and renamed into place when
+complete (:func:`staged`, as the stages write theirs), so an interrupted run leaves no half
+folder and a later run never mixes with an earlier one's files."""
 
 from __future__ import annotations
 
 import base64
 import html
 import io
+import re
 import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from pipeline.core.artifacts import write_atomic, write_json
+from pipeline.core.artifacts import Staging, remove_tree, write_atomic, write_json
 from pipeline.core.errors import PipelineError
-from pipeline.segment.segmenter import THRESHOLD, Prediction, Segmentation, Segmenter
+from pipeline.segment.segmenter import THRESHOLD, Prediction, Segmentation, Segmenter, read_rgb
 
 QUERY_TINT, SUPPORT_TINT = (255, 40, 40), (40, 200, 80)
 THUMBNAIL = 400  # px, the longest side of a gallery picture (shown 200 px wide)
@@ -24,7 +31,7 @@ THUMBNAIL = 400  # px, the longest side of a gallery picture (shown 200 px wide)
 
 def overlay(image_path: str, mask: np.ndarray, tint: tuple[int, int, int]) -> Image.Image:
     """The image with ``mask`` ``(H, W)`` tinted (half opacity) and its outline drawn in full."""
-    rgb = np.asarray(Image.open(image_path).convert("RGB")).astype(np.float32)
+    rgb = np.asarray(read_rgb(image_path)).astype(np.float32)  # as it was segmented: upright RGB
     color = np.asarray(tint, np.float32)
     out = rgb.copy()
     out[mask] = 0.5 * rgb[mask] + 0.5 * color
@@ -35,6 +42,53 @@ def overlay(image_path: str, mask: np.ndarray, tint: tuple[int, int, int]) -> Im
     inner[:, :-1] &= mask[:, 1:]
     out[mask & ~inner] = color
     return Image.fromarray(out.round().astype(np.uint8))
+
+
+#: The files ``lfss-segment`` writes in its folder (and its temporary ones): a folder holding only
+#: these is an earlier output, which a run into it replaces.
+OUTPUT_FILES = re.compile(r"summary\.json|index\.html|gallery\.png|\.index\.html\.cards|\..+\.tmp"
+                          r"|.+_(?:mask|overlay)\.png")
+
+
+def check_replaceable(out: Path, inputs: Sequence[str | Path] = ()) -> None:
+    """``out`` may be (re)placed: it does not exist, or is a folder holding only what
+    ``lfss-segment`` writes (:data:`OUTPUT_FILES`: an earlier output, complete or not) and none
+    of the ``inputs``. One line otherwise: a folder of the user's own files is never replaced."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise PipelineError(f"--out {out}: not a folder (give a new folder or an earlier output of "
+                            "lfss-segment)")
+    others = sorted(p.name for p in out.iterdir() if not (p.is_file() and OUTPUT_FILES.fullmatch(p.name)))
+    if others:
+        raise PipelineError(f"--out {out}: holds {others[0]!r}, which lfss-segment does not write (it "
+                            "replaces the folder: give a new one, an empty one or an earlier output of "
+                            "lfss-segment)")
+    folder = out.resolve()
+    for path in inputs:
+        if folder in Path(path).resolve().parents:
+            raise PipelineError(f"--out {out}: holds the input {path} (it replaces the folder: give another)")
+
+
+@contextmanager
+def staged(out: Path, inputs: Sequence[str | Path] = ()) -> Iterator[Path]:
+    """A fresh staging folder (``.<out>.partial`` beside ``out``) to write the outputs in, renamed
+    onto ``out`` when the block ends (an earlier output there is replaced); removed instead when
+    the block raises (Ctrl-C included). What a killed run left is removed first, never mixed in.
+    A write that fails (a full disk) is one line naming ``out``."""
+    check_replaceable(out, inputs)
+    final = out.absolute()
+    remove_tree(final.with_name(f".{final.name}.partial"))
+    staging = Staging(final, "lfss-segment")
+    try:
+        yield staging.path
+    except BaseException as exc:
+        remove_tree(staging.path)
+        if isinstance(exc, OSError):
+            raise PipelineError(f"cannot write {out}: {exc.strerror or exc} "
+                                f"({exc.filename or staging.path}); nothing was written") from None
+        raise
+    staging.commit()
 
 
 def unique_names(paths: list[str], seen: dict[str, int] | None = None) -> list[str]:

@@ -4,13 +4,16 @@ Every step is the pipeline's own, applied to images no stage has seen:
 
 1. priors per image (:meth:`~pipeline.priors.shards.Extractor.priors`, as the priors stage runs
    them): MaskCLIP scores, VTP and PIR for the one (image, class) pair, VVP tokens;
-2. backbone features (:func:`~pipeline.core.images.load_normalized` at ``backbone.image_size``,
-   as the features stage reads images);
+2. backbone features (resized and normalised at ``backbone.image_size`` as the features stage
+   reads images: :func:`~pipeline.core.images.normalize`);
 3. language-guided pseudo-masks of the query and the supports
    (:class:`~pipeline.pseudomasks.online.OnlineRefiner`: MaskCLIP initial mask + refiner), or the
    given support masks at the feature grid (standard few-shot), as ``load_episodes`` makes them;
 4. the model, with circle inference as it was trained (:func:`~pipeline.model.lfss.predict`),
    and the prediction resized to the query's own size as ``evaluate.resize: original`` scores it.
+
+Each image file is decoded once per step, upright (its EXIF orientation applied) and as 8-bit
+RGB from any mode Pillow opens (:mod:`pipeline.segment.images`); the masks are at that upright size.
 
 Everything stored as float16 by the stages (features, priors, tokens, pseudo-mask grids) is
 rounded to float16 here too, so the masks are those ``evaluate@k`` makes for the same episodes.
@@ -32,12 +35,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.clip.prompts import text_embeddings
+from pipeline.clip.prompts import MASKCLIP_TEMPLATES, text_embeddings
 from pipeline.core.errors import PipelineError
-from pipeline.core.images import load_normalized
+from pipeline.core.images import normalize
 from pipeline.core.params import ModelParams, Params
 from pipeline.core.tensors import mask_to_grid
-from pipeline.datasets.index import image_size
 from pipeline.features.backbone import Backbone, load_backbone
 from pipeline.fewshot.checkpoint import load_model, sha_file
 from pipeline.fewshot.evaluate import Scoring
@@ -46,6 +48,7 @@ from pipeline.model.lfss import LFSS, Episodes, predict
 from pipeline.priors.shards import Extractor, load_extractor
 from pipeline.priors.vtp import PromptBank, prompt_bank
 from pipeline.pseudomasks.online import MaskInputs, OnlineRefiner
+from pipeline.segment.images import DECODE_ERRORS, read_image, stored_orientation, upright
 from pipeline.segment.run import RunDir, check_same_clip
 
 THRESHOLD = 0.5  # foreground where the probability is >= this (as evaluate scores)
@@ -129,21 +132,40 @@ def round16(x: torch.Tensor) -> torch.Tensor:
     return x.half().float()
 
 
+def read_rgb(path: str | Path) -> Image.Image:
+    """The image ``path`` upright and 8-bit RGB (:func:`~pipeline.segment.images.read_image`);
+    one-line error for an unreadable one."""
+    try:
+        return read_image(path)
+    except DECODE_ERRORS as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        raise PipelineError(f"{path}: unreadable image ({reason})") from None
+
+
 def checked_sizes(paths: Sequence[str | Path]) -> list[tuple[int, int]]:
-    """``(H, W)`` of each image, decoded in full (one-line error for an unreadable one)."""
-    return [image_size(Path(p)) for p in paths]
+    """``(H, W)`` of each image as shown (upright), decoded and converted in full (one-line error
+    for an unreadable one)."""
+    return [read_rgb(p).size[::-1] for p in paths]
+
+
+def resized(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """``(B, 3, size, size)`` uint8 RGB ``images`` (bicubic resize), channels-last in memory, as
+    :func:`~pipeline.core.images.load_resized` gives image files."""
+    arrays = [np.asarray(im.resize((size, size), Image.BICUBIC)) for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
 def read_mask(path: str | Path | np.ndarray) -> np.ndarray:
     """A binary support mask: an ``(H, W)`` array or an image file whose nonzero pixels are
-    foreground (0/1 and 0/255 PNGs alike)."""
+    foreground (0/1 and 0/255 PNGs alike), upright (its EXIF orientation applied, if any)."""
     if isinstance(path, np.ndarray):
         return path.astype(bool)
     try:
-        with Image.open(path) as im:
-            im.load()
+        with Image.open(path) as opened:
+            opened.load()
+            im = upright(opened)  # as the support it belongs to is read
             return np.asarray(im if im.mode in ("1", "L", "P", "I", "I;16") else im.convert("L")) > 0
-    except (OSError, ValueError) as exc:
+    except DECODE_ERRORS as exc:
         raise PipelineError(f"{path}: unreadable mask ({str(exc).splitlines()[0]})") from None
 
 
@@ -215,7 +237,26 @@ class Segmenter:
         for i, (prompt, stored) in enumerate(zip(self.vocabulary, self.class_names, strict=True)):
             if folded in (prompt.casefold(), stored.casefold()):
                 return Target(prompt, i + 1, True, self.vocabulary)
+        self.check_fits(name)
         return Target(name, len(self.vocabulary) + 1, False, (*self.vocabulary, name))
+
+    def check_fits(self, name: str) -> None:
+        """A new class name must fit the CLIP's text context in every prompt it is put in (the 85
+        MaskCLIP templates, the VTP foreground and background templates): the tokenizer would cut
+        a longer prompt short, so the class would silently be another name's. One line otherwise."""
+        tokenizer = self.extractor.bundle.tokenizer()
+        cfg = self.params.priors
+        templates = (*MASKCLIP_TEMPLATES, cfg.foreground_template, cfg.background_template)
+        counts = [len(tokenizer.encode(t.format(name))) + 2 for t in templates]  # with start and end tokens
+        worst = max(range(len(templates)), key=counts.__getitem__)
+        context = tokenizer.context_length
+        if counts[worst] > context:
+            own = len(tokenizer.encode(name))
+            shown = name if len(name) <= 40 else f"{name[:40]}…"
+            raise PipelineError(f"--class {shown!r}: too long for the CLIP's {context}-token text context "
+                                f"(the name is {own} tokens; in the prompt {templates[worst]!r} it takes "
+                                f"{counts[worst]}, so it would be cut): give a name of at most "
+                                f"{own - counts[worst] + context} tokens")
 
     def extractor_for(self, target: Target) -> Extractor:
         """The run's extractor, with ``target`` appended to its prompts when it is not in them."""
@@ -236,12 +277,12 @@ class Segmenter:
                sizes: list[tuple[int, int]] | None = None) -> ImageInputs:
         """The priors and features of ``paths`` (of ``sizes``, when already checked) for
         ``target``, each image forwarded once."""
-        paths = [str(p) for p in paths]
-        sizes = sizes or checked_sizes(paths)
+        rgb = [read_rgb(p) for p in paths]  # decoded once for both models
+        sizes = sizes or [im.size[::-1] for im in rgb]
         pairs = [[target.class_id]] * len(paths)  # one pair per image; its labels: the class alone
-        got = ex.priors(ex.load_images(paths), pairs, pairs)
+        got = ex.priors(ex.normalize(resized(rgb, ex.image_size)), pairs, pairs)
         side = self.params.backbone.image_size
-        images = load_normalized(paths, side, self.backbone.mean, self.backbone.std, self.device)
+        images = normalize(resized(rgb, side), self.backbone.mean, self.backbone.std, self.device)
         features = stored_features(self.backbone, images)
         tokens = torch.stack([t.float() for t in got.tokens], 1)
         return ImageInputs(features, round16(got.maskclip_scores), round16(got.vtp), round16(got.pir),
@@ -345,7 +386,9 @@ class Segmenter:
             array = read_mask(mask)
             if array.shape != (h, w):
                 name = "the mask" if isinstance(mask, np.ndarray) else str(mask)
+                shown = (f" as shown (its EXIF orientation {stored_orientation(support)} applied: give the "
+                         "mask upright)" if array.shape == (w, h) and stored_orientation(support) > 4 else "")
                 raise PipelineError(f"{name}: mask is {array.shape[1]}x{array.shape[0]} but its support "
-                                    f"{support} is {w}x{h}")
+                                    f"{support} is {w}x{h}{shown}")
             out.append(array)
         return out
