@@ -29,6 +29,15 @@ benchmark then builds too:
 
     python3 benchmarks/throughput.py --device cuda --keep /tmp/tp                 # on a GPU
     .venv/bin/python benchmarks/throughput.py --device cpu --device-batch 2 --device-repeats 1
+
+With no GPU, ``--project h200`` runs each model's work once on the CPU and projects its time on
+that GPU op by op (benchmarks/_roofline.py), at ``--efficiency`` of its peaks and a third of that
+(~15 min on 2 cores):
+
+    .venv/bin/python benchmarks/throughput.py --project h200 --keep /tmp/tp
+
+Rates per core are items per CPU second of this process (its one thread), steady on a shared
+machine; wall rates, which add the waits for the disk and for other jobs, are printed beside.
 """
 
 from __future__ import annotations
@@ -554,14 +563,21 @@ def host_table(before: dict[str, Feed], after: dict[str, Feed]) -> None:
         print(f"  {stage:<14}{b.unit:<9}{ra:>10.1f} {wall}{rb / ra:>6.2f}x")
 
 
+def feeders(stage: str, cores: int) -> int:
+    """Cores feeding a stage's device on a GPU box: the priors and features tasks decode in a thread
+    a core; training and evaluation loaders, and pseudo-mask shard tasks, take all cores but two
+    (pipeline.fewshot.data.loader_workers, stages/pseudo_masks.py)."""
+    return cores if stage in ("priors", "features") else max(1, cores - 2)
+
+
 def projection(after: dict[str, Feed], cores: int, device_s: dict[str, float | None],
                device_name: str) -> None:
     """``host_feed_ratio`` per stage and the projected hours of each reproduction."""
-    print(f"\nwith {cores} cores feeding {device_name} (host rate x cores against the device's rate; "
-          "host_feed_ratio > 1: the device is the bound):")
+    print(f"\nwith {cores} cores feeding {device_name} (host rate x the cores feeding the stage, against "
+          "the device's rate; host_feed_ratio > 1: the device is the bound):")
     rates = {}
     for stage in FEEDS:
-        host = after[stage].items / after[stage].cpu * cores
+        host = after[stage].items / after[stage].cpu * feeders(stage, cores)
         device = device_s[stage]
         rates[stage] = host if device is None else min(host, 1 / device)
         ratio = f"{host * device:6.2f}" if device else "   n/a (device not measured)"

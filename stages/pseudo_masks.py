@@ -128,8 +128,11 @@ def run(params: Params, args: argparse.Namespace) -> None:
     budget = params.orchestration.cache_bytes
     shard, at_once = shard_plan(stored_manifests(Path(args.episodes), training), Path(args.features),
                                 params.backbone.image_size, params.pseudo_masks.batch_size, budget)
-    n = concurrency(params.orchestration, on_device=True, at_most=at_once)
-    metrics = run_flow(build_pseudo_masks, params.orchestration, on_device=True, at_most=at_once,
+    # Its tasks hold no model, only a batch of features on the device: on a GPU several shards at once
+    # keep it busy (one task's host work, the feature reads, makes 60-100 episodes/s a core, a third
+    # to a half of what an H200 refines: docs/operations.md "Feeding a GPU"), as many as the budget holds.
+    n = concurrency(params.orchestration, on_device=False, at_most=at_once)
+    metrics = run_flow(build_pseudo_masks, params.orchestration, on_device=False, at_most=at_once,
                        cfg=params.pseudo_masks,
                        backbone=params.backbone, index_dir=Path(args.index), episodes_dir=Path(args.episodes),
                        priors=Path(args.priors), features=Path(args.features), out=Path(args.out),

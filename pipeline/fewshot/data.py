@@ -291,24 +291,28 @@ class _Made(torch.utils.data.Dataset):
 
 
 # Loader processes by default, when batches are read from the stores or decode images: on a CPU a
-# few (the model's threads need the cores); for a GPU as many as feed it. One process makes ~190
-# stored-feature episodes/s of the LFSS preset and ~110 online PI-CLIP ones (benchmarks/throughput.py
-# --host-only, 2-core AMD EPYC); a GPU step may take ~250 and more.
-CPU_LOADERS, GPU_LOADERS = 4, 8
+# few (the model's threads need the cores); for a GPU every core but two (the process driving the
+# GPU, and the system). One process makes 43-190 stored-feature episodes/s of the LFSS preset (a
+# shared Xeon VM / an idle AMD EPYC) and 70-110 online PI-CLIP ones (benchmarks/throughput.py
+# --host-only); an H200 may take ~230-590 LFSS episodes/s (projected: docs/operations.md "Feeding a
+# GPU"), so a fixed 8 could starve it. Each holds two batches in flight (~0.3 GB for the LFSS preset).
+CPU_LOADERS, GPU_SPARE_CORES = 4, 2
 
 
 def loader_workers(bank: ImageBank, requested: int | None, *, images: bool = False,
                    device: torch.device | str = "cpu") -> int:
     """Processes that read batches ahead: ``requested``, or by default none for a bank in memory
     (nothing to read) and, for one read from the stores or for batches that decode ``images``
-    (online features, letterboxed evaluation), up to ``CPU_LOADERS`` (``GPU_LOADERS`` for a model
-    on a GPU), never more than the cores this process may use."""
+    (online features, letterboxed evaluation), up to ``CPU_LOADERS`` — for a model on a GPU, every
+    core this process may use but ``GPU_SPARE_CORES`` — never more than those cores."""
     if requested is not None:
         return requested
     if isinstance(bank.features, torch.Tensor) and not images:
         return 0
-    most = GPU_LOADERS if torch.device(device).type == "cuda" else CPU_LOADERS
-    return min(most, len(os.sched_getaffinity(0)))
+    cores = len(os.sched_getaffinity(0))
+    if torch.device(device).type == "cuda":
+        return max(1, cores - GPU_SPARE_CORES)
+    return min(CPU_LOADERS, cores)
 
 
 def _as_made(item: Any) -> Any:
