@@ -20,7 +20,8 @@ $(STAMP): requirements.lock pyproject.toml
 # matrices are derived from the code and params first (a no-op when they are current). One local
 # Prefect server serves every stage of the run (its UI address is printed; it stops with the run).
 # `make repro CONFIG=configs/pascal-5i.yaml DATASET_ROOT=/data/VOC2012` first writes the preset and
-# the dataset's root into params.yaml (so DVC tracks them), validated.
+# the dataset's root into params.yaml (so DVC tracks them), validated first -- the root must exist,
+# laid out as the preset's dataset -- so a bad preset or root stops here, params.yaml untouched.
 repro: setup preset params dvc-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m stages._prefect_server dvc repro
 
