@@ -26,7 +26,7 @@ from ruamel.yaml.comments import CommentedSeq
 from pipeline.config.check import check_dataset_root
 from pipeline.core.artifacts import write_atomic
 from pipeline.core.errors import PipelineError
-from pipeline.core.params import parse_params
+from pipeline.core.params import parse_params, read_params_file
 
 
 def _merge(into: dict, values: dict) -> None:
@@ -72,6 +72,7 @@ def apply_preset(params_path: Path, preset: Path | None, overrides: list[str]) -
         except yaml.YAMLError as exc:
             raise PipelineError(f"{preset}: not valid YAML ({str(exc).splitlines()[0]})") from None
     layers += [override(text) for text in overrides]
+    read_params_file(Path(params_path))  # one line for a missing, empty or non-mapping params.yaml
     editor = _editor()
     document = editor.load(Path(params_path).read_text())
     for layer in layers:
