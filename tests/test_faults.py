@@ -48,7 +48,7 @@ def test_a_signal_stops_a_stage_and_its_task_threads_within_a_batch(tmp_path, ca
     """SIGTERM to a stage whose tasks run in threads (the default runner): the main thread stops
     with one line and status 130, and a task thread stops at its next check, not at the end
     of its shard; the stop does not outlive the stage."""
-    (tmp_path / "params.yaml").write_text("")
+    (tmp_path / "params.yaml").write_text("dataset: {name: synthetic}\n")  # not empty: that is an error
     finished: list[str] = []
 
     def shard() -> None:  # a 60-s shard of 0.05-s batches
