@@ -36,11 +36,12 @@ ifneq ($(CONFIG)$(DATASET_ROOT),)
 endif
 
 # Share every artifact through the DVC remote (`dvc remote add -d NAME URL` first; docs/operations.md).
+# The remote is checked first: none set, or a local one whose folder is missing, is one line.
 push: setup
-	$(BIN)/dvc push
+	$(BIN)/python -m stages._remote push
 
 pull: setup
-	$(BIN)/dvc pull
+	$(BIN)/python -m stages._remote pull
 
 # Rewrite dvc.yaml's source deps (each stage's import closure) and fold matrices (split.num_folds).
 dvc-deps: setup preset params

@@ -75,3 +75,44 @@ def test_a_signal_stops_a_stage_and_its_task_threads_within_a_batch(tmp_path, ca
     assert finished == ["stopped"] and time.monotonic() - start < 10  # the shard needed 60 s
     assert capsys.readouterr().err.strip().startswith("demo: stopped by SIGTERM; finished shards")
     check_stop()  # cleared: the next stage in this process runs
+
+
+def test_push_and_pull_say_in_one_line_when_the_remote_is_missing(tmp_path, monkeypatch, capsys):
+    """`make push` / `make pull` (stages._remote): no remote set, an unknown one, a local one whose
+    folder is missing (pull) or whose parent is (push): one line on how to fix it, status 1, and DVC
+    is not started (it said "Everything is up to date" first, or printed thousands of lines)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from stages import _remote
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q", "--no-scm"], cwd=repo, check=True)
+    monkeypatch.chdir(repo)
+    started: list[list[str]] = []
+    monkeypatch.setattr(_remote.subprocess, "call", lambda cmd: started.append(cmd) or 0)
+
+    def refused(argv: list[str], expected: str) -> None:
+        assert _remote.main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and expected in err and "\n" not in err, err
+        assert not started
+
+    add = "add one with `dvc remote add -d NAME URL`"
+    refused(["pull"], f"no DVC remote set to pull from: {add} (a folder")
+    refused(["push"], f"no DVC remote set to push to: {add}")
+    Path(".dvc/config").write_text(f'[core]\n    remote = shared\n[\'remote "shared"\']\n'
+                                   f'    url = {tmp_path / "disk" / "store"}\n')
+    refused(["pull", "-r", "other"], "DVC remote 'other': not configured (known: shared)")
+    refused(["pull"], f"DVC remote 'shared': folder {tmp_path / 'disk' / 'store'} does not exist")
+    refused(["push"], f"DVC remote 'shared': folder {tmp_path / 'disk'} does not exist")
+    (tmp_path / "disk").mkdir()  # a push creates the store itself; a pull needs it
+    refused(["pull"], f"folder {tmp_path / 'disk' / 'store'} does not exist")
+    assert _remote.main(["push", "--jobs", "2"]) == 0
+    assert started == [[sys.executable, "-m", "dvc", "push", "-r", "shared", "--jobs", "2"]]
+    Path(".dvc/config").write_text('[core]\n    remote = s3\n[\'remote "s3"\']\n    url = s3://bucket/x\n')
+    assert _remote.main(["pull"]) == 0  # a remote with a scheme is DVC's to check
+    make = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    assert "python -m stages._remote push" in make and "python -m stages._remote pull" in make
