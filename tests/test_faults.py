@@ -116,3 +116,35 @@ def test_push_and_pull_say_in_one_line_when_the_remote_is_missing(tmp_path, monk
     assert _remote.main(["pull"]) == 0  # a remote with a scheme is DVC's to check
     make = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
     assert "python -m stages._remote push" in make and "python -m stages._remote pull" in make
+
+
+def test_pretrained_weights_offline_fail_at_once_and_leave_no_staging_folder(tmp_path, monkeypatch):
+    """`clip.pretrained: openai` (any tag) not cached, with no network: one line at once -- the
+    download host is looked up first, instead of a minute of the hub's retries -- and no
+    `.clip.partial` left (the weights load before the staging folder is made)."""
+    import huggingface_hub.constants
+    import open_clip.pretrained
+
+    from pipeline.core.errors import PipelineError
+    from pipeline.core.params import ClipParams
+    from stages.clip_model import build_clip
+
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.invalid")  # never resolves
+    real, online = open_clip.pretrained.download_pretrained_from_hf, []
+
+    def from_hub(*args, **kwargs):  # the cache lookup (offline) as it is; no download attempt at all
+        if not huggingface_hub.constants.HF_HUB_OFFLINE:
+            online.append(args)
+            raise RuntimeError("a download was attempted")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained_from_hf", from_hub)
+    cfg = ClipParams(model="RN50", pretrained="openai", cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(PipelineError) as err:
+        build_clip.fn(cfg, *(tmp_path / name for name in ("synthetic", "clip", "clip.json", "fixtures")))
+    message = str(err.value)
+    assert message.startswith("clip.pretrained = 'openai': weights for RN50 are not cached and cannot be "
+                              "downloaded (hub.invalid: ") and "\n" not in message, message
+    assert not online and not (tmp_path / ".clip.partial").exists() and not (tmp_path / "clip").exists()
