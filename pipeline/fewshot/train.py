@@ -219,8 +219,8 @@ def resume(checkpoint: Path | None, model: nn.Module, opt: Optimiser, device: to
 
     A checkpoint that does not load -- truncated by a crash or a full disk, crafted (anything but
     tensors and plain data is refused unread), or of another model -- costs the epochs it held,
-    never the run: one line on stderr names it, it is set aside (:func:`set_aside` to ``aside``, by
-    the process that writes checkpoints: ``keep_bad``) and training starts from scratch, with the
+    never the run: one line on stderr names it, it is set aside (:func:`set_aside` to ``aside``; both
+    by the process that writes checkpoints: ``keep_bad``) and training starts from scratch, with the
     model and optimiser as they were before the attempt."""
     if checkpoint is None or not checkpoint.exists():
         return State()
@@ -233,10 +233,11 @@ def resume(checkpoint: Path | None, model: nn.Module, opt: Optimiser, device: to
     except Exception as exc:  # noqa: BLE001 -- any unreadable checkpoint: restart, saying why
         model.load_state_dict(fresh_model)
         opt.load_state_dict(fresh_opt)
-        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        where = f"set aside as {set_aside(checkpoint, aside)}" if keep_bad else "left to the first process"
-        tqdm.write(f"{checkpoint}: unreadable resume checkpoint ({type(exc).__name__}: {why}); {where}; "
-                   "training starts from scratch", file=sys.stderr)  # on a line of its own beside a bar
+        if keep_bad:  # the other processes of a torchrun group restart without a word
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            tqdm.write(f"{checkpoint}: unreadable resume checkpoint ({type(exc).__name__}: {why}); set aside "
+                       f"as {set_aside(checkpoint, aside)}; training starts from scratch",
+                       file=sys.stderr)  # on a line of its own beside a progress bar
         return State()
     state.history = same_keys(state.history)
     return state
