@@ -20,7 +20,8 @@ $(STAMP): requirements.lock pyproject.toml
 # matrices are derived from the code and params first (a no-op when they are current). One local
 # Prefect server serves every stage of the run (its UI address is printed; it stops with the run).
 # `make repro CONFIG=configs/pascal-5i.yaml DATASET_ROOT=/data/VOC2012` first writes the preset and
-# the dataset's root into params.yaml (so DVC tracks them), validated.
+# the dataset's root into params.yaml (so DVC tracks them), validated first -- the root must exist,
+# laid out as the preset's dataset -- so a bad preset or root stops here, params.yaml untouched.
 repro: setup preset params dvc-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m stages._prefect_server dvc repro
 
@@ -35,11 +36,12 @@ ifneq ($(CONFIG)$(DATASET_ROOT),)
 endif
 
 # Share every artifact through the DVC remote (`dvc remote add -d NAME URL` first; docs/operations.md).
+# The remote is checked first: none set, or a local one whose folder is missing, is one line.
 push: setup
-	$(BIN)/dvc push
+	$(BIN)/python -m stages._remote push
 
 pull: setup
-	$(BIN)/dvc pull
+	$(BIN)/python -m stages._remote pull
 
 # Rewrite dvc.yaml's source deps (each stage's import closure) and fold matrices (split.num_folds).
 dvc-deps: setup preset params

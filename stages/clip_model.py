@@ -111,6 +111,9 @@ def build_clip(cfg: ClipParams, synthetic: Path, out: Path, metrics_path: Path, 
             raise PipelineError(f"clip.model = {cfg.model!r} is made from the synthetic benchmark's caption "
                                 f"corpus ({meta} is missing: set dataset.name: synthetic)")
         generator = json.loads(meta.read_text())["generator"]
+    bundle = None
+    if generator is None:  # before the staging folder: weights that fail to load leave nothing behind
+        bundle = load_pretrained(cfg.model, cfg.pretrained, cfg.cache_dir)
     staging = Staging(out, fingerprint([cfg.model_dump(), generator]))
     metrics: dict[str, Any] = {}
     if generator is not None:
@@ -133,8 +136,6 @@ def build_clip(cfg: ClipParams, synthetic: Path, out: Path, metrics_path: Path, 
                     bundle, fixtures / cfg.model, {"command": command, "clip": clip_key,
                                                    "corpus": fixture.corpus_params(generator),
                                                    "metrics": dict(metrics)})}
-    else:
-        bundle = load_pretrained(cfg.model, cfg.pretrained, cfg.cache_dir)
     sha = save_local_dir(bundle, staging.path)
     metrics |= {"model": cfg.model, "pretrained": cfg.pretrained, "sha256": sha,
                 "preprocess": bundle.preprocess_cfg}

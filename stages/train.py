@@ -8,6 +8,8 @@ Reads ``data/index``, ``data/episodes`` (the fold's training episodes (the pool,
 training history) and ``data/plots/train/fold{k}/`` (loss and validation mIoU per epoch through
 DVCLive, written as each epoch ends: ``dvc plots show`` or VS Code's DVC view while it trains). A
 checkpoint is written every epoch in the staging directory: a re-run after a crash resumes from it.
+One that does not load (truncated, crafted) is named in one line, moved beside the output as
+``data/models/.fold{k}.checkpoint.pt.bad`` and the fold trains from scratch.
 
 One fold is one process, or one ``torchrun`` group (DistributedDataParallel):
 ``torchrun --nproc-per-node=2 -m stages.train --fold 0``. DVC's ``train@fold`` matrix is the
@@ -142,6 +144,8 @@ def run(params: Params, args: argparse.Namespace) -> None:
             len(meta["class_names"]),
             params.train,
             checkpoint=staging.path / "checkpoint.pt",
+            # one that does not load goes beside the output, never into it
+            bad_checkpoint=out.with_name(f".{out.name}.checkpoint.pt.bad"),
             device=device,
             log=lambda r: bar.write(
                 f"fold {fold} epoch {r['epoch']}: loss {r['loss']:.4f}, "

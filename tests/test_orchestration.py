@@ -49,3 +49,23 @@ def test_prefect_does_not_repeat_expected_errors():
         expected = logging.LogRecord("prefect", 40, "", 0, "failed", None, (type(exc), exc, None))
     bug = logging.LogRecord("prefect", 40, "", 0, "failed: KeyError('x')", None, None)
     assert not keep.filter(expected) and keep.filter(bug)
+
+
+def test_prefect_does_not_report_the_tasks_a_stop_ended():
+    """A stop raises Stopped in every running task: Prefect's traceback for each, and its "Finished
+    in state Failed" line, are dropped (the stage says "stopped by SIGINT" once)."""
+    from pipeline.core.interrupt import Stopped, check_stop, clear_stop, request_stop
+
+    keep = _HideExpectedErrors()
+    request_stop()
+    try:
+        check_stop()
+    except Stopped as exc:
+        traced = logging.LogRecord("prefect.task_runs", 40, "", 0, "Task run failed with exception: %r",
+                                   (exc,), (type(exc), exc, None))
+    finally:
+        clear_stop()
+    failed = "Finished in state Failed('Task run encountered an exception {}')"
+    state, other = (logging.LogRecord("prefect.task_runs", 40, "", 0, failed.format(why), None, None)
+                    for why in ("Stopped: stop requested", "ValueError: stopped early"))
+    assert not keep.filter(traced) and not keep.filter(state) and keep.filter(other)

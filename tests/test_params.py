@@ -70,6 +70,42 @@ def test_load_params_errors_name_the_file(tmp_path):
         load_params(listed)
 
 
+STAGES = ("prepare", "clip_model", "split", "episodes", "priors", "features", "pseudo_masks", "train",
+          "evaluate", "report")
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n", "# every line a comment\n# dataset: {}\n", "---\n"])
+def test_an_empty_params_file_is_one_line_through_every_entry_point(tmp_path, monkeypatch, capsys, text):
+    """An empty (or comments-only) params.yaml used to run on the schema's defaults (`python -m
+    stages.split`: exit 0): every way in reads it through `load_params` and says so in one line."""
+    import importlib
+
+    from pipeline.config import check, presets
+    from pipeline.studies.__main__ import main as study
+    from stages._deps import main as deps
+
+    empty = tmp_path / "params.yaml"
+    empty.write_text(text)
+    with pytest.raises(PipelineError, match=f"^{empty}: empty \\(expected a mapping of params sections"):
+        load_params(empty)
+    runs = {name: lambda name=name: importlib.import_module(f"stages.{name}").main(
+        ["--params", str(empty), *(["--fold", "0"] if name in ("train", "evaluate") else [])])
+        for name in STAGES}
+    runs["pipeline.config.check"] = lambda: check.main([str(empty)])
+    runs["pipeline.config.presets"] = lambda: presets.main(["--set", "train.epochs=3",
+                                                            "--params", str(empty)])
+    runs["stages._deps"] = lambda: deps(["--check", "--params", str(empty)])
+    monkeypatch.chdir(tmp_path)  # the studies read ./params.yaml
+    runs["pipeline.studies"] = lambda: study(["ablation", "--collect"])
+    for name, run in runs.items():
+        assert run() == 1, name
+        captured = capsys.readouterr()
+        err = captured.err.strip()
+        assert err.startswith("error: ") and "params.yaml: empty" in err and "\n" not in err, (name, err)
+        assert not captured.out, name
+    assert empty.read_text() == text
+
+
 def test_params_are_frozen():
     params = Params()
     with pytest.raises(ValidationError, match="frozen"):

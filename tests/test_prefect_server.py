@@ -66,3 +66,24 @@ def test_no_server_outlives_a_killed_run():
     assert not _alive(servers[0])
     for probe in set(children) - set(servers):  # the command itself is not ours to stop: end it here
         os.kill(probe, signal.SIGKILL)
+
+
+STOPPING = ("import os, signal, sys, time, urllib.request; url = os.environ['PREFECT_API_URL']; "
+            "signal.signal(signal.SIGINT, lambda *a: (time.sleep(1), print('after', urllib.request.urlopen("
+            "url + '/health').status, flush=True), sys.exit(130))); print('up', flush=True); time.sleep(60)")
+
+
+def test_ctrl_c_lets_the_stages_stop_before_their_server_does():
+    """Ctrl-C reaches the wrapper, the command and (before) the server alike: the command, a stage
+    that takes a second to stop and reports to the server meanwhile, finds it up, and the wrapper
+    waits for it (it used to kill it after 0.25 s) and then stops the server; status 130."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    run = subprocess.Popen([sys.executable, "-m", "stages._prefect_server", sys.executable, "-c", STOPPING],
+                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    assert run.stdout.readline() == "up\n"
+    servers = [p for p in _children(run.pid) if "uvicorn" in Path(f"/proc/{p}/cmdline").read_text()]
+    os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    out, err = run.communicate(timeout=60)
+    assert out == "after 200\n" and run.returncode == 130, (out, err)
+    assert len(servers) == 1 and not _alive(servers[0])

@@ -21,20 +21,69 @@ REPO = Path(__file__).resolve().parents[1]
 PRESETS = {"configs/pascal-5i.yaml": ("pascal", "VOC2012"), "configs/coco-20i.yaml": ("coco", "COCO")}
 
 
+LAYOUTS = {"pascal": ("JPEGImages/", "SegmentationClassAug/", "ImageSets/Segmentation/val.txt"),
+           "coco": ("train2014/", "val2014/", "annotations/instances_train2014.json",
+                    "annotations/instances_val2014.json")}
+
+
+def empty_layout(root: Path, name: str, leave_out: str = "") -> Path:
+    """The folders and (empty) files of ``name``'s layout under ``root``, but ``leave_out``."""
+    for item in LAYOUTS[name]:
+        if item != leave_out:
+            (root / item).parent.mkdir(parents=True, exist_ok=True)
+            (root / item).mkdir() if item.endswith("/") else (root / item).touch()
+    return root
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_a_preset_writes_its_values_and_keeps_every_comment(tmp_path, preset):
     params = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", params)
-    apply_preset(params, REPO / preset, ["dataset.root=/data/x", "train.epochs=7"])
+    empty_layout(tmp_path / "x", PRESETS[preset][0])
+    apply_preset(params, REPO / preset, ["dataset.root=x", "train.epochs=7"])  # relative to params.yaml
     got, wanted = load_params(params), yaml.safe_load((REPO / preset).read_text())
-    assert got.dataset.name == PRESETS[preset][0] and got.dataset.root == "/data/x" and got.train.epochs == 7
+    assert got.dataset.name == PRESETS[preset][0] and got.dataset.root == "x" and got.train.epochs == 7
     assert got.backbone.model_dump().items() >= wanted["backbone"].items()
     assert got.clip.model == "ViT-B-16" and got.clip.pretrained == "openai" and got.priors.image_size == 473
     assert got.orchestration == load_params(REPO / "params.yaml").orchestration  # untouched keys kept
     before, after = (REPO / "params.yaml").read_text(), params.read_text()
     comments = [line.split("#", 1)[1] for line in before.splitlines() if "#" in line]
     assert all(c in after for c in comments)
-    assert "seeds: [0]" in after and "root: /data/x" in after and "cache_dir: null" in after
+    assert "seeds: [0]" in after and "root: x" in after and "cache_dir: null" in after
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_a_missing_or_wrong_dataset_root_is_one_line_before_params_yaml_is_written(tmp_path, capsys, preset):
+    """`make repro CONFIG=... DATASET_ROOT=/no/such` used to write params.yaml and let DVC remove
+    data/synthetic and data/index before `prepare` failed: the root is checked first."""
+    from pipeline.config.check import main as check
+
+    name = PRESETS[preset][0]
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    before = params.read_text()
+    missing = LAYOUTS[name][-1]
+    cases = [(tmp_path / "no" / "such", "no such directory"),
+             (empty_layout(tmp_path / "partial", name, leave_out=missing),
+              f"not a {'VOC2012' if name == 'pascal' else 'COCO2014'} folder"),
+             (tmp_path / "params.yaml", "no such directory")]  # a file is no root either
+    for root, expected in cases:
+        assert main([str(REPO / preset), "--set", f"dataset.root={root}", "--params", str(params)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {params} with {REPO / preset}: dataset.root = '{root}': {expected}")
+        assert "\n" not in err and params.read_text() == before
+        if root == cases[1][0]:
+            assert err.endswith(f"(missing {missing.rstrip('/')})"), err
+    # the same check guards a params.yaml edited by hand, before `make repro` hands it to DVC
+    written = tmp_path / "written.yaml"
+    written.write_text(before.replace("name: synthetic", f"name: {name}").replace(
+        "root: null", f"root: {tmp_path / 'no' / 'such'}"))
+    assert check([str(written)]) == 1
+    assert f"dataset.root = '{tmp_path / 'no' / 'such'}': no such directory" in capsys.readouterr().err
+    empty_layout(tmp_path / "whole", name)
+    written.write_text(before.replace("name: synthetic", f"name: {name}").replace(
+        "root: null", f"root: {tmp_path / 'whole'}"))
+    assert check([str(written)]) == 0
 
 
 def test_a_bad_preset_value_is_one_line_and_leaves_params_as_they_were(tmp_path, capsys):

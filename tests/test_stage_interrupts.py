@@ -66,16 +66,17 @@ def children(pid: int) -> set[int]:
     return found
 
 
-def signal_when(cmd: list[str], ready, log: Path, sig: str = "SIGKILL", timeout: float = 300) -> dict:
-    """Run a stage in a process of its own and send it ``sig`` as soon as ``ready()``; no child of
-    it (its Prefect server, task-runner workers) may outlive it by more than a few seconds.
-    Returns its exit status, the seconds it took to exit after the signal, its children then and
-    its output."""
+def signal_when(cmd: list[str], ready, log: Path, sig: str = "SIGKILL", timeout: float = 300,
+                group: bool = False) -> dict:
+    """Run a stage in a process of its own and send it ``sig`` as soon as ``ready()`` (``group``: to
+    its whole process group, as Ctrl-C in a terminal does); no child of it (its Prefect server,
+    task-runner workers) may outlive it by more than a few seconds. Returns its exit status, the
+    seconds it took to exit after the signal, its children then and its output."""
     import signal
     import time
 
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=group,
                                 env={k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"})
     deadline = time.monotonic() + timeout
     while not ready():
@@ -84,7 +85,10 @@ def signal_when(cmd: list[str], ready, log: Path, sig: str = "SIGKILL", timeout:
         time.sleep(0.02)
     orphans = had = children(proc.pid)
     sent = time.monotonic()
-    proc.send_signal(getattr(signal, sig))
+    if group:
+        os.killpg(proc.pid, getattr(signal, sig))
+    else:
+        proc.send_signal(getattr(signal, sig))
     proc.wait(timeout=120)
     seconds = time.monotonic() - sent
     while orphans and time.monotonic() < sent + 15:
@@ -197,6 +201,21 @@ def test_sigterm_stops_a_process_pool_stage_and_its_workers(priors_run, pipeline
     assert len(stopped["children"]) >= 3  # two workers and the Prefect server
     assert "priors: stopped by SIGTERM" in stopped["output"] and "Traceback" not in stopped["output"]
     assert list((partial / ".done").glob("images-*")) and not out.exists()
+
+
+def test_ctrl_c_stops_a_stage_with_one_line_and_no_prefect_traceback(priors_run, pipeline_run, tmp_path):
+    """Ctrl-C in a terminal (SIGINT to the stage and its own Prefect server alike) mid-run: the
+    stage used to print each stopped task's Prefect traceback and then retry the server it had
+    lost for a minute; now its one line, status 130 within seconds, and no server left."""
+    out, partial = tmp_path / "priors.zarr", tmp_path / ".priors.zarr.partial"
+    args = priors_args(pipeline_run, out, {"priors": {"shard_size": 16}})
+    stopped = signal_when([sys.executable, "-m", "stages.priors", *args],
+                          lambda: any((partial / ".done").glob("images-*")), tmp_path / "stage.log",
+                          "SIGINT", group=True)
+    lines = [line for line in stopped["output"].splitlines() if line.strip() and "image shards" not in line]
+    assert stopped["status"] == 130 and stopped["seconds"] < 20, stopped["output"][-3000:]
+    assert lines == ["priors: stopped by SIGINT; finished shards and checkpoints are kept: run it again "
+                     "to resume"], stopped["output"][-3000:]
 
 
 def test_sigint_stops_the_tiny_clip_training_and_a_rerun_resumes(pipeline_run, tmp_path, capsys):

@@ -85,6 +85,45 @@ def test_train_resumes_then_evaluate_reports_model_and_priors(model_inputs, pipe
         assert Scores.of([mine]).miou() == pytest.approx(report[f"shot{shot}"]["miou"], abs=0.01)
 
 
+def test_a_truncated_resume_checkpoint_is_set_aside_beside_the_output_and_the_fold_restarts(
+        model_inputs, pipeline_run, tmp_path, monkeypatch, capsys):
+    """A checkpoint cut short in ``.fold1.partial`` (a full disk, a crash mid-copy): one line naming
+    it, moved beside the output (never into it, nor deleted), and the fold trains from scratch to
+    the model an uninterrupted run makes, byte for byte."""
+    from pipeline.fewshot import train as train_lib
+    from stages import train
+
+    real, calls = train_lib.episode_loss, []
+
+    def crash_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:  # 7 steps per epoch
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    args = model_args(pipeline_run, model_inputs, tmp_path) + ["--plots", str(tmp_path / "plots")]
+    monkeypatch.setattr(train_lib, "episode_loss", crash_in_second_epoch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.main(args)
+    monkeypatch.setattr(train_lib, "episode_loss", real)
+    checkpoint = tmp_path / "models/.fold1.partial/checkpoint.pt"
+    cut = checkpoint.read_bytes()[:1000]
+    checkpoint.write_bytes(cut)
+    capsys.readouterr()
+    assert train.main(args) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "checkpoint" in line]
+    aside = tmp_path / "models/.fold1.checkpoint.pt.bad"
+    assert len(err) == 1 and err[0].startswith(f"{checkpoint}: unreadable resume checkpoint ("), err
+    assert err[0].endswith(f"set aside as {aside}; training starts from scratch"), err
+    assert aside.read_bytes() == cut and sorted(p.name for p in (tmp_path / "models/fold1").iterdir()) == [
+        "model.pt", "model.pt.sha256"]
+    saved = torch.load(tmp_path / "models/fold1/model.pt", weights_only=True)
+    assert [r["epoch"] for r in saved["history"]] == [1, 2]
+    again = tmp_path / "again"
+    assert train.main(model_args(pipeline_run, model_inputs, again) + ["--plots", str(again / "plots")]) == 0
+    assert (again / "models/fold1/model.pt").read_bytes() == (tmp_path / "models/fold1/model.pt").read_bytes()
+
+
 def test_oracle_masks_of_controlled_quality_train_and_score(model_inputs, pipeline_run, tmp_path):
     """The mask-quality study's oracle: ground-truth query and support masks, eroded."""
     from pipeline.datasets.episodes import read_manifests

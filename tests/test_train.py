@@ -104,6 +104,43 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, schedule):
     assert full.history == state.history
 
 
+@pytest.mark.parametrize("damage", ["truncated", "crafted", "another model"])
+def test_a_bad_resume_checkpoint_is_named_set_aside_and_the_fold_restarts(tmp_path, capsys, damage):
+    """A resume checkpoint that does not load used to end the run in a traceback naming no file,
+    and every later run the same until it was deleted by hand: it is named in one line, renamed
+    (not deleted) and training starts over, to the very result of a run that never had one."""
+    fold = tiny_fold()
+    straight, full = trained(epochs=2, fold=fold)
+    ckpt = tmp_path / "checkpoint.pt"
+    with pytest.raises(Crash):
+        trained(ckpt, epochs=2, fold=fold, stop_after=1)
+    good = ckpt.read_bytes()
+    if damage == "truncated":  # a crash or a full disk mid-write
+        ckpt.write_bytes(good[: len(good) // 2])
+    elif damage == "crafted":  # unpickling it would run code
+        torch.save({"model": _Payload(), "state": {"epoch": 1}}, ckpt)
+    else:  # loads, but its weights are of another model
+        saved = torch.load(ckpt, weights_only=True)
+        torch.save({**saved, "model": LFSS(C, ModelParams(hidden=4, seeds=3)).state_dict()}, ckpt)
+    bad = ckpt.read_bytes()
+    capsys.readouterr()
+    restarted, state = trained(ckpt, epochs=2, fold=fold)
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith(f"{ckpt}: unreadable resume checkpoint (") and "\n" not in err, err
+    assert err.endswith(f"; set aside as {ckpt}.bad; training starts from scratch"), err
+    assert "pwned" not in captured.out
+    assert (tmp_path / "checkpoint.pt.bad").read_bytes() == bad  # kept for a look
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, restarted.state_dict()[key]), key
+    assert state.history == full.history
+    assert torch.load(ckpt, weights_only=True)["state"]["epoch"] == 2  # a good one written anew
+    ckpt.write_bytes(b"")  # a second bad one does not overwrite the first
+    trained(ckpt, epochs=1, fold=fold)
+    assert (tmp_path / "checkpoint.pt.bad1").read_bytes() == b"" and f"set aside as {ckpt}.bad1" in \
+        capsys.readouterr().err
+
+
 def test_training_moves_only_the_decoder_and_never_its_inputs():
     bank, train, val = fold = tiny_fold()
     inputs = (bank.features.clone(), bank.tokens.clone(), train.support_mask.clone(), train.query_vtp.clone())

@@ -17,10 +17,13 @@ import contextlib
 import hashlib
 import json
 import logging
+import socket
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import huggingface_hub.constants
 import open_clip
@@ -83,8 +86,14 @@ def load_pretrained(name: str, pretrained: str | None, cache_dir: str | None = N
         try:
             with _hub_offline():  # the local cache first: no network, no retries
                 model = create()
-        except Exception:  # noqa: BLE001 - not cached: download, if there is a network
+        except Exception as cached:  # noqa: BLE001 - not cached: download, if there is a network
+            source = _download_source(name, pretrained)
+            why = source and _unreachable(source)
+            if why:  # offline: say so now, not after a minute of the hub's retries
+                raise PipelineError(_missing_weights(name, pretrained, cache_dir, why)) from cached
             model = create()
+    except PipelineError:
+        raise
     except Exception as exc:  # open_clip wraps download errors in RuntimeError
         raise PipelineError(_missing_weights(name, pretrained, cache_dir, exc)) from None
     finally:
@@ -108,14 +117,39 @@ def _hub_offline() -> Iterator[None]:
         huggingface_hub.constants.HF_HUB_OFFLINE = before
 
 
+def _download_source(name: str, pretrained: str | None) -> str | None:
+    """Where open_clip would download ``pretrained`` weights of ``name`` from (the Hugging Face Hub
+    when the tag has a hub entry, else its URL); None for a local file or no weights."""
+    cfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}
+    if cfg.get("hf_hub"):
+        return f"{huggingface_hub.constants.ENDPOINT}/{cfg['hf_hub']}"
+    return cfg.get("url") or None
+
+
+def _unreachable(url: str, timeout: float = 5.0) -> str | None:
+    """Why ``url``'s host (or the configured proxy) cannot be reached -- the name does not resolve,
+    or no connection within ``timeout`` seconds -- else None: one lookup and one connection, where a
+    download attempt offline retries for about a minute before it gives up."""
+    proxy = urllib.request.getproxies().get(urlparse(url).scheme)
+    target = urlparse(proxy or url)
+    if not target.hostname:
+        return None
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        with socket.create_connection((target.hostname, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"{target.hostname}: {exc.strerror or exc}"
+
+
 def _root_cause(exc: BaseException) -> BaseException:
     while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
         exc = exc.__cause__ or exc.__context__
     return exc
 
 
-def _missing_weights(name: str, pretrained: str | None, cache_dir: str | None, exc: Exception) -> str:
-    cause = _root_cause(exc)
+def _missing_weights(name: str, pretrained: str | None, cache_dir: str | None, exc: Exception | str) -> str:
+    cause = _root_cause(exc) if isinstance(exc, BaseException) else exc
     reason = " ".join(str(cause).split()) or type(cause).__name__  # the whole cause, on one line
     return (f"clip.pretrained = {pretrained!r}: weights for {name} are not cached and cannot be "
             f"downloaded ({reason}); give a local checkpoint path as clip.pretrained, or fill the "

@@ -3,8 +3,9 @@
 
 A preset is a partial params file; ``--set section.key=value`` adds overrides (e.g. the
 dataset's root). Every value it names replaces the one in ``params.yaml``, the rest (and every
-comment) is kept; the result is validated before anything is written, so a bad preset or value
-fails with one line and leaves ``params.yaml`` as it was::
+comment) is kept; the result is validated before anything is written -- the schema, and that the
+dataset's root exists laid out as the preset's dataset -- so a bad preset, value or root fails with
+one line and leaves ``params.yaml`` as it was (DVC never sees it, so no output is removed)::
 
     python -m pipeline.config.presets configs/pascal-5i.yaml --set dataset.root=/data/VOC2012
     make repro CONFIG=configs/pascal-5i.yaml DATASET_ROOT=/data/VOC2012   # the same, then dvc repro
@@ -22,10 +23,10 @@ import yaml
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedSeq
 
+from pipeline.config.check import check_dataset_root
 from pipeline.core.artifacts import write_atomic
 from pipeline.core.errors import PipelineError
-from pipeline.core.params import parse_params
-from pipeline.datasets.registry import check_dataset
+from pipeline.core.params import parse_params, read_params_file
 
 
 def _merge(into: dict, values: dict) -> None:
@@ -71,6 +72,7 @@ def apply_preset(params_path: Path, preset: Path | None, overrides: list[str]) -
         except yaml.YAMLError as exc:
             raise PipelineError(f"{preset}: not valid YAML ({str(exc).splitlines()[0]})") from None
     layers += [override(text) for text in overrides]
+    read_params_file(Path(params_path))  # one line for a missing, empty or non-mapping params.yaml
     editor = _editor()
     document = editor.load(Path(params_path).read_text())
     for layer in layers:
@@ -81,7 +83,7 @@ def apply_preset(params_path: Path, preset: Path | None, overrides: list[str]) -
     editor.dump(document, buffer)
     merged = yaml.safe_load(buffer.getvalue())
     source = f"{params_path} with {preset or 'the overrides'}"
-    check_dataset(parse_params(merged, source).dataset, source)  # fails before writing
+    check_dataset_root(parse_params(merged, source).dataset, Path(params_path), source)  # before writing
     write_atomic(Path(params_path), lambda tmp: tmp.write_text(buffer.getvalue()))
     return merged
 

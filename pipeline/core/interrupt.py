@@ -14,6 +14,7 @@ import signal
 import threading
 
 _STOP = threading.Event()
+STOP_MESSAGE = "stop requested"  # what a Stopped says (the orchestration's log filter knows it by this)
 
 
 class Stopped(Exception):
@@ -31,7 +32,7 @@ def clear_stop() -> None:
 def check_stop() -> None:
     """Raise :class:`Stopped` once a stop has been requested (call it between batches)."""
     if _STOP.is_set():
-        raise Stopped("stop requested")
+        raise Stopped(STOP_MESSAGE)
 
 
 _PR_SET_PDEATHSIG = 1

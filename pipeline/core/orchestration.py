@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pipeline.core.artifacts import Staging
 from pipeline.core.errors import PipelineError
-from pipeline.core.interrupt import die_with_parent
+from pipeline.core.interrupt import STOP_MESSAGE, Stopped, die_with_parent
 from pipeline.core.params import OrchestrationParams
 from pipeline.core.prefect_server import ensure_api
 
@@ -56,14 +56,16 @@ def task_runner(cfg: OrchestrationParams, workers: int) -> TaskRunner:
 
 class _HideExpectedErrors(logging.Filter):
     """Drops Prefect's own report of a :class:`PipelineError` or of an interrupt (its "Crash
-    detected! Execution was aborted by an interrupt/a termination signal"): the stage says either in
-    one line."""
+    detected! Execution was aborted by an interrupt/a termination signal", and each task's
+    traceback and "Finished in state Failed" for the :class:`Stopped` a stop raises in it): the
+    stage says either in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         message = record.getMessage()
-        return (not isinstance(exc, PipelineError | KeyboardInterrupt) and "PipelineError" not in message
-                and "Execution was aborted by a" not in message)
+        return (not isinstance(exc, PipelineError | KeyboardInterrupt | Stopped)
+                and "PipelineError" not in message and "Execution was aborted by a" not in message
+                and f"Stopped: {STOP_MESSAGE}" not in message and f"Stopped({STOP_MESSAGE!r})" not in message)
 
 
 def configure_logging(cfg: OrchestrationParams) -> None:

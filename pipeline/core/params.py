@@ -375,7 +375,10 @@ def parse_params(raw: dict[str, Any] | None, source: str = "params.yaml") -> Par
         raise PipelineError(_describe(exc.errors(), source)) from None
 
 
-def _read_yaml(path: Path) -> dict[str, Any] | None:
+def read_params_file(path: Path) -> dict[str, Any]:
+    """``path``'s mapping of sections. An empty file (or one of comments only) is an error, never
+    the schema's defaults: a params file truncated or emptied by mistake would otherwise run the
+    whole pipeline on settings nobody chose."""
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -385,14 +388,17 @@ def _read_yaml(path: Path) -> dict[str, Any] | None:
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise PipelineError(f"{path}{where}: not valid YAML ({problem})") from None
-    if raw is not None and not isinstance(raw, dict):
+    if raw is None:
+        raise PipelineError(f"{path}: empty (expected a mapping of params sections, as in the shipped "
+                            "params.yaml)")
+    if not isinstance(raw, dict):
         raise PipelineError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     return raw
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
-    return parse_params(_read_yaml(path), str(path))
+    return parse_params(read_params_file(path), str(path))
 
 
 def check_complete(path: str | Path = "params.yaml") -> Params:
@@ -400,7 +406,7 @@ def check_complete(path: str | Path = "params.yaml") -> Params:
     reads each stage's sections from the file itself; with one missing it fails only after it
     has removed that stage's outputs)."""
     path = Path(path)
-    raw = _read_yaml(path) or {}
+    raw = read_params_file(path)
     params = parse_params(raw, str(path))
     missing = [name for name in Params.model_fields if name not in raw]
     if missing:

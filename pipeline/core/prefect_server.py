@@ -32,15 +32,21 @@ def _free_port() -> int:
 
 def start_server(log: Path, timeout: float = 90.0) -> tuple[subprocess.Popen, str]:
     """A Prefect API server (with its UI) on a free local port, stopped by the kernel when this
-    process (the calling thread: call it from the main one) dies; returns it and its API URL."""
+    process (the calling thread: call it from the main one) dies; returns it and its API URL.
+
+    It runs in a session of its own, so Ctrl-C in a terminal does not stop it under the stages that
+    are still reporting to it (they would print Prefect's tracebacks and retry for a minute): its
+    owner stops it (:func:`stop`) once they are done, and the kernel when its owner dies."""
     import prefect
 
     port = _free_port()
     command = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent),
                "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
                "--port", str(port), "--log-level", "error", "--lifespan", "on"]
-    with log.open("w") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+    with log.open("w") as out:  # a session of its own: a terminal's Ctrl-C (SIGINT to the whole
+        # foreground group) reaches the stages, which stop and report to this server, not the server
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+                                  start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -1,8 +1,9 @@
 """File-format adapters: how ``prepare`` reads a dataset's files into index rows.
 
 An adapter is ``open(root, spec) -> Indexer``: it checks the layout under ``root`` (one line naming
-what is missing) and returns the dataset's index shards. Only ``prepare`` imports this module, so
-an edit to a reader re-runs ``prepare`` and what its output changes, nothing else.
+what is missing) and returns the dataset's index shards. Of the stages only ``prepare`` imports this
+module, so an edit to a reader re-runs ``prepare`` and what its output changes, nothing else (the
+params check and the presets, outside DVC, use the adapters' layout checks, which read no file).
 """
 
 from __future__ import annotations
@@ -32,6 +33,24 @@ ADAPTERS: dict[str, Callable[[Path, DatasetSpec], Indexer]] = {
 }
 
 
+#: each adapter's cheap layout check: the folders and files it needs exist (no file is read)
+LAYOUTS: dict[str, Callable[[Path], None]] = {
+    "voc": voc.check_layout,
+    "coco": coco.check_layout,
+}
+
+
+def _layout_root(spec: DatasetSpec, root: Path) -> Path:
+    return root / spec.layout_dir if spec.layout_dir else root
+
+
+def check_layout(spec: DatasetSpec, root: Path) -> None:
+    """``root`` exists and is laid out as ``spec``'s dataset, in milliseconds: what a preset and the
+    params check verify before ``params.yaml`` is written or DVC removes an output. One
+    :class:`~pipeline.core.errors.PipelineError` line naming what is missing."""
+    LAYOUTS[spec.adapter](_layout_root(spec, root))
+
+
 def open_dataset(spec: DatasetSpec, root: Path) -> Indexer:
     """``spec``'s dataset at ``root`` (its layout at ``root / spec.layout_dir``), opened by its adapter."""
-    return ADAPTERS[spec.adapter](root / spec.layout_dir if spec.layout_dir else root, spec)
+    return ADAPTERS[spec.adapter](_layout_root(spec, root), spec)

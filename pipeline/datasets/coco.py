@@ -97,13 +97,8 @@ def render_label(record: ImageRecord, class_of_category: dict[int, int], source:
     return label
 
 
-def open_coco(root: Path, split: str, expected_names: tuple[str, ...] | None) -> CocoSplit:
-    """Load one split's instances JSON; check layout and category names.
-
-    Args:
-        expected_names: the class names the categories must carry in sorted-id order
-            (the catalog's for real COCO), or None to take the JSON's own.
-    """
+def _check_split(root: Path, split: str) -> Path:
+    """One split's annotation file and image folder exist under ``root``; its annotation path."""
     if not root.is_dir():
         raise PipelineError(f"dataset.root = '{root}': no such directory")
     path = root / "annotations" / f"instances_{split}2014.json"
@@ -113,6 +108,24 @@ def open_coco(root: Path, split: str, expected_names: tuple[str, ...] | None) ->
                 f"dataset.root = '{root}': not a COCO2014 folder (missing "
                 f"{required.relative_to(root)})"
             )
+    return path
+
+
+def check_layout(root: Path) -> None:
+    """Check that ``root`` is laid out as a COCO2014 folder (every split), reading no file (what a
+    preset or the params check can afford before DVC starts); one line naming what is missing."""
+    for split in SPLITS:
+        _check_split(root, split)
+
+
+def open_coco(root: Path, split: str, expected_names: tuple[str, ...] | None) -> CocoSplit:
+    """Load one split's instances JSON; check layout and category names.
+
+    Args:
+        expected_names: the class names the categories must carry in sorted-id order
+            (the catalog's for real COCO), or None to take the JSON's own.
+    """
+    path = _check_split(root, split)
     try:
         data = json.loads(path.read_text())
         categories = sorted(data["categories"], key=lambda c: c["id"])

@@ -64,8 +64,9 @@ def _read_list(path: Path) -> list[str]:
     return ids
 
 
-def open_voc(root: Path) -> VocLayout:
-    """Check the layout of a VOC2012 folder; one-line error naming what is missing."""
+def check_layout(root: Path) -> None:
+    """Check that ``root`` is laid out as a VOC2012 folder, reading no file (what a preset or the
+    params check can afford before DVC starts); one-line error naming what is missing."""
     if not root.is_dir():
         raise PipelineError(f"dataset.root = '{root}': no such directory")
     for required in ("JPEGImages", "SegmentationClassAug", VAL_LIST):
@@ -73,6 +74,11 @@ def open_voc(root: Path) -> VocLayout:
             raise PipelineError(
                 f"dataset.root = '{root}': not a VOC2012 folder with SBD masks (missing {required})"
             )
+
+
+def open_voc(root: Path) -> VocLayout:
+    """Check the layout of a VOC2012 folder; one-line error naming what is missing."""
+    check_layout(root)
     return VocLayout(root)
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from pipeline.core.artifacts import write_atomic
 from pipeline.core.dtype import Resolved, autocast, resolve
@@ -200,15 +201,44 @@ class Optimiser:
         self.schedule.load_state_dict(saved["schedule"])
 
 
-def resume(checkpoint: Path | None, model: nn.Module, opt: Optimiser, device: torch.device) -> State:
+def set_aside(path: Path, aside: Path | None = None) -> Path:
+    """Rename ``path`` to ``aside`` (default ``{path}.bad``; ``aside`` with 1, 2, ... appended when
+    taken): kept for a look, out of the way of the next run. Returns the new path."""
+    base = aside or path.with_name(f"{path.name}.bad")
+    target, n = base, 0
+    while target.exists():
+        n += 1
+        target = base.with_name(f"{base.name}{n}")
+    return path.rename(target)
+
+
+def resume(checkpoint: Path | None, model: nn.Module, opt: Optimiser, device: torch.device,
+           keep_bad: bool = True, aside: Path | None = None) -> State:
     """The state of the last finished epoch in ``checkpoint`` (model and optimiser restored in
-    place), or a fresh one."""
+    place), or a fresh one.
+
+    A checkpoint that does not load -- truncated by a crash or a full disk, crafted (anything but
+    tensors and plain data is refused unread), or of another model -- costs the epochs it held,
+    never the run: one line on stderr names it, it is set aside (:func:`set_aside` to ``aside``; both
+    by the process that writes checkpoints: ``keep_bad``) and training starts from scratch, with the
+    model and optimiser as they were before the attempt."""
     if checkpoint is None or not checkpoint.exists():
         return State()
-    saved = torch.load(checkpoint, map_location=device, weights_only=True)
-    model.load_state_dict(saved["model"])
-    opt.load_state_dict(saved)
-    state = State(**saved["state"])
+    fresh_model, fresh_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    try:
+        saved = torch.load(checkpoint, map_location=device, weights_only=True)
+        state = State(**saved["state"])
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved)
+    except Exception as exc:  # noqa: BLE001 -- any unreadable checkpoint: restart, saying why
+        model.load_state_dict(fresh_model)
+        opt.load_state_dict(fresh_opt)
+        if keep_bad:  # the other processes of a torchrun group restart without a word
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            tqdm.write(f"{checkpoint}: unreadable resume checkpoint ({type(exc).__name__}: {why}); set aside "
+                       f"as {set_aside(checkpoint, aside)}; training starts from scratch",
+                       file=sys.stderr)  # on a line of its own beside a progress bar
+        return State()
     state.history = same_keys(state.history)
     return state
 
@@ -251,6 +281,7 @@ def fit(
     num_classes: int,
     cfg: TrainParams,
     checkpoint: Path | None = None,
+    bad_checkpoint: Path | None = None,
     device: torch.device | str = "cpu",
     log: Callable[[dict], None] = print,
     curves: Callable[[list[dict]], None] | None = None,
@@ -259,7 +290,9 @@ def fit(
     online: Online = Online(),
 ) -> State:
     """Train ``model`` in place for ``cfg.epochs`` epochs (resuming from ``checkpoint`` when it
-    exists); returns the final state, whose ``best_state`` holds the best validation epoch.
+    exists; one that does not load is moved to ``bad_checkpoint``, default ``{checkpoint}.bad``,
+    and training starts over: :func:`resume`); returns the final state, whose ``best_state`` holds
+    the best validation epoch.
 
     ``train``: the fixed pool, or ``epoch -> that epoch's episodes`` (every epoch must have as
     many); ``online``: what the training step computes itself (pseudo-masks, features);
@@ -277,7 +310,7 @@ def fit(
     mixed = autocast_for(device, resolved)
     steps = (len(episodes_of(0)) + cfg.batch_size - 1) // cfg.batch_size
     opt = Optimiser.of(model, cfg, device, resolved, cfg.epochs * steps)
-    state = resume(checkpoint, model, opt, device)
+    state = resume(checkpoint, model, opt, device, keep_bad=rank == 0, aside=bad_checkpoint)
     state.dtype = resolved
     for epoch in range(state.epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout: a function of seed and epoch

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.core.artifacts import write_json
+from pipeline.core.errors import PipelineError
 from pipeline.core.params import load_params
 from pipeline.studies.definitions import STUDIES, check_requires
 from pipeline.studies.results import collect
@@ -38,13 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.only or ()) - set(study.rows))
     if unknown:
         raise SystemExit(f"error: --only: no such row in {args.study}: {', '.join(unknown)}")
+    try:
+        params = load_params("params.yaml")  # one line for a bad or empty file, before any work
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     out = Path(args.out or ("ablations/results.json" if args.study == "ablation"
                             else f"ablations/{args.study}.json"))
     jobs, threads, gpus = default_jobs()
     if args.jobs:
         jobs, threads = args.jobs, max(1, (os.cpu_count() or 1) // args.jobs) if not gpus else threads
     committed = yaml.safe_load(Path("params.yaml").read_text())
-    check_requires(args.study, study, load_params("params.yaml"))
+    check_requires(args.study, study, params)
     sh(sys.executable, "-m", "dvc", "repro", "--quiet", "pseudo_masks")  # inputs current (cached: seconds)
     folds = list(range(committed["split"]["num_folds"]))
     rows = args.only or list(study.rows)
