@@ -63,7 +63,7 @@ def test_train_resumes_then_evaluate_reports_model_and_priors(model_inputs, pipe
 
     metrics_dir = tmp_path / "metrics"
     eval_args = [*model_args(pipeline_run, model_inputs, tmp_path), "--metrics", str(metrics_dir),
-                 "--predictions", str(tmp_path / "predictions")]
+                 "--predictions", str(tmp_path / "predictions"), "--splits", str(pipeline_run / "splits")]
     assert evaluate.main(eval_args) == 0
     report = json.loads((metrics_dir / "fold1.json").read_text())
     novel = {"ring", "cross", "crescent", "hexagon", "pentagon"}  # fold 1: classes 6-10
@@ -99,7 +99,8 @@ def test_oracle_masks_of_controlled_quality_train_and_score(model_inputs, pipeli
     args = ["--params", str(params), *model_args(pipeline_run, model_inputs, tmp_path)[2:]]
     assert train.main([*args, "--plots", str(tmp_path / "plots")]) == 0
     assert evaluate.main([*args, "--metrics", str(tmp_path / "metrics"),
-                          "--predictions", str(tmp_path / "predictions")]) == 0
+                          "--predictions", str(tmp_path / "predictions"),
+                          "--splits", str(pipeline_run / "splits")]) == 0
     index, meta = read_index_dir(pipeline_run / "index")
     manifests = read_manifests(pipeline_run / "episodes")
     name = "test/fold1/shot1_seed0"
@@ -139,7 +140,8 @@ def test_mask_supervision_trains_and_keeps_samples_of_mixed_sizes(model_inputs, 
     args = ["--params", str(params), *model_args(pipeline_run, model_inputs, tmp_path)[2:]]
     assert train.main([*args, "--plots", str(tmp_path / "plots")]) == 0
     assert evaluate.main([*args, "--metrics", str(tmp_path / "metrics"),
-                          "--predictions", str(tmp_path / "predictions")]) == 0
+                          "--predictions", str(tmp_path / "predictions"),
+                          "--splits", str(pipeline_run / "splits")]) == 0
     kept = np.load(tmp_path / "predictions/fold1.npz")
     index = pq.read_table(pipeline_run / "index/index.parquet").to_pandas().set_index("image_id")
     shapes = set()
@@ -289,7 +291,8 @@ def test_each_evaluation_protocol_scores_and_says_so(model_inputs, pipeline_run,
                                                          "evaluate": {"resize": resize, "samples": 2},
                                                          **IN_PROCESS})
         out = tmp_path / resize
-        assert evaluate.main([*args, "--metrics", str(out), "--predictions", str(out)]) == 0
+        assert evaluate.main([*args, "--metrics", str(out), "--predictions", str(out),
+                              "--splits", str(pipeline_run / "splits")]) == 0
         got[resize] = json.loads((out / "fold1.json").read_text())
         assert got[resize]["resize"] == resize and got[resize]["scored"]
         kept = np.load(out / "fold1.npz")
