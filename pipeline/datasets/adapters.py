@@ -1,7 +1,8 @@
 """File-format adapters: how ``prepare`` reads a dataset's files into index rows.
 
-An adapter is ``open(root, spec) -> Indexer``: it checks the layout under ``root`` (one line naming
-what is missing) and returns the dataset's index shards. Only ``prepare`` imports this module, so
+An adapter is ``open(root, spec, dataset) -> Indexer``: it checks the layout under ``root`` (one
+line naming what is missing) and returns the dataset's index shards, made as the ``dataset`` params
+say (COCO: ``dataset.coco_crowd``). Only ``prepare`` imports this module, so
 an edit to a reader re-runs ``prepare`` and what its output changes, nothing else.
 """
 
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from pipeline.core.params import DatasetParams
 from pipeline.datasets import coco, voc
 from pipeline.datasets.index import IndexJob
 from pipeline.datasets.spec import DatasetSpec
@@ -26,12 +28,14 @@ class Indexer(Protocol):
         ...
 
 
-ADAPTERS: dict[str, Callable[[Path, DatasetSpec], Indexer]] = {
-    "voc": voc.open_indexer,
-    "coco": coco.open_indexer,
+ADAPTERS: dict[str, Callable[[Path, DatasetSpec, DatasetParams], Indexer]] = {
+    "voc": lambda root, spec, dataset: voc.open_indexer(root, spec),  # VOC: no option of its own
+    "coco": lambda root, spec, dataset: coco.open_indexer(root, spec, dataset.coco_crowd),
 }
 
 
-def open_dataset(spec: DatasetSpec, root: Path) -> Indexer:
-    """``spec``'s dataset at ``root`` (its layout at ``root / spec.layout_dir``), opened by its adapter."""
-    return ADAPTERS[spec.adapter](root / spec.layout_dir if spec.layout_dir else root, spec)
+def open_dataset(spec: DatasetSpec, root: Path, dataset: DatasetParams | None = None) -> Indexer:
+    """``spec``'s dataset at ``root`` (its layout at ``root / spec.layout_dir``), opened by its adapter
+    with the ``dataset`` params (default: the schema's)."""
+    path = root / spec.layout_dir if spec.layout_dir else root
+    return ADAPTERS[spec.adapter](path, spec, dataset or DatasetParams())
