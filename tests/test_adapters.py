@@ -94,14 +94,13 @@ def test_coco_crowd_is_background_by_default_or_ignored(tmp_path):
                  "segmentation": {"size": [8, 10], "counts": [27, 2, 51]}}]}
     (root / "annotations/instances_val2014.json").write_text(json.dumps(data))
     split = coco.open_coco(root, "val", expected_names=None)
-    render = {crowd: coco.render_label(split.records[0], split.class_of_category, split.annotation_path, crowd)
-              for crowd in ("background", "ignore")}
+    record, mapping, source = split.records[0], split.class_of_category, split.annotation_path
+    render = {crowd: coco.render_label(record, mapping, source, crowd) for crowd in ("background", "ignore")}
     assert render["background"][3:5, 3].tolist() == [2, 2] and 255 not in render["background"]
     assert render["ignore"][3:5, 3].tolist() == [255, 255]
     differ = render["background"] != render["ignore"]
     assert differ.sum() == 2 and differ[3:5, 3].all()
-    assert coco.render_label(split.records[0], split.class_of_category, split.annotation_path).tolist() == \
-        render["background"].tolist()  # the default: HSNet's
+    assert coco.render_label(record, mapping, source).tolist() == render["background"].tolist()  # default
 
 
 def test_prepare_passes_coco_crowd_to_the_coco_adapter(tmp_path):
@@ -109,14 +108,13 @@ def test_prepare_passes_coco_crowd_to_the_coco_adapter(tmp_path):
     from pipeline.datasets.adapters import open_dataset
     from pipeline.datasets.registry import dataset_spec
 
-    root = tmp_path / "coco"
+    root, spec = tmp_path / "coco", dataset_spec("coco")
     (root / "annotations").mkdir(parents=True)
     for split in ("train", "val"):
         (root / f"{split}2014").mkdir()
         (root / f"annotations/instances_{split}2014.json").write_text(json.dumps(
             {"images": [], "annotations": [],
-             "categories": [{"id": k + 1, "name": n} for k, n in enumerate(dataset_spec("coco").class_names)]}))
-    spec = dataset_spec("coco")
+             "categories": [{"id": k + 1, "name": n} for k, n in enumerate(spec.class_names)]}))
     assert open_dataset(spec, root).crowd_as == "background"
     assert open_dataset(spec, root, DatasetParams(name="coco", coco_crowd="ignore")).crowd_as == "ignore"
 
