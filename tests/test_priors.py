@@ -19,7 +19,7 @@ from pipeline.priors.vvp import vvp
 from tests.conftest import RESNET, VIT, tiny
 
 NUM_CLASSES = 4
-PIR = {"pir_blocks": 8, "pir_threshold": 0.4}  # the paper's PIR settings
+PIR = {"pir_blocks": 8, "pir_threshold": 0.4, "cam_scale": "minmax", "box": "exact"}  # PIR settings; plain references
 
 
 @pytest.fixture(scope="module")
