@@ -13,6 +13,7 @@ import pandas as pd
 import yaml
 
 from pipeline.report import figures, tables
+from pipeline.report.published import Published
 from pipeline.report.tables import Table, signed
 
 
@@ -46,6 +47,8 @@ class Inputs:
     params_yaml: str
     masks: dict | None = None  # ablations/masks.json (python -m pipeline.studies masks)
     parts: dict | None = None  # ablations/parts.json (python -m pipeline.studies parts)
+    dataset: str = "synthetic"  # dataset.name: pascal / coco get the published rows
+    published: Published | None = None  # references/published_results.yaml (pascal / coco runs)
 
 
 def fold_mean(folds: dict[int, dict], shot: int, key: str) -> float:
@@ -190,7 +193,8 @@ def results_section(inputs: Inputs) -> Section:
             "base-class validation episodes, with no decoder; VTP depends on the query and the class name "
             "only, so this row is the same for every shot."
         ],
-        [tables.results_table(inputs.folds), tables.fbiou_table(inputs.folds)],
+        [tables.results_table(inputs.folds, dataset=inputs.dataset, published=inputs.published),
+         tables.fbiou_table(inputs.folds)],
     )
 
 
@@ -204,7 +208,7 @@ def pseudo_mask_section(inputs: Inputs) -> Section | None:
             "MaskCLIP label maps (initial) and after the self-supported "
             "refiner (LFSS Table 3)."
         ],
-        [tables.pseudo_mask_table(inputs.pseudo)],
+        [tables.with_notes(tables.pseudo_mask_table(inputs.pseudo), [tables.protocol_note(inputs.folds)])],
     )
 
 
