@@ -71,8 +71,14 @@ def test_train_resumes_then_evaluate_reports_model_and_priors(model_inputs, pipe
         figures = report[shot]
         assert all(0 <= figures[key] <= 100 for key in ("miou", "prior_miou", "fbiou"))
         seeds = [s["miou"] for s in figures["seeds"].values()]
-        assert set(figures["class_iou"]) <= novel
+        assert set(figures["class_iou"]) == novel  # absent_class zero: every class of the fold
         assert figures["miou"] == pytest.approx(np.mean(seeds), abs=0.01)
+        for seed in figures["seeds"].values():  # a class no episode drew counts 0 in the mean of 5
+            assert seed["miou"] == pytest.approx(np.mean(list(seed["class_iou"].values())), abs=0.01)
+            assert all(seed["class_iou"][c] == 0 for c in seed["absent_classes"])
+    assert report["protocol"] == {"name": "custom", "conventions": {
+        "episodes.protocol": "pfenet", "evaluate.resize": "original", "evaluate.absent_class": "zero",
+        "split.novel_in_train": "drop", "priors.cam_scale": "pi-clip", "priors.box": "pi-clip"}}
     assert 0.1 <= report["prior_threshold"] <= 0.9
     assert (tmp_path / "predictions/fold1.npz").is_file()  # nothing written outside the given paths
     from pipeline.report.stats import Scores
