@@ -113,3 +113,25 @@ def test_refine_scales_and_boxes_as_asked():
     expected = torch.zeros(1, 3, 3)
     expected[0, 1, 1] = 1 / (1 + 1e-7)
     assert torch.allclose(pi_clip, expected, atol=1e-8)
+
+
+def test_pi_clip_boxes_equal_a_numpy_scipy_reference_on_random_maps():
+    """The pi-clip rule against numpy's uint8 copy and integer cut (``astype(np.uint8)``,
+    ``int(threshold * max)``) and scipy's 8-connected regions, each slice's end clipped to W-1 / H-1."""
+    import numpy as np
+    from scipy import ndimage
+
+    from pipeline.priors.pir import box_mask
+
+    torch.manual_seed(0)
+    maps = torch.rand(60, 7, 9) ** 3
+    maps[0] = 0.5  # one region covering everything: loses its last row and column
+    expected = np.zeros(maps.shape, bool)
+    for p, m in enumerate(maps.numpy()):
+        u8 = (m * 255).astype(np.uint8)
+        regions, _ = ndimage.label(u8 > int(0.4 * u8.max()), structure=np.ones((3, 3)))
+        for rows, cols in ndimage.find_objects(regions):
+            expected[p, rows.start:min(rows.stop, 6), cols.start:min(cols.stop, 8)] = True
+    got = box_mask(maps, 0.4, "pi-clip").numpy()
+    assert np.array_equal(got, expected)
+    assert got[0].sum() == 6 * 8 and not np.array_equal(got, box_mask(maps, 0.4, "exact").numpy())

@@ -346,6 +346,7 @@ caption { caption-side: top; text-align: left; font-weight: 600; padding-bottom:
 th, td { padding: .25em .7em; } thead th { border-top: 2px solid #222; border-bottom: 1px solid #222; }
 tbody tr:last-child td { border-bottom: 2px solid #222; } tr.group td { border-top: 1px solid #222; }
 figure { margin: 1em 0; } figure img { max-width: 100%; } figcaption { color: #555; font-size: .92em; }
+p.note { color: #555; font-size: .92em; margin-top: -.4em; }
 pre { background: #f6f6f6; padding: .8em; overflow-x: auto; font-size: .85em; }
 nav a { margin-right: .8em; }
 """
