@@ -26,7 +26,8 @@ from pipeline.priors.vtp import prompt_bank
 from pipeline.tinyclip.model import build_tiny
 
 CFG = PriorsParams()  # the schema's defaults
-OPTIONS = {"prompt_set": CFG.prompt_set, "pir_blocks": CFG.pir_blocks, "pir_threshold": CFG.pir_threshold}
+OPTIONS = {"prompt_set": CFG.prompt_set, "pir_blocks": CFG.pir_blocks, "pir_threshold": CFG.pir_threshold,
+           "cam_scale": CFG.cam_scale, "box": CFG.box}
 
 
 def scenes(n: int, size: int, mean, std) -> tuple[torch.Tensor, list[list[int]]]:

@@ -101,7 +101,8 @@ def stage_args(stage: str, run: Path) -> list[str]:
                          str(run / "priors.zarr"), "--features", str(run / "features.zarr"),
                          "--out", str(run / "pseudo_masks.zarr"), "--metrics", str(run / "metrics/pm.json")],
         "train": [*fold, "--plots", str(run / "plots")],
-        "evaluate": [*fold, "--metrics", str(run / "metrics"), "--predictions", str(run / "predictions")],
+        "evaluate": [*fold, "--metrics", str(run / "metrics"), "--predictions", str(run / "predictions"),
+                     "--splits", str(run / "splits")],
     }[stage]
 
 

@@ -8,13 +8,17 @@ at the threshold best on the fold's base-class validation episodes, no decoder) 
 ``prior_miou``, so every run shows what training adds; ``data/metrics/fold{k}_episodes.parquet``:
 every test episode's pixel counts (shot, seed, episode, class, intersection, union, ...), what a
 paired bootstrap between two models resamples (``pipeline.studies``). Predictions are scored as
-``evaluate.resize`` says. ``data/predictions/fold{k}.npz`` keeps the first ``evaluate.samples`` episodes of
+``evaluate.resize`` says; a novel class no episode of a manifest draws counts as
+``evaluate.absent_class`` says (its classes: ``data/splits/meta.json``). ``protocol`` records the
+protocol's name and every convention's value (:mod:`pipeline.fewshot.protocol`).
+``data/predictions/fold{k}.npz`` keeps the first ``evaluate.samples`` episodes of
 the first 1-shot manifest (ids, support mask, prediction) for the report's figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +37,7 @@ from pipeline.fewshot.data import ImageBank, loader_workers, open_fold_inputs
 from pipeline.fewshot.evaluate import Scoring, best_prior_threshold
 from pipeline.fewshot.fold_scores import fold_test_manifests, score_fold
 from pipeline.fewshot.online import ImageSource
+from pipeline.fewshot.protocol import protocol_record
 from stages._common import FOLD_INPUTS, stage_main
 
 
@@ -51,6 +56,20 @@ def scoring_of(params: Params, index: pd.DataFrame, bank: ImageBank, clip_dir: P
     return Scoring(resize, side, ImageSource.of_bank(bank, index, side, backbone), backbone)
 
 
+def fold_novel_classes(path: Path, fold: int) -> list[int]:
+    """The class ids fold ``fold`` tests, from the split stage's ``meta.json``."""
+    try:
+        folds = json.loads(path.read_text())["folds"]
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: missing (run the split stage first)") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise PipelineError(f"{path}: not the split stage's meta.json ({exc!r})") from None
+    novel = next((f["novel"] for f in folds if f.get("fold") == fold), None)
+    if novel is None:
+        raise PipelineError(f"{path}: no fold {fold}")
+    return [int(c) for c in novel]
+
+
 def run(params: Params, args: argparse.Namespace) -> None:
     fold = args.fold
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -61,6 +80,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
     tests = fold_test_manifests(list(manifests), fold)
     if not tests:
         raise PipelineError(f"{args.episodes}: no test manifests for fold {fold}")
+    novel = fold_novel_classes(Path(args.splits) / "meta.json", fold)
     val_name = f"val/fold{fold}"
     inputs = open_fold_inputs(index, manifests, [*tests, val_name], Path(args.features), Path(args.priors),
                               Path(args.pseudo_masks), cache_bytes=params.orchestration.cache_bytes)
@@ -73,7 +93,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
     scores = score_fold(model, cfg, inputs, manifests, tests, meta["class_names"], circle=saved["circle"],
                         prior_threshold=threshold, scoring=scoring, samples=params.evaluate.samples,
                         batch_size=params.evaluate.batch_size, device=device, loader_workers=workers,
-                        fold=fold)
+                        fold=fold, novel=novel, absent=params.evaluate.absent_class)
     metrics = {
         "fold": fold,
         "prior_threshold": threshold,
@@ -83,6 +103,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
         "compute": {**describe(), "device": device.type},
         "resize": params.evaluate.resize,
         "scored": scoring.description,
+        "protocol": protocol_record(params),
     } | scores.summary()
     write_atomic(Path(args.predictions) / f"fold{fold}.npz", lambda tmp: save_npz(tmp, scores.samples))
     write_atomic(Path(args.metrics) / f"fold{fold}_episodes.parquet",
@@ -98,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     return stage_main(
         "evaluate",
         run,
-        {**FOLD_INPUTS, "clip": "data/models/clip", "metrics": "data/metrics",
+        {**FOLD_INPUTS, "splits": "data/splits", "clip": "data/models/clip", "metrics": "data/metrics",
          "predictions": "data/predictions"},
         argv,
         options=lambda p: p.add_argument("--fold", type=int, required=True, help="the fold to evaluate"),

@@ -62,7 +62,7 @@ def index_shard(parts: Path, name: str, make_rows: Callable[..., list[IndexRow]]
 @flow(name="prepare-index")
 def build_index(dataset: DatasetParams, root: Path, out: Path, on_bad_image: str = "fail") -> None:
     spec = check_dataset(dataset)
-    indexer = open_dataset(spec, root)  # the layout checked before anything is written
+    indexer = open_dataset(spec, root, dataset)  # the layout checked before anything is written
     staging = Staging(out, fingerprint({"dataset": dataset.model_dump(), "root": str(root),
                                        "schema": str(INDEX_SCHEMA), "on_bad_image": on_bad_image}))
     parts = staging.path / "parts"

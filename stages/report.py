@@ -4,8 +4,9 @@ Reads ``data/metrics/fold{k}.json`` (evaluate), ``data/metrics/pseudo_masks.json
 ``data/metrics/clip.json``, ``data/plots/train/fold{k}/`` (training curves, DVCLive),
 ``data/predictions/fold{k}.npz`` (sample predictions), the studies, optional:
 ``ablations/results.json`` (``make ablation``), ``ablations/masks.json`` (``make mask-study``) and
-``ablations/parts.json`` (``make parts-study``), ``data/splits/meta.json`` (folds) and
-``data/index``; writes
+``ablations/parts.json`` (``make parts-study``), ``data/splits/meta.json`` (folds),
+``data/index`` and, on PASCAL-5i / COCO-20i, the published results set beside this run's
+(``references/published_results.yaml``, :mod:`pipeline.report.published`); writes
 ``reports/report.md`` (+ ``reports/figures/``), a self-contained ``reports/report.html``,
 ``reports/tables.tex`` (booktabs) and ``reports/metrics.json`` (the one DVC metrics file: the
 headline figures, :func:`pipeline.report.document.summary_metrics`).
@@ -28,10 +29,12 @@ from pipeline.core.params import Params
 from pipeline.datasets.index import read_index_dir
 from pipeline.report import document
 from pipeline.report.figures import Sample
+from pipeline.report.published import BENCHMARKS, load_published
 from pipeline.report.tables import compute_of, scoring_of
 from stages._common import stage_main
 
 TITLE = "Language-guided few-shot segmentation with CLIP priors: results"
+REPO_PUBLISHED = Path(__file__).resolve().parents[1] / "references/published_results.yaml"
 
 
 def read_json(path: Path) -> dict | None:
@@ -153,6 +156,8 @@ def run(params: Params, args: argparse.Namespace) -> None:
         else yaml.safe_dump(params.model_dump()),
         masks=study(read_json(Path(args.masks))),
         parts=study(read_json(Path(args.parts))),
+        dataset=params.dataset.name,
+        published=load_published(Path(args.published)) if params.dataset.name in BENCHMARKS else None,
     )
     sections = document.build(inputs)
     out = Path(args.out)
@@ -182,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             "masks": "ablations/masks.json",
             "parts": "ablations/parts.json",
             "clip": "data/models/clip",
+            "published": "references/published_results.yaml",
             "out": "reports",
         },
         argv,

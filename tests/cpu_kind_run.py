@@ -42,7 +42,8 @@ def main(run: Path, out: Path, params: Path) -> None:
             (pseudo_masks, [*common, *stored, "--out", str(out / "pseudo_masks.zarr"),
                             "--metrics", str(out / "pseudo_masks.json")]),
             (train, [*fold, "--plots", str(out / "plots")]),
-            (evaluate, [*fold, "--metrics", str(out / "metrics"), "--predictions", str(out / "predictions")]),
+            (evaluate, [*fold, "--metrics", str(out / "metrics"), "--predictions", str(out / "predictions"),
+                        "--splits", str(out / "splits")]),
         ]
         for stage, args in steps:
             if stage.main(args) != 0:

@@ -42,7 +42,8 @@ def test_coco_adapter_gives_the_same_masks_as_the_voc_layout(benchmark_root):
         assert sorted(data.class_of_category.values()) == list(range(1, 21))
         assert max(data.class_of_category) > 20  # ids were non-contiguous
         for record in data.records:
-            label = coco.render_label(record, data.class_of_category, data.annotation_path)
+            # the writer draws VOC's void band as one crowd region: crowd as ignore gives VOC's 255s
+            label = coco.render_label(record, data.class_of_category, data.annotation_path, "ignore")
             stem = Path(record.info["file_name"]).stem
             expected = read_label(benchmark_root / "VOC2012/SegmentationClassAug" / f"{stem}.png")
             assert np.array_equal(label, expected), stem
@@ -70,10 +71,52 @@ def test_coco_polygon_and_crowd_conventions(tmp_path):
     (root / "annotations/instances_val2014.json").write_text(json.dumps(data))
     split = coco.open_coco(root, "val", expected_names=None)
     assert split.class_of_category == {1: 1, 90: 2}  # sorted category id order
-    label = coco.render_label(split.records[0], split.class_of_category, split.annotation_path)
+    label = coco.render_label(split.records[0], split.class_of_category, split.annotation_path, "ignore")
     assert (label == 2).sum() > 0 and (label[:2, 0] == 255).all()  # crowd painted last as 255
     with pytest.raises(PipelineError, match="unknown class name 'toothbrush'"):
         coco.open_coco(root, "val", expected_names=("person", "bicycle"))
+
+
+def test_coco_crowd_is_background_by_default_or_ignored(tmp_path):
+    """dataset.coco_crowd: a crowd region over an instance. background (HSNet's loader, no ignore label):
+    the crowd annotation is not painted, its pixels keep the instance's class (0 elsewhere); ignore:
+    its pixels are 255. The crowd RLE is column-major: 27 pixels off, 2 on -> rows 3-4 of column 3."""
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    (root / "val2014").mkdir()
+    Image.new("RGB", (10, 8)).save(root / "val2014" / "x.jpg")
+    data = {"images": [{"id": 5, "file_name": "x.jpg", "height": 8, "width": 10}],
+            "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "bicycle"}],
+            "annotations": [
+                {"id": 1, "image_id": 5, "category_id": 2, "iscrowd": 0,
+                 "segmentation": [[1, 1, 6, 1, 6, 6, 1, 6]]},
+                {"id": 2, "image_id": 5, "category_id": 1, "iscrowd": 1,
+                 "segmentation": {"size": [8, 10], "counts": [27, 2, 51]}}]}
+    (root / "annotations/instances_val2014.json").write_text(json.dumps(data))
+    split = coco.open_coco(root, "val", expected_names=None)
+    record, mapping, source = split.records[0], split.class_of_category, split.annotation_path
+    render = {crowd: coco.render_label(record, mapping, source, crowd) for crowd in ("background", "ignore")}
+    assert render["background"][3:5, 3].tolist() == [2, 2] and 255 not in render["background"]
+    assert render["ignore"][3:5, 3].tolist() == [255, 255]
+    differ = render["background"] != render["ignore"]
+    assert differ.sum() == 2 and differ[3:5, 3].all()
+    assert coco.render_label(record, mapping, source).tolist() == render["background"].tolist()  # default
+
+
+def test_prepare_passes_coco_crowd_to_the_coco_adapter(tmp_path):
+    from pipeline.core.params import DatasetParams
+    from pipeline.datasets.adapters import open_dataset
+    from pipeline.datasets.registry import dataset_spec
+
+    root, spec = tmp_path / "coco", dataset_spec("coco")
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        (root / f"{split}2014").mkdir()
+        (root / f"annotations/instances_{split}2014.json").write_text(json.dumps(
+            {"images": [], "annotations": [],
+             "categories": [{"id": k + 1, "name": n} for k, n in enumerate(spec.class_names)]}))
+    assert open_dataset(spec, root).crowd_as == "background"
+    assert open_dataset(spec, root, DatasetParams(name="coco", coco_crowd="ignore")).crowd_as == "ignore"
 
 
 def one_line(err: pytest.ExceptionInfo) -> str:

@@ -112,3 +112,23 @@ def test_episode_counts_add_up_to_the_meter_and_precision_recall_match_a_referen
     assert merged.episode_counts().equals(counts)
     with pytest.raises(ValueError, match="per_episode"):
         FewShotMeter(4).episode_counts()
+
+
+def test_a_class_without_episodes_counts_zero_or_is_skipped():
+    """A fold of 5 classes whose episodes drew classes 1 and 2 only. Class 1: 3 of 4 predicted pixels
+    right over a 4-px object (inter 3, union 5: 60 %); class 2: perfect (100 %). ``zero`` (HSNet's
+    ``max(union, 1)``, PFENet's ``+ 1e-10``): classes 3-5 count 0 and the mean divides by 5 ->
+    (60 + 100) / 5 = 32; ``skip``: (60 + 100) / 2 = 80."""
+    target = np.zeros((2, 3, 3), np.uint8)
+    target[0, 0, :2] = target[0, 1, :2] = 1  # 4 px of class 1
+    target[1, 2, 2] = 1  # 1 px of class 2
+    pred = target.astype(bool).copy()
+    pred[0, 0, 0] = False  # one missed ...
+    pred[0, 2, 0] = True  # ... and one false positive: inter 3, union 5
+    meter = FewShotMeter(5)
+    meter.update(pred, target, np.array([1, 2]))
+    fold = [1, 2, 3, 4, 5]
+    assert meter.class_iou(fold, "zero") == {1: pytest.approx(60), 2: pytest.approx(100), 3: 0, 4: 0, 5: 0}
+    assert meter.miou(fold, "zero") == pytest.approx(32)
+    assert meter.miou(fold, "skip") == pytest.approx(80)
+    assert meter.miou(fold, "skip") == meter.miou()  # skip: the classes drawn, as before

@@ -129,7 +129,7 @@ def test_a_preset_indexes_a_dataset_of_its_layout_and_dvc_plans_every_stage(tmp_
         as_coco_2014(tmp_path / "synthetic" / layout)
     repo = tmp_path / "repo"
     repo.mkdir()
-    for item in ("pipeline", "stages", "fixtures", "ablations", "dvc.yaml", "params.yaml"):
+    for item in ("pipeline", "stages", "fixtures", "ablations", "references", "dvc.yaml", "params.yaml"):
         (shutil.copytree if (REPO / item).is_dir() else shutil.copy)(REPO / item, repo / item)
     small = [f"dataset.root={tmp_path / 'synthetic' / layout}", "episodes.test_episodes=20",
              "episodes.val_episodes=10", "episodes.shots=[1]", "split.min_pixels=1",

@@ -304,3 +304,90 @@ def test_the_ablation_table_says_where_its_rows_come_from_and_if_they_match():
         "prepare.synthetic.parts: true.")
     ours["prepare"]["synthetic"]["seed"] = 3
     assert "(prepare.synthetic.seed)" in document.study_provenance(parts, ours, "p.json")
+
+
+PROTOCOL = {"name": "hsnet", "conventions": {"episodes.protocol": "hsnet", "evaluate.resize": "hsnet",
+                                             "evaluate.absent_class": "zero", "split.novel_in_train": "drop",
+                                             "priors.cam_scale": "pi-clip", "priors.box": "pi-clip"}}
+
+
+def test_pascal_results_sit_beside_the_published_rows_with_protocol_and_citation():
+    from pipeline.report.published import load_published
+    from stages.report import REPO_PUBLISHED
+
+    published = load_published(REPO_PUBLISHED)
+    folds = {k: {**fold_metrics(k), "protocol": PROTOCOL} for k in range(4)}
+    table = tables.results_table(folds, dataset="pascal", published=published)
+    lfss = [r for r in table.rows if r[0].startswith("LFSS (ResNet-50, text")]
+    assert lfss == [["LFSS (ResNet-50, text; published, hsnet protocol)", "1", "59.9", "69.1", "56.7", "58.9",
+                     "61.2"]]  # LFSS Table 1, as printed
+    shot1 = table.rows[: table.groups[0]]
+    assert [r[1] for r in shot1] == ["1"] * len(shot1) and len(shot1) == 2 + 8  # ours, then 8 published
+    assert all(r[1] == "5" for r in table.rows[table.groups[0]:])  # no published 5-shot rows
+    assert table.notes[0] == ("Protocol: hsnet (episodes.protocol: hsnet, evaluate.resize: hsnet, "
+                              "evaluate.absent_class: zero, split.novel_in_train: drop, priors.cam_scale: "
+                              "pi-clip, priors.box: pi-clip).")
+    assert "Language-guided few-shot semantic segmentation, Table 1" in table.notes[1]
+    assert "published rows under the same protocol: hsnet" in table.notes[2]
+    latex = tables.to_latex(table)
+    assert r"LFSS (ResNet-50, text; published, hsnet protocol) & 1 & 59.9" in latex
+    assert r"\footnotesize Protocol: hsnet" in latex
+    coco = tables.results_table(folds, dataset="coco", published=published)
+    assert ["HSNet (ResNet-50, mask; published, hsnet protocol)", "1", "36.3", "43.1", "38.7", "38.7",
+            "39.2"] in coco.rows
+    synthetic = tables.results_table(folds, published=published)
+    assert len(synthetic.rows) == 4 and synthetic.notes[1].startswith("No published numbers apply")
+
+
+def test_a_bad_published_file_is_one_line(tmp_path):
+    from pipeline.core.errors import PipelineError
+    from pipeline.report.published import load_published
+
+    path = tmp_path / "published.yaml"
+    path.write_text("citations: {a: x}\nrows:\n  - {dataset: pascal, shot: 1, method: M, backbone: B, "
+                    "supervision: text, folds: [1, 2, 3, 4], mean: 2.5, protocol: hsnet, cite: b, "
+                    "where: T1}\n")
+    with pytest.raises(PipelineError, match=r"published.yaml: rows\[0\].cite = 'b': not a key of citations"):
+        load_published(path)
+    path.write_text("citations: {}\nrows:\n  - {dataset: pascal, shot: 1, folds: [1]}\n")
+    with pytest.raises(PipelineError, match=r"published.yaml: rows.0.method: Field required"):
+        load_published(path)
+
+
+@pytest.mark.slow
+def test_a_tiny_voc_layout_run_reports_the_published_rows(tmp_path, prefect_server):
+    """prepare, split and episodes of the embedded benchmark laid out as VOC (dataset: pascal), then the
+    report stage on fold metrics as evaluate writes them: the main table of report.md and tables.tex
+    sets the run beside LFSS's 61.2 and the other published PASCAL-5i rows, the protocol under it."""
+    import json
+
+    from stages import report
+    from tests.conftest import SMOKE, run_first_stages, write_benchmark, write_params
+
+    write_benchmark(tmp_path / "synthetic", SMOKE.model_copy(update={"caption_images": 0}))
+    params = write_params(tmp_path / "params.yaml", {
+        "dataset": {"name": "pascal", "root": str(tmp_path / "synthetic" / "VOC2012")},
+        "split": {"min_pixels": 1}, "episodes": {"protocol": "hsnet", "test_episodes": 20, "val_episodes": 10,
+                                                 "shots": [1], "seeds": [0]},
+        "evaluate": {"resize": "hsnet"}})
+    run_first_stages(params, tmp_path / "data")
+    metrics = tmp_path / "data/metrics"
+    metrics.mkdir()
+    for k in range(4):
+        fold = fold_metrics(k)
+        fold = {**fold, "protocol": PROTOCOL, "shot1": fold["shot1"]}
+        del fold["shot5"]
+        (metrics / f"fold{k}.json").write_text(json.dumps(fold))
+    out = tmp_path / "reports"
+    assert report.main(["--params", str(params), "--index", str(tmp_path / "data/index"),
+                        "--splits", str(tmp_path / "data/splits"), "--metrics", str(metrics),
+                        "--curves", str(tmp_path / "none"), "--predictions", str(tmp_path / "none"),
+                        "--ablations", str(tmp_path / "none.json"), "--masks", str(tmp_path / "none.json"),
+                        "--parts", str(tmp_path / "none.json"), "--clip", str(tmp_path / "none"),
+                        "--out", str(out)]) == 0
+    markdown, latex = (out / "report.md").read_text(), (out / "tables.tex").read_text()
+    row = "| LFSS (ResNet-50, text; published, hsnet protocol) | 1 | 59.9 | 69.1 | 56.7 | 58.9 | 61.2 |"
+    assert row in markdown
+    assert "*Protocol: hsnet (episodes.protocol: hsnet, evaluate.resize: hsnet" in markdown
+    assert "LFSS (ResNet-50, text; published, hsnet protocol) & 1 & 59.9 & 69.1 & 56.7 & 58.9 & 61.2" in latex
+    assert "PFENet (ResNet-50, mask; published, pfenet protocol)" in latex

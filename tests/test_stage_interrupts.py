@@ -165,7 +165,8 @@ def test_train_and_evaluate_killed_then_rerun_equal_an_uninterrupted_run(model_i
 
     def eval_cmd(root: Path) -> list[str]:
         return [sys.executable, "-m", "stages.evaluate", *model_args(pipeline_run, model_inputs, root),
-                "--metrics", str(root / "metrics"), "--predictions", str(root / "predictions")]
+                "--metrics", str(root / "metrics"), "--predictions", str(root / "predictions"),
+                "--splits", str(pipeline_run / "splits")]
 
     def run(cmd: list[str]) -> None:
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)

@@ -151,7 +151,7 @@ def test_dvc_reruns_only_the_stages_a_param_touches(tmp_path):
     """`dvc repro` in a copy of the project; then which stages does each param change dirty?"""
     repo = tmp_path / "repo"
     repo.mkdir()
-    for item in ("pipeline", "stages", "fixtures", "ablations", "dvc.yaml"):
+    for item in ("pipeline", "stages", "fixtures", "ablations", "references", "dvc.yaml"):
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
     write_params(repo / "params.yaml")
@@ -197,7 +197,9 @@ def test_dvc_reruns_only_the_stages_a_param_touches(tmp_path):
         assert (tmp_path / "clone" / output).read_bytes() == (repo / output).read_bytes()
     # the report lists the params its provenance shows (dataset, split, episodes, backbone, ...)
     assert dirty_after({"episodes": {"test_episodes": 61}}) == {"episodes", "report"}
-    assert dirty_after({"split": {"novel_in_train": "mask"}}) == {"split", "report"}
+    # evaluate records the conventions (its protocol in fold{k}.json), novel_in_train among them
+    assert dirty_after({"split": {"novel_in_train": "mask"}}) == {"split", "report", *(f"evaluate@{k}"
+                                                                                        for k in range(4))}
     assert dirty_after({"orchestration": {"task_runner": "processes"}}) == set()
     assert dirty_after({"clip": {"zero_shot_images": 41}}) == {"clip_model"}
     assert dirty_after({"priors": {"pir_threshold": 0.5}}) == {"priors"}

@@ -63,7 +63,7 @@ def test_train_resumes_then_evaluate_reports_model_and_priors(model_inputs, pipe
 
     metrics_dir = tmp_path / "metrics"
     eval_args = [*model_args(pipeline_run, model_inputs, tmp_path), "--metrics", str(metrics_dir),
-                 "--predictions", str(tmp_path / "predictions")]
+                 "--predictions", str(tmp_path / "predictions"), "--splits", str(pipeline_run / "splits")]
     assert evaluate.main(eval_args) == 0
     report = json.loads((metrics_dir / "fold1.json").read_text())
     novel = {"ring", "cross", "crescent", "hexagon", "pentagon"}  # fold 1: classes 6-10
@@ -71,8 +71,14 @@ def test_train_resumes_then_evaluate_reports_model_and_priors(model_inputs, pipe
         figures = report[shot]
         assert all(0 <= figures[key] <= 100 for key in ("miou", "prior_miou", "fbiou"))
         seeds = [s["miou"] for s in figures["seeds"].values()]
-        assert set(figures["class_iou"]) <= novel
+        assert set(figures["class_iou"]) == novel  # absent_class zero: every class of the fold
         assert figures["miou"] == pytest.approx(np.mean(seeds), abs=0.01)
+        for seed in figures["seeds"].values():  # a class no episode drew counts 0 in the mean of 5
+            assert seed["miou"] == pytest.approx(np.mean(list(seed["class_iou"].values())), abs=0.01)
+            assert all(seed["class_iou"][c] == 0 for c in seed["absent_classes"])
+    assert report["protocol"] == {"name": "custom", "conventions": {
+        "episodes.protocol": "pfenet", "evaluate.resize": "original", "evaluate.absent_class": "zero",
+        "split.novel_in_train": "drop", "priors.cam_scale": "pi-clip", "priors.box": "pi-clip"}}
     assert 0.1 <= report["prior_threshold"] <= 0.9
     assert (tmp_path / "predictions/fold1.npz").is_file()  # nothing written outside the given paths
     from pipeline.report.stats import Scores
@@ -138,7 +144,8 @@ def test_oracle_masks_of_controlled_quality_train_and_score(model_inputs, pipeli
     args = ["--params", str(params), *model_args(pipeline_run, model_inputs, tmp_path)[2:]]
     assert train.main([*args, "--plots", str(tmp_path / "plots")]) == 0
     assert evaluate.main([*args, "--metrics", str(tmp_path / "metrics"),
-                          "--predictions", str(tmp_path / "predictions")]) == 0
+                          "--predictions", str(tmp_path / "predictions"),
+                          "--splits", str(pipeline_run / "splits")]) == 0
     index, meta = read_index_dir(pipeline_run / "index")
     manifests = read_manifests(pipeline_run / "episodes")
     name = "test/fold1/shot1_seed0"
@@ -178,7 +185,8 @@ def test_mask_supervision_trains_and_keeps_samples_of_mixed_sizes(model_inputs, 
     args = ["--params", str(params), *model_args(pipeline_run, model_inputs, tmp_path)[2:]]
     assert train.main([*args, "--plots", str(tmp_path / "plots")]) == 0
     assert evaluate.main([*args, "--metrics", str(tmp_path / "metrics"),
-                          "--predictions", str(tmp_path / "predictions")]) == 0
+                          "--predictions", str(tmp_path / "predictions"),
+                          "--splits", str(pipeline_run / "splits")]) == 0
     kept = np.load(tmp_path / "predictions/fold1.npz")
     index = pq.read_table(pipeline_run / "index/index.parquet").to_pandas().set_index("image_id")
     shapes = set()
@@ -328,7 +336,8 @@ def test_each_evaluation_protocol_scores_and_says_so(model_inputs, pipeline_run,
                                                          "evaluate": {"resize": resize, "samples": 2},
                                                          **IN_PROCESS})
         out = tmp_path / resize
-        assert evaluate.main([*args, "--metrics", str(out), "--predictions", str(out)]) == 0
+        assert evaluate.main([*args, "--metrics", str(out), "--predictions", str(out),
+                              "--splits", str(pipeline_run / "splits")]) == 0
         got[resize] = json.loads((out / "fold1.json").read_text())
         assert got[resize]["resize"] == resize and got[resize]["scored"]
         kept = np.load(out / "fold1.npz")

@@ -5,7 +5,9 @@ image embedding is the mean of the patch tokens after the last block, ``ln_post`
 projection (ViT; not the CLS token) or the attention pool's output (ResNet). Each pair has a
 prompt set of K embeddings and a target index; the score is the softmax probability of the
 target over the set (``logit_scale`` times cosine). Channels are weighted by the spatial mean
-of the score's gradient, summed, ReLU'd and min-max normalised.
+of the score's gradient, summed, ReLU'd and scaled to [0, 1]: min-max (``scale="minmax"``) or as
+PI-CLIP's code does (``"pi-clip"``: pytorch_grad_cam's ``scale_cam_image`` twice, once for the
+target layer and once after averaging its one layer, :func:`pipeline.core.tensors.scale_cam`).
 
 Batching: the trunk runs once per image without gradients; only the last block (or the
 attention pool) runs per pair, on a copy of ``A`` that is a leaf, and one backward gives
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from open_clip.modified_resnet import AttentionPool2d, ModifiedResNet
 
 from pipeline.clip.dense import interpolate_positions, trunk
+from pipeline.core.tensors import CamScale, scale_cam
 
 
 def attention_pool(pool: AttentionPool2d, feats: torch.Tensor) -> torch.Tensor:
@@ -37,9 +40,11 @@ def attention_pool(pool: AttentionPool2d, feats: torch.Tensor) -> torch.Tensor:
     return out[0]
 
 
-def _cam(activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-    """``(P, N, D)`` activations and gradients -> ``(P, N)`` min-max normalised CAM."""
+def _cam(activations: torch.Tensor, grads: torch.Tensor, scale: CamScale = "minmax") -> torch.Tensor:
+    """``(P, N, D)`` activations and gradients -> ``(P, N)`` CAM scaled to [0, 1] (``scale``)."""
     cam = F.relu((activations * grads.mean(1, keepdim=True)).sum(-1))
+    if scale == "pi-clip":  # BaseCAM scales per target layer, then the mean of its (one) layer again
+        return scale_cam(scale_cam(cam[..., None]).clamp(min=0))[..., 0]  # (P, N, 1): one map per pair
     low, high = cam.min(1, keepdim=True).values, cam.max(1, keepdim=True).values
     return (cam - low) / (high - low).clamp(min=1e-12)
 
@@ -70,14 +75,15 @@ def softmax_gradcam(
 def gradcam_from_trunk(
     visual: torch.nn.Module, x: torch.Tensor, grid: tuple[int, int], image_index: torch.Tensor,
     prompts: torch.Tensor, target: torch.Tensor, logit_scale: float,
-    prompt_mask: torch.Tensor | None = None,
+    prompt_mask: torch.Tensor | None = None, scale: CamScale = "minmax",
 ) -> torch.Tensor:
     """:func:`softmax_gradcam` from the trunk's output ``x`` (see :func:`pipeline.clip.dense.trunk`):
     the head (last block or attention pool) runs again for every pair."""
     with torch.enable_grad():
         acts, embedding = head_with_grad(visual, x[image_index].detach())
         rows = torch.arange(len(image_index), device=x.device)
-        return gradcam_from_head(acts, embedding, rows, grid, prompts, target, logit_scale, prompt_mask)
+        return gradcam_from_head(acts, embedding, rows, grid, prompts, target, logit_scale, prompt_mask,
+                                 scale)
 
 
 def vit_head(
@@ -124,10 +130,11 @@ def head_with_grad(visual: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tens
 def gradcam_from_head(
     acts: torch.Tensor, embedding: torch.Tensor, rows: torch.Tensor, grid: tuple[int, int],
     prompts: torch.Tensor, target: torch.Tensor, logit_scale: float, prompt_mask: torch.Tensor | None = None,
+    scale: CamScale = "minmax",
 ) -> torch.Tensor:
     """GradCAM of P pairs, pair p explaining ``embedding[rows[p]]`` by ``acts[rows[p]]``, from one
     backward. ``rows`` must be distinct (rows of ``acts`` do not interact, so each row's gradient
-    is its own pair's)."""
+    is its own pair's). ``scale``: how each map is scaled to [0, 1] (module docstring)."""
     logits = logit_scale * torch.einsum("pe,pke->pk", F.normalize(embedding[rows], dim=-1),
                                         prompts.to(embedding.dtype))
     if prompt_mask is not None:
@@ -136,5 +143,5 @@ def gradcam_from_head(
     (grads,) = torch.autograd.grad(score, acts)
     acts, grads = acts.detach()[rows].float(), grads[rows].float()
     if acts.dim() == 4:  # ResNet (P, C, h, w)
-        return _cam(acts.flatten(2).transpose(1, 2), grads.flatten(2).transpose(1, 2)).view(-1, *grid)
-    return _cam(acts[:, 1:], grads[:, 1:]).view(-1, *grid)
+        return _cam(acts.flatten(2).transpose(1, 2), grads.flatten(2).transpose(1, 2), scale).view(-1, *grid)
+    return _cam(acts[:, 1:], grads[:, 1:], scale).view(-1, *grid)

@@ -7,6 +7,11 @@
 
 Pixels labelled 255 count in neither intersection nor union. Values are percentages.
 
+A class of the fold with no episode, or with an empty union (``absent``, the ``evaluate.absent_class``
+param): ``zero`` counts its IoU as 0 and the mean divides by every class asked for, as the reference
+code does (HSNet: ``inter / max(union, 1)``; PFENet / PI-CLIP: ``inter / (union + 1e-10)``); ``skip``
+leaves it out of the mean (``nanmean``).
+
 A meter can also keep every episode's counts (``per_episode=True``, :meth:`FewShotMeter.episode_counts`):
 what resampling needs (a paired bootstrap over episodes, :mod:`pipeline.report.stats`).
 """
@@ -14,12 +19,14 @@ what resampling needs (a paired bootstrap over episodes, :mod:`pipeline.report.s
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
 
 IGNORE = 255
+Absent = Literal["zero", "skip"]  # a class without episodes (or union): IoU 0, or left out of the mean
 
 
 def binary_target(label: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
@@ -115,15 +122,19 @@ class FewShotMeter:
         recall = [float(100 * self.inter[c] / truth[c]) if truth[c] > 0 else nan for c in seen]
         return float(np.nanmean(precision)), float(np.nanmean(recall))
 
-    def class_iou(self, classes: Iterable[int] | None = None) -> dict[int, float]:
-        """IoU (%) of each class that has at least one episode (or of ``classes``)."""
+    def class_iou(self, classes: Iterable[int] | None = None, absent: Absent = "skip") -> dict[int, float]:
+        """IoU (%) of each class that has at least one episode (or of ``classes``); a class with an
+        empty union (no episode) is nan (``absent="skip"``) or 0 (``"zero"``)."""
         seen = torch.nonzero(self.episodes).flatten().tolist() if classes is None else classes
+        empty = 0.0 if absent == "zero" else float("nan")
         return {int(c): float(100 * self.inter[c] / self.union[c]) if self.union[c] > 0
-                else float("nan") for c in seen}
+                else empty for c in seen}
 
-    def miou(self, classes: Iterable[int] | None = None) -> float:
-        """Mean class IoU (%) over ``classes`` (default: every class with an episode)."""
-        values = list(self.class_iou(classes).values())
+    def miou(self, classes: Iterable[int] | None = None, absent: Absent = "skip") -> float:
+        """Mean class IoU (%) over ``classes`` (default: every class with an episode); ``absent``: a
+        class without episodes counts 0 and the mean divides by ``len(classes)`` (``"zero"``, the
+        reference code's), or is left out (``"skip"``)."""
+        values = list(self.class_iou(classes, absent).values())
         return float(np.nanmean(values)) if values else float("nan")
 
     def fbiou(self) -> float:

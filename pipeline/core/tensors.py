@@ -7,16 +7,22 @@
   ``EPS``), as in ``F.cosine_similarity``.
 * :func:`mask_to_grid`: binary masks as the fraction of each feature-grid cell they cover.
 * :func:`masked_average_pooling`: a prototype from features and such a mask (LFSS Eq. 2).
-* :func:`minmax`: maps normalised to [0, 1] (as FSS priors are).
+* :func:`minmax`: maps normalised to [0, 1] (as FSS priors are); :func:`scale_cam`: PI-CLIP's
+  scaling (pytorch_grad_cam's ``scale_cam_image``); :func:`scale_maps`: either, by name
+  (``priors.cam_scale``).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 EPS = 1e-6
 RANGE_EPS = 1e-12  # smallest max - min that minmax divides by
+CAM_EPS = 1e-7  # what scale_cam adds to the range (pytorch_grad_cam's scale_cam_image)
+CamScale = Literal["pi-clip", "minmax"]
 
 
 def unit(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -48,3 +54,18 @@ def minmax(maps: torch.Tensor) -> torch.Tensor:
     flat = maps.flatten(-2)
     low, high = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)
     return ((flat - low) / (high - low).clamp(min=RANGE_EPS)).view_as(maps)
+
+
+def scale_cam(maps: torch.Tensor) -> torch.Tensor:
+    """PI-CLIP's scaling of each ``(..., h, w)`` map: ``(x - min) / (max(x - min) + 1e-7)``
+    (pytorch_grad_cam's ``scale_cam_image``). Equal to :func:`minmax` within ``1e-7 / range`` for an
+    ordinary map; a map whose range is near or below 1e-7 (a saturated softmax's GradCAM) keeps a
+    peak below 1: ``range / (range + 1e-7)``."""
+    flat = maps.flatten(-2)
+    shifted = flat - flat.amin(-1, keepdim=True)
+    return (shifted / (shifted.amax(-1, keepdim=True) + CAM_EPS)).view_as(maps)
+
+
+def scale_maps(maps: torch.Tensor, scale: CamScale) -> torch.Tensor:
+    """``maps`` scaled to [0, 1] by :func:`minmax` (``"minmax"``) or :func:`scale_cam` (``"pi-clip"``)."""
+    return scale_cam(maps) if scale == "pi-clip" else minmax(maps)

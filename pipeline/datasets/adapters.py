@@ -1,9 +1,10 @@
 """File-format adapters: how ``prepare`` reads a dataset's files into index rows.
 
-An adapter is ``open(root, spec) -> Indexer``: it checks the layout under ``root`` (one line naming
-what is missing) and returns the dataset's index shards. Of the stages only ``prepare`` imports this
-module, so an edit to a reader re-runs ``prepare`` and what its output changes, nothing else (the
-params check and the presets, outside DVC, use the adapters' layout checks, which read no file).
+An adapter is ``open(root, spec, dataset) -> Indexer``: it checks the layout under ``root`` (one
+line naming what is missing) and returns the dataset's index shards, made as the ``dataset`` params
+say (COCO: ``dataset.coco_crowd``). Of the stages only ``prepare`` imports this module, so an edit
+to a reader re-runs ``prepare`` and what its output changes, nothing else (the params check and the
+presets, outside DVC, use the adapters' layout checks, which read no file).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from pipeline.core.params import DatasetParams
 from pipeline.datasets import coco, voc
 from pipeline.datasets.index import IndexJob
 from pipeline.datasets.spec import DatasetSpec
@@ -27,9 +29,9 @@ class Indexer(Protocol):
         ...
 
 
-ADAPTERS: dict[str, Callable[[Path, DatasetSpec], Indexer]] = {
-    "voc": voc.open_indexer,
-    "coco": coco.open_indexer,
+ADAPTERS: dict[str, Callable[[Path, DatasetSpec, DatasetParams], Indexer]] = {
+    "voc": lambda root, spec, dataset: voc.open_indexer(root, spec),  # VOC: no option of its own
+    "coco": lambda root, spec, dataset: coco.open_indexer(root, spec, dataset.coco_crowd),
 }
 
 
@@ -51,6 +53,7 @@ def check_layout(spec: DatasetSpec, root: Path) -> None:
     LAYOUTS[spec.adapter](_layout_root(spec, root))
 
 
-def open_dataset(spec: DatasetSpec, root: Path) -> Indexer:
-    """``spec``'s dataset at ``root`` (its layout at ``root / spec.layout_dir``), opened by its adapter."""
-    return ADAPTERS[spec.adapter](_layout_root(spec, root), spec)
+def open_dataset(spec: DatasetSpec, root: Path, dataset: DatasetParams | None = None) -> Indexer:
+    """``spec``'s dataset at ``root`` (its layout at ``root / spec.layout_dir``), opened by its adapter
+    with the ``dataset`` params (default: the schema's)."""
+    return ADAPTERS[spec.adapter](_layout_root(spec, root), spec, dataset or DatasetParams())

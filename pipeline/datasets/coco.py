@@ -7,7 +7,9 @@ Expected under ``dataset.root``::
 
 Label maps are rendered once, at prepare time, as PNGs: categories are mapped to 1..C in
 sorted category-id order; non-crowd instances are painted in annotation order (a later one
-wins where two overlap); crowd regions are painted last as 255 (ignore).
+wins where two overlap). Crowd regions (``iscrowd=1``), as ``dataset.coco_crowd`` says:
+``background`` — not painted (HSNet's COCO loader has no ignore label: crowd pixels score as
+background), or ``ignore`` — painted last as 255, scored nowhere.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -27,6 +29,7 @@ from pipeline.datasets.index import IGNORE, IndexJob, IndexRow, checked_rows, in
 from pipeline.datasets.spec import DatasetSpec
 
 SPLITS = ("train", "val")
+Crowd = Literal["background", "ignore"]
 
 
 @dataclass(frozen=True)
@@ -73,11 +76,13 @@ def annotation_mask(ann: dict[str, Any], height: int, width: int) -> np.ndarray:
     return mask_utils.decode(rle).astype(bool)
 
 
-def render_label(record: ImageRecord, class_of_category: dict[int, int], source: Path) -> np.ndarray:
-    """``(H, W)`` uint8 label map: instances in annotation order, crowd regions last as 255."""
+def render_label(record: ImageRecord, class_of_category: dict[int, int], source: Path,
+                 crowd_as: Crowd = "background") -> np.ndarray:
+    """``(H, W)`` uint8 label map: instances in annotation order; crowd regions left as they are
+    (``crowd_as="background"``) or painted last as 255 (``"ignore"``)."""
     info = record.info
     label = np.zeros((info["height"], info["width"]), np.uint8)
-    for crowd in (0, 1):
+    for crowd in (0, 1) if crowd_as == "ignore" else (0,):
         for ann in record.annotations:
             if int(ann.get("iscrowd", 0)) != crowd:
                 continue
@@ -152,9 +157,10 @@ def open_coco(root: Path, split: str, expected_names: tuple[str, ...] | None) ->
 
 
 def coco_rows(split: CocoSplit, mask_dir: Path, final_mask_dir: Path, num_classes: int,
-              skipped: list[str] | None = None) -> list[IndexRow]:
+              skipped: list[str] | None = None, crowd_as: Crowd = "background") -> list[IndexRow]:
     """Render and index the label maps of ``split.records`` (narrow it with :meth:`shard`);
-    each image is decoded once (``skipped``: broken ones are left out and listed there).
+    each image is decoded once (``skipped``: broken ones are left out and listed there; ``crowd_as``:
+    :func:`render_label`'s).
 
     The PNGs are written under ``mask_dir`` (a staging directory) and recorded in the rows
     under ``final_mask_dir``, where they will be once the stage commits.
@@ -162,7 +168,7 @@ def coco_rows(split: CocoSplit, mask_dir: Path, final_mask_dir: Path, num_classe
     mask_dir.mkdir(parents=True, exist_ok=True)
 
     def row(record: Any) -> IndexRow:
-        label = render_label(record, split.class_of_category, split.annotation_path)
+        label = render_label(record, split.class_of_category, split.annotation_path, crowd_as)
         stem = Path(record.info["file_name"]).stem
         Image.fromarray(label).save(mask_dir / f"{stem}.png")
         return index_row(stem, split.split, split.image_dir / record.info["file_name"],
@@ -177,18 +183,19 @@ class CocoIndexer:
 
     splits: list[CocoSplit]
     num_classes: int
+    crowd_as: Crowd = "background"
 
     def jobs(self, staging: Path, out: Path, shard_size: int) -> dict[str, IndexJob]:
         """Index shards ``{split}-{first:07d}`` of at most ``shard_size`` images, each rendering its
         label maps into ``staging/masks/{split}`` and recording them under ``out``."""
         return {f"{split.split}-{r.start:07d}": partial(
                     coco_rows, split.shard(r.start, r.stop), staging / "masks" / split.split,
-                    out / "masks" / split.split, self.num_classes)
+                    out / "masks" / split.split, self.num_classes, crowd_as=self.crowd_as)
                 for split in self.splits for r in shard_ranges(len(split.records), shard_size)}
 
 
-def open_indexer(root: Path, spec: DatasetSpec) -> CocoIndexer:
+def open_indexer(root: Path, spec: DatasetSpec, crowd_as: Crowd = "background") -> CocoIndexer:
     """The adapter of COCO-layout datasets (``pipeline.datasets.adapters``): the categories must be
-    ``spec.class_names`` in sorted-id order."""
+    ``spec.class_names`` in sorted-id order; crowd regions as ``crowd_as`` says."""
     return CocoIndexer([open_coco(root, s, expected_names=spec.class_names) for s in SPLITS],
-                       len(spec.class_names))
+                       len(spec.class_names), crowd_as)

@@ -1,7 +1,8 @@
 """A trained fold scored on its test manifests (every shot and test seed): per manifest the model's
 mIoU, FB-IoU, per-class IoU and the priors-alone mIoU, the per-episode counts the paired bootstrap
 resamples (:mod:`pipeline.report.stats`), and a few predictions kept for the report's figure; per
-shot the mean ± sample std over test seeds."""
+shot the mean ± sample std over test seeds. A novel class of the fold that no episode of a manifest
+draws counts as ``absent`` says (:class:`~pipeline.core.metrics.FewShotMeter`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from pipeline.core.metrics import Absent
 from pipeline.core.params import ModelParams
 from pipeline.fewshot.data import EpisodeTable, FoldInputs
 from pipeline.fewshot.evaluate import Scoring, evaluate_table, prior_meter, sample_predictions
@@ -51,8 +53,9 @@ def summary(per_seed: dict[int, dict]) -> dict:
         values = np.array([s[key] for s in seeds])
         std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
         out[key], out[f"{key}_std"] = round(float(values.mean()), 2), round(std, 2)
+    names = dict.fromkeys(c for s in seeds for c in s["class_iou"])  # a skipped class is absent from a seed
     out["class_iou"] = {
-        c: round(float(np.mean([s["class_iou"][c] for s in seeds])), 2) for c in seeds[0]["class_iou"]
+        c: round(float(np.mean([s["class_iou"][c] for s in seeds if c in s["class_iou"]])), 2) for c in names
     }
     out["seeds"] = {str(seed): s for seed, s in per_seed.items()}
     return out
@@ -62,9 +65,12 @@ def score_fold(
     model: nn.Module, cfg: ModelParams, inputs: FoldInputs, manifests: dict[str, pd.DataFrame],
     tests: list[str], class_names: list[str], *, circle: bool, prior_threshold: float, scoring: Scoring,
     samples: int, batch_size: int, device: torch.device, loader_workers: int, fold: int,
+    novel: list[int] | None = None, absent: Absent = "skip",
 ) -> FoldScores:
     """Score ``model`` on every manifest of ``tests``; the first 1-shot manifest's first batch gives
-    the ``samples`` kept predictions."""
+    the ``samples`` kept predictions. ``novel``: the fold's test classes, each in the mean even when
+    a manifest draws none of its episodes (``absent="zero"``: IoU 0); None, or ``absent="skip"``: the
+    classes the manifest draws."""
     bank, num_classes = inputs.bank, len(class_names)
     scores = FoldScores()
     sampled = next((n for n in tests if TEST.match(n)["shot"] == "1"), tests[0])  # figures show 1-shot
@@ -81,13 +87,16 @@ def score_fold(
         counts.insert(0, "seed", int(m["seed"]))
         counts.insert(0, "shot", int(m["shot"]))
         scores.episodes.append(counts)
-        classes = sorted(set(table.classes.tolist()))
+        drawn = sorted(set(table.classes.tolist()))
+        classes = sorted(novel) if novel is not None and absent == "zero" else drawn
         priors = prior_meter(table, bank, num_classes, prior_threshold, scoring)
         scores.shots.setdefault(int(m["shot"]), {})[int(m["seed"])] = {
-            "miou": round(meter.miou(classes), 2),
+            "miou": round(meter.miou(classes, absent), 2),
             "fbiou": round(meter.fbiou(), 2),
-            "prior_miou": round(priors.miou(classes), 2),
-            "class_iou": {class_names[c - 1]: round(v, 2) for c, v in meter.class_iou(classes).items()},
+            "prior_miou": round(priors.miou(classes, absent), 2),
+            "class_iou": {class_names[c - 1]: round(v, 2)
+                          for c, v in meter.class_iou(classes, absent).items()},
+            "absent_classes": [class_names[c - 1] for c in sorted(set(novel or drawn) - set(drawn))],
         }
     return scores
 

@@ -15,8 +15,9 @@ import torch
 
 from pipeline.clip.dense import labels_from_scores, scores_from_trunk
 from pipeline.clip.gradcam import gradcam_from_head, gradcam_from_trunk
+from pipeline.core.tensors import CamScale
 from pipeline.priors.forward import image_features
-from pipeline.priors.pir import high_order_affinity, refine
+from pipeline.priors.pir import BoxRule, high_order_affinity, refine
 from pipeline.priors.vtp import PromptBank, PromptSet, prompt_sets
 
 
@@ -43,7 +44,7 @@ class ImagePriors:
 def extract_priors(
     model, images: torch.Tensor, pair_image: torch.Tensor, pair_class: Sequence[int],
     image_labels: Sequence[Sequence[int]], bank: PromptBank, class_text: torch.Tensor, *,
-    prompt_set: PromptSet, pir_blocks: int, pir_threshold: float,
+    prompt_set: PromptSet, pir_blocks: int, pir_threshold: float, cam_scale: CamScale, box: BoxRule,
 ) -> ImagePriors:
     """Priors of ``(B, 3, S, S)`` normalised images.
 
@@ -51,6 +52,8 @@ def extract_priors(
         pair_image: ``(P,)`` the image (0..B-1) of each pair; pair_class: its class id.
         image_labels: per image, the class ids present (the ``image_labels`` prompt set).
         class_text: ``(C, E)`` MaskCLIP class embeddings (85 templates).
+        cam_scale, box: how VTP and PIR maps are scaled and PIR's boxes drawn (``priors.cam_scale``,
+            ``priors.box``: docs/method.md#reference-conventions).
     """
     visual = model.visual
     feats = image_features(visual, images, attention_blocks=pir_blocks)
@@ -69,9 +72,10 @@ def extract_priors(
     vtp = torch.empty(len(pair_image), *feats.grid, device=images.device)
     with torch.enable_grad():
         vtp[first] = gradcam_from_head(feats.acts, feats.embedding, pair_image[first], feats.grid,
-                                       prompts[first], target[first], scale, mask[first])
+                                       prompts[first], target[first], scale, mask[first], cam_scale)
     if (~first).any():
         vtp[~first] = gradcam_from_trunk(visual, feats.trunk, feats.grid, pair_image[~first], prompts[~first],
-                                         target[~first], scale, mask[~first])
-    pir = refine(high_order_affinity(feats.affinity)[pair_image], vtp, threshold=pir_threshold)
+                                         target[~first], scale, mask[~first], cam_scale)
+    pir = refine(high_order_affinity(feats.affinity)[pair_image], vtp, threshold=pir_threshold, box=box,
+                 scale=cam_scale)
     return ImagePriors(vtp, pir, scores, labels_from_scores(scores).to(torch.uint8) + 1, feats.tokens)

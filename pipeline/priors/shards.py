@@ -21,7 +21,9 @@ from pipeline.core.images import load_resized, normalize, read_ahead
 from pipeline.core.interrupt import check_stop
 from pipeline.core.params import PriorsParams
 from pipeline.core.shard_rows import aligned_zeros, write_shard
+from pipeline.core.tensors import CamScale
 from pipeline.priors.extract import extract_priors
+from pipeline.priors.pir import BoxRule
 from pipeline.priors.vtp import PromptBank, PromptSet, prompt_bank
 
 
@@ -36,6 +38,8 @@ class Extractor:
     prompt_set: PromptSet
     pir_blocks: int
     pir_threshold: float
+    cam_scale: CamScale
+    box: BoxRule
     batch_size: int
     dtype: Resolved
 
@@ -67,7 +71,7 @@ class Extractor:
             return extract_priors(
                 self.bundle.model, images, pair_image.to(self.device), flat, image_labels, self.bank,
                 self.class_text, prompt_set=self.prompt_set, pir_blocks=self.pir_blocks,
-                pir_threshold=self.pir_threshold)
+                pir_threshold=self.pir_threshold, cam_scale=self.cam_scale, box=self.box)
 
 
 def load_extractor(clip_dir: Path, cfg: PriorsParams, names: Sequence[str]) -> Extractor:
@@ -80,7 +84,7 @@ def load_extractor(clip_dir: Path, cfg: PriorsParams, names: Sequence[str]) -> E
         prompt_bank(bundle.model, tokenizer, names, cfg.foreground_template, cfg.background_template),
         text_embeddings(bundle.model, tokenizer, names), cfg.image_size or bundle.image_size,
         prompt_set=cfg.prompt_set, pir_blocks=cfg.pir_blocks, pir_threshold=cfg.pir_threshold,
-        batch_size=cfg.batch_size, dtype=resolve(cfg.dtype, device))
+        cam_scale=cfg.cam_scale, box=cfg.box, batch_size=cfg.batch_size, dtype=resolve(cfg.dtype, device))
 
 
 def extract_image_shard(

@@ -13,6 +13,7 @@ import pandas as pd
 import yaml
 
 from pipeline.report import figures, tables
+from pipeline.report.published import Published
 from pipeline.report.tables import Table, signed
 
 
@@ -46,6 +47,8 @@ class Inputs:
     params_yaml: str
     masks: dict | None = None  # ablations/masks.json (python -m pipeline.studies masks)
     parts: dict | None = None  # ablations/parts.json (python -m pipeline.studies parts)
+    dataset: str = "synthetic"  # dataset.name: pascal / coco get the published rows
+    published: Published | None = None  # references/published_results.yaml (pascal / coco runs)
 
 
 def fold_mean(folds: dict[int, dict], shot: int, key: str) -> float:
@@ -190,7 +193,8 @@ def results_section(inputs: Inputs) -> Section:
             "base-class validation episodes, with no decoder; VTP depends on the query and the class name "
             "only, so this row is the same for every shot."
         ],
-        [tables.results_table(inputs.folds), tables.fbiou_table(inputs.folds)],
+        [tables.results_table(inputs.folds, dataset=inputs.dataset, published=inputs.published),
+         tables.fbiou_table(inputs.folds)],
     )
 
 
@@ -204,7 +208,7 @@ def pseudo_mask_section(inputs: Inputs) -> Section | None:
             "MaskCLIP label maps (initial) and after the self-supported "
             "refiner (LFSS Table 3)."
         ],
-        [tables.pseudo_mask_table(inputs.pseudo)],
+        [tables.with_notes(tables.pseudo_mask_table(inputs.pseudo), [tables.protocol_note(inputs.folds)])],
     )
 
 
@@ -342,6 +346,7 @@ caption { caption-side: top; text-align: left; font-weight: 600; padding-bottom:
 th, td { padding: .25em .7em; } thead th { border-top: 2px solid #222; border-bottom: 1px solid #222; }
 tbody tr:last-child td { border-bottom: 2px solid #222; } tr.group td { border-top: 1px solid #222; }
 figure { margin: 1em 0; } figure img { max-width: 100%; } figcaption { color: #555; font-size: .92em; }
+p.note { color: #555; font-size: .92em; margin-top: -.4em; }
 pre { background: #f6f6f6; padding: .8em; overflow-x: auto; font-size: .85em; }
 nav a { margin-right: .8em; }
 """

@@ -2,7 +2,11 @@
 HTML and LaTeX (booktabs).
 
 * :func:`results_table` — LFSS Tables 1-2: mIoU per fold and their mean, 1-shot and 5-shot,
-  the trained model against the PI-CLIP priors alone.
+  the trained model against the PI-CLIP priors alone; on PASCAL-5i / COCO-20i also the published
+  rows (:mod:`pipeline.report.published`), each with its backbone, supervision and protocol.
+
+The tables made from the folds' metrics carry, under them (``Table.notes``), the protocol the
+folds were scored under and every convention's value (:func:`protocol_note`).
 * :func:`fbiou_table` — FB-IoU, same shape.
 * :func:`pseudo_mask_table` — LFSS Table 3: initial and refined pseudo-masks.
 * :func:`ablation_table` — LFSS Table 4: which components were on, the mIoU over training and test
@@ -13,11 +17,13 @@ HTML and LaTeX (booktabs).
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from pipeline.core.params import ModelParams
+from pipeline.report.published import BENCHMARKS, Published, PublishedRow, published_for
 
 YES, NO = "✓", "✗"
 
@@ -25,7 +31,7 @@ YES, NO = "✓", "✗"
 @dataclass
 class Table:
     """A caption, a header and rows of cells (strings); ``groups`` are row indices after which
-    a rule is drawn (e.g. between 1-shot and 5-shot)."""
+    a rule is drawn (e.g. between 1-shot and 5-shot); ``notes``: sentences printed under the table."""
 
     caption: str
     label: str
@@ -33,6 +39,7 @@ class Table:
     rows: list[list[str]]
     groups: list[int] = field(default_factory=list)
     align: str = ""  # one of l/c/r per column; default: first left, the rest right
+    notes: list[str] = field(default_factory=list)
 
     def aligns(self) -> str:
         return self.align or "l" + "r" * (len(self.header) - 1)
@@ -80,21 +87,81 @@ def compute_of(folds: dict[int, dict]) -> str | None:
                      f"training in {p}" for t, d, c, b, p in sorted(seen)) or None
 
 
+def protocols_of(folds: dict[int, dict]) -> list[dict]:
+    """The distinct ``protocol`` records of the folds (``evaluate``'s: name and conventions)."""
+    seen: list[dict] = []
+    for metrics in folds.values():
+        if "protocol" in metrics and metrics["protocol"] not in seen:
+            seen.append(metrics["protocol"])
+    return seen
+
+
+def protocol_note(folds: dict[int, dict]) -> str:
+    """The sentence under each table of the folds' figures: the protocol and every convention."""
+    records = protocols_of(folds)
+    if not records:
+        return "Protocol: not recorded (metrics from an evaluate stage before protocols were recorded)."
+    texts = [f"{r['name']} ({', '.join(f'{k}: {v}' for k, v in r['conventions'].items())})" for r in records]
+    if len(texts) > 1:
+        return "Protocols differ between folds: " + "; ".join(texts) + "."
+    return f"Protocol: {texts[0]}."
+
+
+def with_notes(table: Table, notes: list[str]) -> Table:
+    """``table`` with ``notes`` printed under it."""
+    table.notes = [*table.notes, *notes]
+    return table
+
+
 def scored_as(folds: dict[int, dict]) -> str:
     """:func:`scoring_of` as a caption's sentence."""
     scored = scoring_of(folds)
     return f" Scored: {scored}." if scored else ""
 
 
-def results_table(folds: dict[int, dict], model_name: str = "LFSS + PI-CLIP priors (ours)") -> Table:
-    """mIoU (%) per fold and mean; per shot, the priors alone then the trained model."""
+def published_cells(row: PublishedRow, folds: Sequence[int]) -> list[str]:
+    """A published row's cells under this run's fold columns (folds 0-3; a fold the paper has no
+    column for here is left out, one it does not report is "–")."""
+    name = f"{row.method} ({row.backbone}, {row.supervision}; published, {row.protocol} protocol)"
+    cells = [fmt(row.folds[k]) if 0 <= k < len(row.folds) else "–" for k in folds]
+    return [name, f"{row.shot}", *cells, fmt(row.mean)]
+
+
+def published_notes(dataset: str, published: Published | None, rows: Sequence[PublishedRow],
+                    folds: dict[int, dict]) -> list[str]:
+    """What the results table says of the published numbers: where each row is printed and how it
+    compares, or that none apply (a dataset of the project's own)."""
+    if dataset not in BENCHMARKS:
+        return ["No published numbers apply: this dataset (the embedded synthetic benchmark, or one of "
+                "the project's own) is not a benchmark with published few-shot results."]
+    if published is None:
+        return [f"Published {BENCHMARKS[dataset]} rows: not read (no published results file)."]
+    if not rows:
+        return [f"No published {BENCHMARKS[dataset]} rows for these shots in the published results file."]
+    cited = " ".join(f"{r.method} ({r.backbone}): {published.citation(r)}." for r in rows)
+    ours = {rec["name"] for rec in protocols_of(folds)}
+    same = sorted({r.protocol for r in rows} & ours)
+    match = (f"; published rows under the same protocol: {', '.join(same)}." if same else
+             "; no published row was scored under it: compare with care "
+             "(docs/method.md#reference-conventions).")
+    return [f"Published {BENCHMARKS[dataset]} rows, as printed (not re-run here): {cited}",
+            "This run's protocol: " + (", ".join(sorted(ours)) or "not recorded") + match]
+
+
+def results_table(folds: dict[int, dict], model_name: str = "LFSS + PI-CLIP priors (ours)", *,
+                  dataset: str = "synthetic", published: Published | None = None) -> Table:
+    """mIoU (%) per fold and mean; per shot, the priors alone then the trained model, then (PASCAL-5i,
+    COCO-20i) the published rows of that shot; the protocol and conventions under the table."""
     header = ["Method", "Shot", *[f"Fold {k}" for k in sorted(folds)], "Mean"]
-    rows, groups = [], []
+    rows, groups, shown = [], [], []
     for shot in shots_of(folds):
         rows.append(
             ["PI-CLIP priors alone (VTP, no decoder)", f"{shot}", *_per_fold(folds, shot, "prior_miou")]
         )
         rows.append([model_name, f"{shot}", *_per_fold(folds, shot, "miou")])
+        of_shot = published_for(published, dataset, shot) if published else []
+        rows += [published_cells(row, sorted(folds)) for row in of_shot]
+        shown += of_shot
         groups.append(len(rows))
     return Table(
         "Novel-class mIoU (%) of the test episodes, per fold and their mean." + scored_as(folds),
@@ -103,6 +170,7 @@ def results_table(folds: dict[int, dict], model_name: str = "LFSS + PI-CLIP prio
         rows,
         groups[:-1],
         "ll" + "r" * (len(folds) + 1),
+        [protocol_note(folds), *published_notes(dataset, published, shown, folds)],
     )
 
 
@@ -110,7 +178,7 @@ def fbiou_table(folds: dict[int, dict]) -> Table:
     header = ["Shot", *[f"Fold {k}" for k in sorted(folds)], "Mean"]
     rows = [[f"{shot}", *_per_fold(folds, shot, "fbiou")] for shot in shots_of(folds)]
     caption = "FB-IoU (%) of the trained model on the test episodes." + scored_as(folds)
-    return Table(caption, "tab:fbiou", header, rows)
+    return Table(caption, "tab:fbiou", header, rows, notes=[protocol_note(folds)])
 
 
 def pseudo_mask_table(pseudo: dict) -> Table:
@@ -266,7 +334,8 @@ def to_markdown(table: Table) -> str:
     align = {"l": ":--", "c": ":-:", "r": "--:"}
     lines = ["| " + " | ".join(table.header) + " |", "|" + "|".join(align[a] for a in table.aligns()) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in table.rows]
-    return f"**{table.caption}**\n\n" + "\n".join(lines) + "\n"
+    notes = "".join(f"\n*{note}*\n" for note in table.notes)
+    return f"**{table.caption}**\n\n" + "\n".join(lines) + "\n" + notes
 
 
 def to_html(table: Table) -> str:
@@ -284,9 +353,10 @@ def to_html(table: Table) -> str:
             for c, a in zip(row, aligns, strict=True)
         )
         body.append(f"<tr{cls}>{cells}</tr>")
+    notes = "".join(f'<p class="note">{html.escape(note)}</p>' for note in table.notes)
     return (
         f'<table id="{table.label.replace(":", "-")}"><caption>{html.escape(table.caption)}</caption>'
-        f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+        f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>" + notes
     )
 
 
@@ -330,5 +400,7 @@ def to_latex(table: Table) -> str:
         if i in table.groups:
             lines.append(r"\midrule")
         lines.append(" & ".join(latex_escape(c) for c in row) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [rf"\par\smallskip{{\footnotesize {latex_escape(note)}}}" for note in table.notes]
+    lines += [r"\end{table}"]
     return "\n".join(lines) + "\n"
