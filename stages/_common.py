@@ -7,6 +7,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
+from pipeline.core.cores import usable_cores
 from pipeline.core.errors import PipelineError
 from pipeline.core.interrupt import Stopped, clear_stop, request_stop, stop_workers
 from pipeline.core.params import Params, load_params
@@ -20,6 +21,16 @@ FOLD_INPUTS = {
     "pseudo_masks": "data/pseudo_masks.zarr",
     "models": "data/models",
 }
+
+
+def _threads_within_cores() -> None:
+    """torch's intra-op threads never above the cores this process may use (its OpenMP default
+    counts the affinity mask, not a container's CPU quota: threads beyond it queue)."""
+    import torch
+
+    cores = usable_cores()
+    if torch.get_num_threads() > cores:
+        torch.set_num_threads(cores)
 
 
 def stage_main(
@@ -48,6 +59,7 @@ def stage_main(
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         params = load_params(args.params)
+        _threads_within_cores()
         run(params, args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -8,7 +8,6 @@ training and evaluation of every fold. Image shards resume after a crash.
 from __future__ import annotations
 
 import argparse
-import os
 from functools import cache
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from prefect import flow, task
 
 from pipeline.clip.loader import SHA_FILE
 from pipeline.core.artifacts import Staging, fingerprint, zarr_shard_files
+from pipeline.core.cores import threads_per_task
 from pipeline.core.orchestration import concurrency, run_flow, run_shards
 from pipeline.core.params import BackboneParams, Params
 from pipeline.datasets.episodes import episode_images, read_manifests
@@ -71,7 +71,7 @@ def build_features(
         tuple(probe.shape[-2:]),
         attrs,
     )
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = threads_per_task(workers)
     shards = {
         f"images-{s:07d}": range(s, min(s + shard, len(image_ids)))
         for s in range(0, len(image_ids), shard)

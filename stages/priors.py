@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from functools import cache
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import zarr
 from prefect import flow, task
 
 from pipeline.core.artifacts import Staging, fingerprint, write_atomic, zarr_shard_files
+from pipeline.core.cores import threads_per_task
 from pipeline.core.orchestration import concurrency, run_flow, run_shards
 from pipeline.core.params import Params, PriorsParams
 from pipeline.datasets.episodes import image_classes, read_manifests
@@ -68,7 +68,7 @@ def build_priors(cfg: PriorsParams, dataset: str, index_dir: Path, episodes_dir:
     staging = Staging(out, fingerprint([attrs, (episodes_dir / "meta.json").read_text()]))
     zarr_path = staging.path
     store.create(zarr_path, layout, attrs)
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = threads_per_task(workers)
     shards = {f"images-{start:07d}": range(start, min(start + cfg.shard_size, len(image_ids)))
               for start in range(0, len(image_ids), cfg.shard_size)}
 

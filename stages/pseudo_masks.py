@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from functools import cache
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import zarr
 from prefect import flow, task
 
 from pipeline.core.artifacts import Staging, fingerprint, write_json, zarr_shard_files
+from pipeline.core.cores import threads_per_task
 from pipeline.core.orchestration import concurrency, gather, run_flow, run_shards
 from pipeline.core.params import BackboneParams, Params, PseudoMaskParams
 from pipeline.datasets.episodes import read_manifests
@@ -98,7 +98,7 @@ def build_pseudo_masks(cfg: PseudoMaskParams, backbone: BackboneParams, index_di
                                         (episodes_dir / "meta.json").read_text(), shard, sorted(manifests)]))
     store.create(zarr.open_group(staging.path, mode="a"), manifests, backbone.image_size, shard)
     context = (str(features), str(priors), backbone, cfg, cache_bytes)
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = threads_per_task(workers)
     jobs = {f"{m.replace('/', '-')}-{s:06d}": (m, t.iloc[s: s + shard])
             for m, t in manifests.items() for s in range(0, len(t), shard)}
     def files(name: str) -> list[Path]:

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline.core.artifacts import Staging, fingerprint
+from pipeline.core.cores import threads_per_task
 from pipeline.core.errors import PipelineError
 from pipeline.core.params import Params
 from pipeline.datasets.episodes import draw_epoch_episodes, query_pairs, read_manifests
@@ -97,7 +98,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
     fold = args.fold
     device, rank = setup_device()
     if device.type == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
+        torch.set_num_threads(threads_per_task(int(os.environ["WORLD_SIZE"])))
     index, meta = read_index_dir(Path(args.index))
     manifests = read_manifests(Path(args.episodes))
     names = (f"train/fold{fold}", f"val/fold{fold}")

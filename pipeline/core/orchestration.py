@@ -9,7 +9,6 @@ stage that computes on a CUDA device runs one at a time there unless told otherw
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -19,6 +18,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from tqdm import tqdm
 
 from pipeline.core.artifacts import Staging
+from pipeline.core.cores import usable_cores
 from pipeline.core.errors import PipelineError
 from pipeline.core.interrupt import STOP_MESSAGE, Stopped, die_with_parent
 from pipeline.core.params import OrchestrationParams
@@ -30,7 +30,7 @@ def concurrency(cfg: OrchestrationParams, *, on_device: bool, at_most: int | Non
     computes on a CUDA device (each task holds its own model and batches on the one device: N at
     once only contend for its memory), else the CPU count; never more than ``at_most`` (what the
     stage's memory budget holds)."""
-    n = cfg.max_workers or os.cpu_count() or 1
+    n = cfg.max_workers or usable_cores()
     if on_device and not cfg.max_workers:
         import torch
 

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipeline.core.cores import usable_cores
 from pipeline.core.metrics import binary_target
 from pipeline.core.params import ModelParams
 from pipeline.core.tensors import mask_to_grid
@@ -309,7 +309,7 @@ def loader_workers(bank: ImageBank, requested: int | None, *, images: bool = Fal
         return requested
     if isinstance(bank.features, torch.Tensor) and not images:
         return 0
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     if torch.device(device).type == "cuda":
         return max(1, cores - GPU_SPARE_CORES)
     return min(CPU_LOADERS, cores)
