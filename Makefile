@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup repro preset params push pull test lint lock tiny-clip ablation mask-study parts-study dvc-deps clean-venv
+.PHONY: setup repro repair preset params push pull test lint lock tiny-clip ablation mask-study parts-study dvc-deps clean-venv
 
 setup: $(STAMP)
 
@@ -24,6 +24,13 @@ $(STAMP): requirements.lock pyproject.toml
 # laid out as the preset's dataset -- so a bad preset or root stops here, params.yaml untouched.
 repro: setup preset params dvc-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m stages._prefect_server dvc repro
+
+# A store a stage found damaged (its one line names this command): `make repair STAGE=priors` removes
+# the stage's DVC cache objects whose md5 no longer matches (a write into a hardlinked output reaches
+# the cache), re-runs the stage (dvc repro -f -s) and relinks its outputs (stages/_repair.py).
+repair: setup
+	$(if $(STAGE),,$(error make repair needs STAGE=<a dvc.yaml stage>, e.g. STAGE=priors))
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m stages._prefect_server python -m stages._repair $(STAGE)
 
 # The whole params.yaml validated in about a second, before DVC removes any output or a stage
 # starts: unknown or missing sections and keys, types, allowed values, YAML line and column.

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from pipeline.core.cores import usable_cores
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, one_line
 from pipeline.core.interrupt import Stopped, clear_stop, request_stop, stop_workers
 from pipeline.core.params import Params, load_params
 
@@ -41,7 +41,8 @@ def stage_main(
     """Parse ``--params``, the stage's path options, its on/off ``flags`` and any further
     ``options`` (a function adding arguments), validate params, run.
 
-    Expected errors (:class:`PipelineError`) print one line and return 1; the stage's
+    Expected errors (:class:`PipelineError`, also one raised in a task's thread or process or in a
+    DataLoader worker) print one line and return 1; the stage's
     outputs are written atomically, so nothing half-written is left behind. SIGINT (Ctrl-C) and
     SIGTERM stop the stage with one line and status 130, keeping its finished shards and
     checkpoints for the next run to resume from -- SIGINT also when the launcher ignored it (a
@@ -62,7 +63,7 @@ def stage_main(
         _threads_within_cores()
         run(params, args)
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Stopped) as exc:
         by = exc.args[0] if isinstance(exc, KeyboardInterrupt) and exc.args else "SIGINT"

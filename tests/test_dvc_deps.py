@@ -97,7 +97,7 @@ def test_the_library_has_no_import_cycles():
 
 def test_stages_holds_only_the_dvc_stages():
     """Everything under stages/ is a module dvc.yaml runs, or one of the helpers they share or the
-    Makefile runs around them."""
+    Makefile runs around them (the Prefect server, the remote check, the DVC repair)."""
     run = {module.split(".")[1] for module in _deps.stage_modules(DVC_YAML).values()}
     here = {p.stem for p in (ROOT / "stages").glob("*.py")} - {"__init__"}
-    assert here - run == {"_common", "_deps", "_prefect_server", "_remote"}
+    assert here - run == {"_common", "_deps", "_prefect_server", "_remote", "_repair"}

@@ -69,3 +69,50 @@ def test_prefect_does_not_report_the_tasks_a_stop_ended():
     state, other = (logging.LogRecord("prefect.task_runs", 40, "", 0, failed.format(why), None, None)
                     for why in ("Stopped: stop requested", "ValueError: stopped early"))
     assert not keep.filter(traced) and not keep.filter(state) and keep.filter(other)
+
+
+FAILING_FLOW = '''
+import sys
+from prefect import flow, task
+from pipeline.core.errors import PipelineError
+from pipeline.core.orchestration import gather, run_flow
+from pipeline.core.params import OrchestrationParams
+from stages._common import stage_main
+
+@task
+def read_shard(i: int) -> int:
+    if i == 1:
+        raise PipelineError("x.zarr: array y is unreadable (z): the store is damaged; "
+                            "repair it with: make repair")
+    return i
+
+@flow
+def shards() -> None:
+    gather([read_shard.submit(i) for i in range(3)])
+
+if __name__ == "__main__":  # pool processes are spawned: they import this file
+    sys.exit(stage_main("check", lambda params, args: run_flow(shards, OrchestrationParams(
+        task_runner=sys.argv[1], max_workers=2)), {}, argv=["--params", sys.argv[2]]))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["threads", "processes", "dask"])
+def test_a_tasks_expected_error_is_the_stages_one_line_in_any_runner(tmp_path, kind):
+    """A PipelineError raised in a task -- in a thread, a pool process or a LocalCluster worker,
+    each logging through Prefect -- ends the stage with its one line: no worker's traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    (tmp_path / "flow.py").write_text(FAILING_FLOW)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("PREFECT_API_URL", None)  # the stage starts a temporary server of its own
+    done = subprocess.run([sys.executable, str(tmp_path / "flow.py"), kind, str(REPO / "params.yaml")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "PipelineError" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1] == ("error: x.zarr: array y is unreadable (z): the store is damaged; "
+                                            "repair it with: make repair")

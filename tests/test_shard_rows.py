@@ -140,3 +140,72 @@ def test_aligned_zeros_is_page_aligned_zero_and_writable():
     x[1, 2, 3] = 9
     assert x.sum() == 9
     assert aligned_zeros((0, 4), np.float16).shape == (0, 4)
+
+
+class Priors(StoreReader):
+    stage = "priors"
+
+
+def test_a_damaged_store_is_one_line_naming_store_array_and_repair(tmp_path, values):
+    """What a stage prints for a store damaged after its run: the store, the array, the damage and
+    the repair command, for a shard read directly and for arrays zarr reads (a checksum that does
+    not match, a chunk that does not decode, unreadable metadata)."""
+    write(tmp_path / "s.zarr", values, 8, **RAW_ROWS)
+    write(tmp_path / "z.zarr", values, 8)  # zstd, read by zarr
+    store = tmp_path / "s.zarr"
+    shard = store / "images/x/c/0/0/0/0"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:200] + data[-(16 * 8 + 4):])
+    with pytest.raises(PipelineError) as caught:
+        Priors(store).read_rows("images/x", [3])
+    assert str(caught.value) == (f"{store}: array images/x is unreadable (shard file c/0/0/0/0: row 3 is cut "
+                                 "short): the store is damaged; repair it with: make repair STAGE=priors")
+    zstd = tmp_path / "z.zarr/images/x/c/0/0/0/0"
+    whole = zstd.read_bytes()
+    zstd.write_bytes(whole[: len(whole) // 2])  # the index's place holds other bytes
+    checksum = (r"z\.zarr: array images/x is unreadable \(ValueError: Stored and computed checksum do not "
+                r"match.*repair it with: make repair STAGE=priors$")
+    for read in (lambda r: r.read_rows("images/x", [1]), lambda r: r.cached("images/x"),
+                 lambda r: r.read("images/x", 2)):
+        with pytest.raises(PipelineError, match=checksum) as caught:
+            read(Priors(tmp_path / "z.zarr", cache_bytes=2**20))
+        assert "\n" not in str(caught.value)
+    index = 16 * 8 + 4
+    zstd.write_bytes(b"\xab" * (len(whole) - index) + whole[-index:])  # chunks overwritten, the index intact
+    with pytest.raises(PipelineError, match=r"images/x is unreadable \(RuntimeError: Zstd decompression"):
+        Priors(tmp_path / "z.zarr").read_rows("images/x", [0])
+    (tmp_path / "z.zarr/images/x/zarr.json").write_text("{")
+    with pytest.raises(PipelineError, match=r"array images/x is unreadable \(JSONDecodeError"):
+        Priors(tmp_path / "z.zarr").read("images/x")
+    (tmp_path / "z.zarr/zarr.json").write_text("{")
+    with pytest.raises(PipelineError, match=r"z\.zarr is unreadable \(JSONDecodeError.*STAGE=priors$"):
+        Priors(tmp_path / "z.zarr")
+    with pytest.raises(IndexError):  # a request out of range is no damage
+        Priors(store).read("images/x", 99)
+
+
+def test_a_damaged_shard_keeps_its_fields_across_processes(tmp_path):
+    import pickle
+
+    from pipeline.core.shard_rows import DamagedShard
+
+    again = pickle.loads(pickle.dumps(DamagedShard(tmp_path / "c/0", "row 3 is cut short")))
+    assert (again.file, again.detail, str(again)) == (tmp_path / "c/0", "row 3 is cut short",
+                                                      f"{tmp_path / 'c/0'}: row 3 is cut short")
+
+
+def _fails(i: int) -> int:
+    raise PipelineError("x.zarr: array y is unreadable (...): the store is damaged")
+
+
+def test_an_error_of_a_loader_worker_process_is_one_line():
+    """torch re-raises a DataLoader worker's PipelineError with the worker's traceback in its message;
+    the stage prints the original line."""
+    from pipeline.core.errors import one_line
+    from pipeline.fewshot.data import prefetched
+
+    with pytest.raises(PipelineError) as caught:
+        list(prefetched(_fails, 2, workers=1))
+    assert "\n" in str(caught.value)
+    assert one_line(caught.value) == "x.zarr: array y is unreadable (...): the store is damaged"
+    assert one_line(PipelineError("a: b")) == "a: b"

@@ -22,15 +22,16 @@ import stat
 import subprocess
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 
-from pipeline.core.errors import PipelineError
-from pipeline.core.shard_rows import ShardRows
+from pipeline.core.errors import PipelineError, damaged
+from pipeline.core.shard_rows import DamagedShard, ShardRows
 
 _FINGERPRINT = ".fingerprint"
 
@@ -233,11 +234,20 @@ def git_state(root: Path = Path("."), ignore: Sequence[str] = ()) -> tuple[str, 
 
 
 def open_store(path: Path, stage: str) -> zarr.Group:
-    """The Zarr store at ``path`` opened read-only; missing: one line naming the stage that writes it."""
+    """The Zarr store at ``path`` opened read-only; missing: one line naming the stage that writes
+    it; unreadable (its metadata damaged): one line naming the command that repairs it."""
     try:
         return zarr.open_group(Path(path), mode="r")
     except FileNotFoundError:
         raise PipelineError(f"{path}: missing (run the {stage} stage)") from None
+    except (ValueError, OSError) as exc:  # zarr.json cut short or overwritten, unreadable file
+        raise damaged(path, None, _first_line(exc), stage) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: message`` of ``exc``, its message's first line only (at most 160 characters)."""
+    text = (str(exc).strip().splitlines() or [""])[0][:160]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def read_rows(array: zarr.Array, rows: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -260,24 +270,55 @@ class StoreReader:
     store size), except that an array is read whole once and kept when it fits what is left of
     ``cache_bytes`` (far faster than many row selections on a small store such as the embedded
     benchmark's). Subclasses name the ``stage`` that writes the store.
+
+    Every read of an array goes through :meth:`checked` (:meth:`read`, :meth:`read_rows`,
+    :meth:`cached`): a store found damaged -- a shard file cut short or overwritten after its stage
+    ran, which zarr reports as a checksum or decoding error -- is one :class:`PipelineError` line
+    naming the store, the array and the command that repairs it (:func:`~pipeline.core.errors.damaged`),
+    in whatever thread or process the read ran. (A *missing* chunk or shard file is not an error
+    to zarr: it reads as the fill value, as the writers leave chunks that hold nothing else.)
     """
 
     stage: str = ""
 
     def __init__(self, path: Path, *, cache_bytes: int = 0) -> None:
+        self.path = Path(path)
         self.root = open_store(path, self.stage)
         self.attrs = dict(self.root.attrs)
         self.cache_bytes = cache_bytes
         self._whole: dict[str, np.ndarray] = {}
         self._direct: dict[str, ShardRows | None] = {}
 
+    @contextmanager
+    def checked(self, name: str) -> Iterator[None]:
+        """Reads of array ``name`` inside: a failure of the stored bytes (not of the request: a row
+        out of range stays an IndexError) becomes the one line of a damaged store."""
+        try:
+            yield
+        except DamagedShard as exc:
+            folder = self.path / name
+            file = exc.file.relative_to(folder) if exc.file.is_relative_to(folder) else exc.file
+            raise damaged(self.path, name, f"shard file {file}: {exc.detail}", self.stage) from None
+        except (PipelineError, IndexError):
+            raise
+        except (ValueError, RuntimeError, OSError, KeyError) as exc:
+            # zarr: "Stored and computed checksum do not match" (ValueError), a codec's decoding
+            # error (RuntimeError), unreadable metadata (JSONDecodeError), a file gone or unreadable
+            raise damaged(self.path, name, _first_line(exc), self.stage) from None
+
+    def read(self, name: str, selection: Any = slice(None)) -> np.ndarray:
+        """``array[selection]`` of array ``name``, read by zarr (:meth:`checked`)."""
+        with self.checked(name):
+            return self.root[name][selection]
+
     def cached(self, name: str) -> np.ndarray | None:
         """Array ``name`` held in memory (read now if it fits the budget), or None."""
         if name not in self._whole:
-            array = self.root[name]
-            if array.nbytes > self.cache_bytes - sum(a.nbytes for a in self._whole.values()):
-                return None
-            self._whole[name] = array[:]
+            with self.checked(name):
+                array = self.root[name]
+                if array.nbytes > self.cache_bytes - sum(a.nbytes for a in self._whole.values()):
+                    return None
+                self._whole[name] = array[:]
         return self._whole[name]
 
     def read_rows(self, name: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -288,7 +329,8 @@ class StoreReader:
         whole = self.cached(name)
         if whole is not None:
             return whole[rows]
-        if name not in self._direct:
-            self._direct[name] = ShardRows.of(self.root[name])
-        direct = self._direct[name]
-        return read_rows(self.root[name], rows) if direct is None else direct.read(rows)
+        with self.checked(name):
+            if name not in self._direct:
+                self._direct[name] = ShardRows.of(self.root[name])
+            direct = self._direct[name]
+            return read_rows(self.root[name], rows) if direct is None else direct.read(rows)

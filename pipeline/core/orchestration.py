@@ -43,12 +43,26 @@ def task_runner(cfg: OrchestrationParams, workers: int) -> TaskRunner:
     if cfg.task_runner == "threads":
         return ThreadPoolTaskRunner(max_workers=workers)
     if cfg.task_runner == "processes":
-        return ProcessPoolTaskRunner(max_workers=workers, initializer=die_with_parent)
+        return ProcessPoolTaskRunner(max_workers=workers, initializer=process_worker,
+                                     initargs=(cfg.log_level,))
     from prefect_dask import DaskTaskRunner
 
     if cfg.dask_address:
         return DaskTaskRunner(address=cfg.dask_address)
-    return DaskTaskRunner(
+
+    class LocalDaskRunner(DaskTaskRunner):
+        """A LocalCluster whose workers (processes writing to the stage's stderr) log as the stage
+        does: a task's :class:`PipelineError` is the stage's one line, not a worker's traceback too."""
+
+        @property
+        def client(self) -> Any:
+            client = super().client
+            if not getattr(self, "_quiet", False):
+                self._quiet = True
+                client.run(_configure_logging, logging.getLevelName(logging.getLogger("prefect").level))
+            return client
+
+    return LocalDaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True},
     )
@@ -70,11 +84,23 @@ class _HideExpectedErrors(logging.Filter):
 
 def configure_logging(cfg: OrchestrationParams) -> None:
     """Set Prefect's log level; keep its handlers from printing expected errors twice."""
+    _configure_logging(cfg.log_level)
+
+
+def process_worker(log_level: str) -> None:
+    """The initializer of a process pool's workers: they die with the stage, and their Prefect
+    logging hides expected errors as the stage's does (a task's :class:`PipelineError` is the
+    stage's one line, not a worker's traceback too)."""
+    die_with_parent()
+    _configure_logging(log_level)
+
+
+def _configure_logging(log_level: str) -> None:
     import prefect.main  # noqa: F401  (sets up Prefect's logging handlers, once)
 
-    logging.getLogger("prefect").setLevel(cfg.log_level)
+    logging.getLogger("prefect").setLevel(log_level)
     for service in ("EventsWorker", "APILogWorker"):  # flush chatter at interpreter exit
-        logging.getLogger(service).setLevel(max(logging.ERROR, logging.getLevelName(cfg.log_level)))
+        logging.getLogger(service).setLevel(max(logging.ERROR, logging.getLevelName(log_level)))
     names = [n for n in logging.root.manager.loggerDict if n.startswith("prefect")]
     for logger in [logging.root] + [logging.getLogger(n) for n in names]:
         for handler in logger.handlers:

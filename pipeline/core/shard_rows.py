@@ -39,6 +39,19 @@ BLOCK = 4096  # O_DIRECT's alignment of addresses, offsets and sizes (any logica
 DIRECT_MIN = 16 << 20  # rows of a shard below this many bytes go through the page cache
 
 
+class DamagedShard(PipelineError):
+    """A shard file that is not what its writer wrote (cut short, its index overwritten): ``file``
+    and what is wrong with it (``detail``). A store reader words it with the store and array
+    (:func:`pipeline.core.errors.damaged`)."""
+
+    def __init__(self, file: Path, detail: str) -> None:
+        super().__init__(f"{file}: {detail}")
+        self.file, self.detail = file, detail
+
+    def __reduce__(self) -> tuple:  # pickled by a worker process: rebuilt from both fields
+        return type(self), (self.file, self.detail)
+
+
 def aligned_zeros(shape: tuple[int, ...], dtype: np.dtype | str) -> np.ndarray:
     """A zero-filled C-contiguous array at a page-aligned address (anonymous memory), so that
     :func:`write_shard` can hand it to the disk without a copy."""
@@ -129,8 +142,7 @@ class ShardRows:
                 return None
             index, checksum = tail[:-4], tail[-4:]
             if len(tail) != 16 * self.shard + 4 or _checksum(index) != checksum:
-                raise PipelineError(f"{path}: its shard index does not match its checksum: the store is "
-                                    "damaged (re-run its stage)")
+                raise DamagedShard(path, "its shard index does not match its checksum")
             self._index[shard] = np.frombuffer(index, "<u8").reshape(-1, 2)
         return self._index[shard]
 
@@ -153,12 +165,10 @@ class ShardRows:
                         out[j] = self.fill_value
                         continue
                     if int(size) != self.row_bytes:
-                        raise PipelineError(f"{path}: row {rows[j]} has {size} bytes, not {self.row_bytes}: "
-                                            "the store is damaged (re-run its stage)")
+                        raise DamagedShard(path, f"row {rows[j]} has {size} bytes, not {self.row_bytes}")
                     file.seek(int(offset))
                     if file.readinto(memoryview(out[j]).cast("B")) != self.row_bytes:
-                        raise PipelineError(f"{path}: row {rows[j]} is cut short: the store is damaged "
-                                            "(re-run its stage)")
+                        raise DamagedShard(path, f"row {rows[j]} is cut short")
         return out
 
 

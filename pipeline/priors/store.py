@@ -86,7 +86,7 @@ class PriorStore(StoreReader):
     @cached_property
     def pairs(self) -> pd.DataFrame:
         """One row per (image, class) pair: ``image_id, class_id, row, slot``."""
-        classes = self.root["pairs/class_id"][:]  # (I, S) int16: small at any size
+        classes = self.read("pairs/class_id")  # (I, S) int16: small at any size
         rows, slots = np.nonzero(classes)
         ids = np.asarray(self.attrs["image_ids"], dtype=object)
         return pd.DataFrame({"image_id": ids[rows], "class_id": classes[rows, slots],
@@ -94,7 +94,7 @@ class PriorStore(StoreReader):
 
     def _pair(self, image_id: str, class_id: int) -> tuple[int, int]:
         row = self.row(image_id)
-        slots = np.flatnonzero(self.root["pairs/class_id"][row] == class_id)
+        slots = np.flatnonzero(self.read("pairs/class_id", row) == class_id)
         if not len(slots):
             raise PipelineError(f"priors: no VTP for class {class_id} of image {image_id!r} "
                                 "(not a class any episode asks of it)")
@@ -109,14 +109,14 @@ class PriorStore(StoreReader):
     def vtp(self, image_id: str, class_id: int, refined: bool = False) -> np.ndarray:
         """``(h, w)`` float32 VTP (``refined``: after PIR)."""
         row, slot = self._pair(image_id, class_id)
-        return self.root["pairs/pir" if refined else "pairs/vtp"][row, slot].astype(np.float32)
+        return self.read("pairs/pir" if refined else "pairs/vtp", (row, slot)).astype(np.float32)
 
     def maskclip_labels(self, image_id: str, size: tuple[int, int] | None = None) -> np.ndarray:
         """MaskCLIP label map (class ids 1..C): on the token grid, or at ``size`` ``(H, W)`` as the
         argmax of the scores upsampled bilinearly (MaskCLIP's pixel label map)."""
         if size is None:
-            return self.root["images/maskclip_labels"][self.row(image_id)]
-        scores = torch.from_numpy(self.root["images/maskclip_scores"][self.row(image_id)].astype(np.float32))
+            return self.read("images/maskclip_labels", self.row(image_id))
+        scores = torch.from_numpy(self.read("images/maskclip_scores", self.row(image_id)).astype(np.float32))
         return (labels_from_scores(scores[None], size)[0] + 1).numpy().astype(np.uint8)
 
     def maskclip_scores(self, image_ids: Sequence[str]) -> np.ndarray:

@@ -91,11 +91,12 @@ class PseudoMaskStore(StoreReader):
         """``(E, K, S, S)`` support or ``(E, S, S)`` query masks (bool) of ``manifest``: every
         episode, a ``range`` of them (one contiguous read), or the rows ``episodes``."""
         array = self._array(manifest, role, kind)
-        if episodes is None:
-            return array[:]
-        if isinstance(episodes, range) and episodes.step == 1:
-            return array[episodes.start: episodes.stop]
-        return read_rows(array, episodes)
+        with self.checked(array.path):
+            if episodes is None:
+                return array[:]
+            if isinstance(episodes, range) and episodes.step == 1:
+                return array[episodes.start: episodes.stop]
+            return read_rows(array, episodes)
 
     def _array(self, manifest: str, role: Role, kind: Kind) -> zarr.Array:
         key = f"{manifest}/{role}_{kind}"
