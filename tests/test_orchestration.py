@@ -116,3 +116,20 @@ def test_a_tasks_expected_error_is_the_stages_one_line_in_any_runner(tmp_path, k
     assert "Traceback" not in done.stderr and "PipelineError" not in done.stderr, done.stderr
     assert done.stderr.splitlines()[-1] == ("error: x.zarr: array y is unreadable (z): the store is damaged; "
                                             "repair it with: make repair")
+
+
+def test_a_task_the_stop_cancelled_is_not_reported_but_a_cancel_otherwise_is():
+    """Prefect's "Crash detected ... CancelledError: Task run cancelled by the task runner" for a task
+    a stop cut short is dropped (the stage says "stopped" once); the same line without a stop is kept."""
+    from pipeline.core.interrupt import clear_stop, request_stop
+
+    keep = _HideExpectedErrors()
+    line = ("Crash detected! Execution was interrupted by an unexpected exception: CancelledError: Task run "
+            "cancelled by the task runner")
+    record = logging.LogRecord("prefect.task_runs", 40, "", 0, line, None, None)
+    assert keep.filter(record)
+    request_stop()
+    try:
+        assert not keep.filter(record)
+    finally:
+        clear_stop()

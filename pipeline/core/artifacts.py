@@ -33,6 +33,11 @@ import zarr
 from pipeline.core.errors import PipelineError, damaged
 from pipeline.core.shard_rows import DamagedShard, ShardRows
 
+# A staging folder's bookkeeping (.done/, .fingerprint) sits beside its Zarr arrays, and zarr warns
+# that each is "not recognized" whenever it lists the members: ignored here, for good (a
+# catch_warnings block is not thread-safe, and shard tasks list members while others run).
+warnings.filterwarnings("ignore", message=r"Object at \.", category=zarr.errors.ZarrUserWarning)
+
 _FINGERPRINT = ".fingerprint"
 
 
@@ -170,10 +175,8 @@ def zarr_shard_files(root: Path, index: int, arrays: Iterable[str] | None = None
     no file."""
     group = zarr.open_group(root, mode="r")
     if arrays is None:
-        with warnings.catch_warnings():  # the staging folder's bookkeeping (.done/) is not Zarr's
-            warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
-            members = group.members(max_depth=None)
-            arrays = [name for name, member in members if isinstance(member, zarr.Array)]
+        members = group.members(max_depth=None)
+        arrays = [name for name, member in members if isinstance(member, zarr.Array)]
     names = sorted(arrays)
     files = []
     for name in names:

@@ -29,6 +29,10 @@ def clear_stop() -> None:
     _STOP.clear()
 
 
+def stop_requested() -> bool:
+    return _STOP.is_set()
+
+
 def check_stop() -> None:
     """Raise :class:`Stopped` once a stop has been requested (call it between batches)."""
     if _STOP.is_set():

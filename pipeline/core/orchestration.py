@@ -20,7 +20,7 @@ from tqdm import tqdm
 from pipeline.core.artifacts import Staging
 from pipeline.core.cores import usable_cores
 from pipeline.core.errors import PipelineError
-from pipeline.core.interrupt import STOP_MESSAGE, Stopped, die_with_parent
+from pipeline.core.interrupt import STOP_MESSAGE, Stopped, die_with_parent, stop_requested
 from pipeline.core.params import OrchestrationParams
 from pipeline.core.prefect_server import ensure_api
 
@@ -77,7 +77,8 @@ class _HideExpectedErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         message = record.getMessage()
-        return (not isinstance(exc, PipelineError | KeyboardInterrupt | Stopped)
+        cancelled = stop_requested() and "CancelledError" in message  # a task the stop cut short
+        return (not isinstance(exc, PipelineError | KeyboardInterrupt | Stopped) and not cancelled
                 and "PipelineError" not in message and "Execution was aborted by a" not in message
                 and f"Stopped: {STOP_MESSAGE}" not in message and f"Stopped({STOP_MESSAGE!r})" not in message)
 
