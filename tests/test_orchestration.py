@@ -116,3 +116,23 @@ def test_a_tasks_expected_error_is_the_stages_one_line_in_any_runner(tmp_path, k
     assert "Traceback" not in done.stderr and "PipelineError" not in done.stderr, done.stderr
     assert done.stderr.splitlines()[-1] == ("error: x.zarr: array y is unreadable (z): the store is damaged; "
                                             "repair it with: make repair")
+
+
+def test_an_unreachable_dask_address_is_one_line_in_seconds():
+    """No scheduler at ``dask_address``: the stage's one line naming the address and the param,
+    within the check's few seconds (before: a minute of retries, 167 lines and 4 tracebacks)."""
+    import socket
+    import time
+
+    from pipeline.core.orchestration import SCHEDULER_TIMEOUT_S, run_flow
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    started = time.monotonic()
+    with pytest.raises(PipelineError) as error:
+        run_flow(lambda: pytest.fail("the flow ran"),
+                 OrchestrationParams(task_runner="dask", dask_address=address))
+    assert time.monotonic() - started < SCHEDULER_TIMEOUT_S + 5
+    line = str(error.value)
+    assert "\n" not in line and line.startswith("orchestration.dask_address: ") and repr(address) in line
