@@ -32,11 +32,9 @@ def build_features(
     cfg: BackboneParams, index_dir: Path, episodes_dir: Path, clip_dir: Path, out: Path, workers: int
 ) -> dict:
     index, _ = read_index_dir(index_dir)
-    # absolute paths: a cluster's worker has a working directory of its own
-    paths = dict(zip(index.image_id, map(os.path.abspath, index.image_path), strict=True))
+    paths = dict(zip(index.image_id, index.image_path, strict=True))
     image_ids = episode_images(read_manifests(episodes_dir).values())
-    clip = os.path.abspath(clip_dir)
-    net = backbone_for(clip, cfg)
+    net = backbone_for(str(clip_dir), cfg)
     with torch.no_grad():
         probe = net(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=next(net.parameters()).device))
     clip_sha = (clip_dir / SHA_FILE).read_text().split()[0] if cfg.name == "clip" else None
@@ -57,13 +55,14 @@ def build_features(
     run_shards(
         staging,
         lambda name: shard_task.submit(
-            os.path.abspath(staging.path),
+            str(staging.path),
             name,
             shards[name],
             [paths[i] for i in image_ids[shards[name].start : shards[name].stop]],
-            clip,
+            str(clip_dir),
             cfg,
             threads,
+            os.getcwd(),
         ),
         shards,
         "features: image shards",

@@ -36,8 +36,7 @@ def build_priors(cfg: PriorsParams, dataset: str, index_dir: Path, episodes_dir:
     manifests = read_manifests(episodes_dir)
     pairs = image_classes(manifests.values())
     names = dataset_declaration(meta, index_dir)["prompt_names"]
-    clip = os.path.abspath(clip_dir)  # absolute: a cluster's worker has a working directory of its own
-    ex = extractor(clip, cfg, tuple(names))
+    ex = extractor(str(clip_dir), cfg, tuple(names))
     probe = image_features(ex.bundle.model.visual, torch.zeros(1, 3, ex.image_size, ex.image_size,
                                                                device=ex.device),
                            attention_blocks=cfg.pir_blocks)
@@ -59,10 +58,9 @@ def build_priors(cfg: PriorsParams, dataset: str, index_dir: Path, episodes_dir:
     def submit_images(name: str):
         rows = shards[name]
         ids = image_ids[rows.start: rows.stop]
-        return image_shard.submit(os.path.abspath(zarr_path), name, rows,
-                                  [os.path.abspath(index.at[i, "image_path"]) for i in ids],
+        return image_shard.submit(str(zarr_path), name, rows, [index.at[i, "image_path"] for i in ids],
                                   [pairs[i] for i in ids], [list(index.at[i, "class_ids"]) for i in ids],
-                                  clip, cfg, tuple(names), threads)
+                                  str(clip_dir), cfg, tuple(names), threads, os.getcwd())
 
     run_shards(staging, submit_images, shards, "priors: image shards",
                files=lambda name: zarr_shard_files(zarr_path, shards[name].start // cfg.shard_size))

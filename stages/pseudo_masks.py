@@ -70,9 +70,8 @@ def build_pseudo_masks(cfg: PseudoMaskParams, backbone: BackboneParams, index_di
                                         features_attrs["clip_sha256"],
                                         (episodes_dir / "meta.json").read_text(), shard, sorted(manifests)]))
     store.create(zarr.open_group(staging.path, mode="a"), manifests, backbone.image_size, shard)
-    # absolute paths: a cluster's worker has a working directory of its own
-    context = (os.path.abspath(features), os.path.abspath(priors), backbone, cfg, cache_bytes)
-    zarr_path = os.path.abspath(staging.path)
+    context = (str(features), str(priors), backbone, cfg, cache_bytes)
+    zarr_path, here = str(staging.path), os.getcwd()
     threads = threads_per_task(workers)
     jobs = {f"{m.replace('/', '-')}-{s:06d}": (m, t.iloc[s: s + shard])
             for m, t in manifests.items() for s in range(0, len(t), shard)}
@@ -81,12 +80,12 @@ def build_pseudo_masks(cfg: PseudoMaskParams, backbone: BackboneParams, index_di
         return zarr_shard_files(staging.path, int(episodes["episode"].iloc[0]) // shard,
                                 [f"{manifest}/{array}" for array in store.ARRAYS])
 
-    run_shards(staging, lambda name: refine_task.submit(zarr_path, name, *jobs[name], context, threads),
+    run_shards(staging, lambda name: refine_task.submit(zarr_path, name, *jobs[name], context, threads, here),
                jobs, "pseudo-masks: episode shards", files)
-    mask_paths = dict(zip(index.image_id, map(os.path.abspath, index.mask_path), strict=True))
+    mask_paths = dict(zip(index.image_id, index.mask_path, strict=True))
     chosen = evaluated_manifests(manifests)
-    meters = gather([evaluate_task.submit(zarr_path, m, manifests[m], mask_paths, len(meta["class_names"]))
-                     for m in chosen.values()])
+    meters = gather([evaluate_task.submit(zarr_path, m, manifests[m], mask_paths, len(meta["class_names"]),
+                                          here) for m in chosen.values()])
     metrics: dict = {f"fold{fold}": quality.figures(fold_meters)
                      for fold, fold_meters in zip(chosen, meters, strict=True)}
     metrics["mean"] = {key: round(sum(m[key] for m in metrics.values()) / len(chosen), 2)

@@ -136,3 +136,17 @@ def test_an_unreachable_dask_address_is_one_line_in_seconds():
     assert time.monotonic() - started < SCHEDULER_TIMEOUT_S + 5
     line = str(error.value)
     assert "\n" not in line and line.startswith("orchestration.dask_address: ") and repr(address) in line
+
+
+def test_a_task_reaches_the_stages_relative_paths_from_any_working_directory(tmp_path, monkeypatch):
+    """As the stage gave it where the task runs in the stage's directory (a message names it as the
+    user wrote it); joined to the stage's directory on a cluster's worker, which runs elsewhere."""
+    from pipeline.core.orchestration import on_worker
+
+    stage, worker = tmp_path / "project", tmp_path / "worker"
+    stage.mkdir(), worker.mkdir()
+    monkeypatch.chdir(stage)
+    assert on_worker("data/priors.zarr", str(stage)) == "data/priors.zarr"
+    monkeypatch.chdir(worker)
+    assert on_worker("data/priors.zarr", str(stage)) == str(stage / "data/priors.zarr")
+    assert on_worker(stage / "x.png", str(tmp_path)) == str(stage / "x.png")

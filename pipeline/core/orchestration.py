@@ -9,6 +9,7 @@ stage that computes on a CUDA device runs one at a time there unless told otherw
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -106,6 +107,17 @@ def _configure_logging(log_level: str) -> None:
         for handler in logger.handlers:
             if not any(isinstance(f, _HideExpectedErrors) for f in handler.filters):
                 handler.addFilter(_HideExpectedErrors())
+
+
+def on_worker(path: str | Path, stage_dir: str) -> str:
+    """``path``, given to a stage that runs in ``stage_dir``, as this process (a task's) reaches it:
+    unchanged where this process runs in that directory too (a thread, a pool process, a
+    LocalCluster worker: a message names it as the user gave it), else joined to ``stage_dir`` (a
+    cluster's worker, in a working directory of its own on a file system shared with the stage)."""
+    path = str(path)
+    if os.path.isabs(path) or os.getcwd() == stage_dir:
+        return path
+    return os.path.join(stage_dir, path)
 
 
 SCHEDULER_TIMEOUT_S = 5

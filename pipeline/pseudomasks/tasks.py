@@ -2,8 +2,8 @@
 
 A task a stage submits is pickled by reference to its module: a Dask worker on another machine
 (or in another working directory) imports this module, never the stage's ``__main__``. Its
-inputs are plain data (absolute paths, an episode table, the frozen params); the stores are
-opened once per worker process.
+inputs are plain data (paths as the stage got them and the stage's working directory, an
+episode table, the frozen params); the stores are opened once per worker process.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 import zarr
 from prefect import task
 
+from pipeline.core.orchestration import on_worker
 from pipeline.core.params import BackboneParams, PseudoMaskParams
 from pipeline.features.store import FeatureStore
 from pipeline.priors.store import PriorStore
@@ -38,18 +39,21 @@ def refiner(features: str, priors: str, backbone: BackboneParams, cfg: PseudoMas
 
 @task
 def refine_task(zarr_path: str, name: str, manifest: str, episodes: pd.DataFrame, context: tuple,
-                threads: int) -> str:
+                threads: int, stage_dir: str) -> str:
     """Fill the rows of ``episodes`` (consecutive rows of ``manifest``) in the store at
-    ``zarr_path``; ``context``: :func:`refiner`'s arguments. Returns ``name``, the shard's."""
+    ``zarr_path``; ``context``: :func:`refiner`'s arguments (relative paths, here and there, are
+    from ``stage_dir``). Returns ``name``, the shard's."""
     torch.set_num_threads(threads)
-    refine_shard(zarr.open_group(zarr_path, mode="r+"), manifest, episodes, refiner(*context))
+    features, priors, *options = context
+    refine_shard(zarr.open_group(on_worker(zarr_path, stage_dir), mode="r+"), manifest, episodes,
+                 refiner(on_worker(features, stage_dir), on_worker(priors, stage_dir), *options))
     return name
 
 
 @task
 def evaluate_task(zarr_path: str, manifest: str, episodes: pd.DataFrame, mask_paths: dict[str, str],
-                  num_classes: int) -> dict[str, quality.FewShotMeter]:
+                  num_classes: int, stage_dir: str) -> dict[str, quality.FewShotMeter]:
     """The quality meters of ``manifest``'s stored masks against the ground truth at ``mask_paths``
-    (image id -> mask file)."""
-    return quality.evaluate(store.PseudoMaskStore(Path(zarr_path)), manifest, episodes,
-                            mask_paths.__getitem__, num_classes)
+    (image id -> mask file; relative paths are from ``stage_dir``)."""
+    return quality.evaluate(store.PseudoMaskStore(Path(on_worker(zarr_path, stage_dir))), manifest, episodes,
+                            lambda image: on_worker(mask_paths[image], stage_dir), num_classes)
