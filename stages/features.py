@@ -8,12 +8,12 @@ training and evaluation of every fold. Image shards resume after a crash.
 from __future__ import annotations
 
 import argparse
-from functools import cache
+import os
 from pathlib import Path
 
 import torch
 import zarr
-from prefect import flow, task
+from prefect import flow
 
 from pipeline.clip.loader import SHA_FILE
 from pipeline.core.artifacts import Staging, fingerprint, zarr_shard_files
@@ -23,32 +23,8 @@ from pipeline.core.params import BackboneParams, Params
 from pipeline.datasets.episodes import episode_images, read_manifests
 from pipeline.datasets.index import read_index_dir
 from pipeline.features import store as features
-from pipeline.features.backbone import Backbone, load_backbone
-from pipeline.features.extract import extract_shard
+from pipeline.features.tasks import backbone_for, shard_task
 from stages._common import stage_main
-
-
-@cache
-def backbone_for(clip_dir: str, cfg: BackboneParams) -> Backbone:
-    """The frozen backbone, loaded once per process."""
-    return load_backbone(cfg, Path(clip_dir), "cuda" if torch.cuda.is_available() else "cpu")
-
-
-@task
-def shard_task(
-    zarr_path: Path,
-    name: str,
-    rows: range,
-    paths: list[str],
-    clip_dir: str,
-    cfg: BackboneParams,
-    threads: int,
-) -> str:
-    torch.set_num_threads(threads)
-    extract_shard(
-        zarr.open_group(zarr_path, mode="r+"), rows, paths, backbone_for(clip_dir, cfg), cfg.image_size
-    )
-    return name
 
 
 @flow(name="features")
@@ -79,13 +55,14 @@ def build_features(
     run_shards(
         staging,
         lambda name: shard_task.submit(
-            staging.path,
+            str(staging.path),
             name,
             shards[name],
             [paths[i] for i in image_ids[shards[name].start : shards[name].stop]],
             str(clip_dir),
             cfg,
             threads,
+            os.getcwd(),
         ),
         shards,
         "features: image shards",

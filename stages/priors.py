@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from functools import cache
+import os
 from pathlib import Path
 
 import torch
-import zarr
-from prefect import flow, task
+from prefect import flow
 
 from pipeline.core.artifacts import Staging, fingerprint, write_atomic, zarr_shard_files
 from pipeline.core.cores import threads_per_task
@@ -25,24 +24,8 @@ from pipeline.datasets.episodes import image_classes, read_manifests
 from pipeline.datasets.index import dataset_declaration, read_index_dir
 from pipeline.priors import preview, store
 from pipeline.priors.forward import image_features
-from pipeline.priors.shards import Extractor, extract_image_shard, load_extractor
+from pipeline.priors.tasks import extractor, image_shard
 from stages._common import stage_main
-
-
-@cache
-def extractor(clip_dir: str, cfg: PriorsParams, names: tuple[str, ...]) -> Extractor:
-    """The CLIP and its prompt embeddings, loaded once per process."""
-    return load_extractor(Path(clip_dir), cfg, names)
-
-
-@task
-def image_shard(zarr_path: Path, name: str, rows: range, paths: list[str], pair_classes: list[list[int]],
-                labels: list[list[int]], clip_dir: str, cfg: PriorsParams, names: tuple[str, ...],
-                threads: int) -> str:
-    torch.set_num_threads(threads)
-    ex = extractor(clip_dir, cfg, names)
-    extract_image_shard(zarr.open_group(zarr_path, mode="r+"), rows, paths, pair_classes, labels, ex)
-    return name
 
 
 @flow(name="priors")
@@ -75,9 +58,9 @@ def build_priors(cfg: PriorsParams, dataset: str, index_dir: Path, episodes_dir:
     def submit_images(name: str):
         rows = shards[name]
         ids = image_ids[rows.start: rows.stop]
-        return image_shard.submit(zarr_path, name, rows, [index.at[i, "image_path"] for i in ids],
+        return image_shard.submit(str(zarr_path), name, rows, [index.at[i, "image_path"] for i in ids],
                                   [pairs[i] for i in ids], [list(index.at[i, "class_ids"]) for i in ids],
-                                  str(clip_dir), cfg, tuple(names), threads)
+                                  str(clip_dir), cfg, tuple(names), threads, os.getcwd())
 
     run_shards(staging, submit_images, shards, "priors: image shards",
                files=lambda name: zarr_shard_files(zarr_path, shards[name].start // cfg.shard_size))

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from functools import cache
+import os
 from pathlib import Path
 
-import torch
 import zarr
-from prefect import flow, task
+from prefect import flow
 
 from pipeline.core.artifacts import Staging, fingerprint, write_json, zarr_shard_files
 from pipeline.core.cores import threads_per_task
@@ -29,34 +28,8 @@ from pipeline.datasets.index import read_index_dir
 from pipeline.features.store import FeatureStore
 from pipeline.priors.store import PriorStore
 from pipeline.pseudomasks import quality, store
-from pipeline.pseudomasks.shards import Refiner, refine_shard
+from pipeline.pseudomasks.tasks import evaluate_task, refine_task
 from stages._common import stage_main
-
-
-@cache
-def refiner(features: str, priors: str, backbone: BackboneParams, cfg: PseudoMaskParams,
-            cache_bytes: int) -> Refiner:
-    """The features and the priors, opened once per process."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    temperature = cfg.temperature if cfg.attention == "cosine" else None
-    stores = (FeatureStore(Path(features), cache_bytes=cache_bytes),
-              PriorStore(Path(priors), cache_bytes=cache_bytes))
-    return Refiner(*stores, backbone.image_size,
-                   alpha=cfg.alpha, temperature=temperature, vtp_threshold=cfg.vtp_threshold,
-                   batch_size=cfg.batch_size, device=device)
-
-
-@task
-def refine_task(zarr_path: Path, name: str, manifest: str, episodes, context: tuple, threads: int) -> str:
-    torch.set_num_threads(threads)
-    refine_shard(zarr.open_group(zarr_path, mode="r+"), manifest, episodes, refiner(*context))
-    return name
-
-
-@task
-def evaluate_task(zarr_path: Path, manifest: str, episodes, mask_paths: dict[str, str], num_classes: int):
-    return quality.evaluate(store.PseudoMaskStore(zarr_path), manifest, episodes, mask_paths.__getitem__,
-                            num_classes)
 
 
 def evaluated_manifests(manifests: dict) -> dict[int, str]:
@@ -98,6 +71,7 @@ def build_pseudo_masks(cfg: PseudoMaskParams, backbone: BackboneParams, index_di
                                         (episodes_dir / "meta.json").read_text(), shard, sorted(manifests)]))
     store.create(zarr.open_group(staging.path, mode="a"), manifests, backbone.image_size, shard)
     context = (str(features), str(priors), backbone, cfg, cache_bytes)
+    zarr_path, here = str(staging.path), os.getcwd()
     threads = threads_per_task(workers)
     jobs = {f"{m.replace('/', '-')}-{s:06d}": (m, t.iloc[s: s + shard])
             for m, t in manifests.items() for s in range(0, len(t), shard)}
@@ -106,12 +80,12 @@ def build_pseudo_masks(cfg: PseudoMaskParams, backbone: BackboneParams, index_di
         return zarr_shard_files(staging.path, int(episodes["episode"].iloc[0]) // shard,
                                 [f"{manifest}/{array}" for array in store.ARRAYS])
 
-    run_shards(staging, lambda name: refine_task.submit(staging.path, name, *jobs[name], context, threads),
+    run_shards(staging, lambda name: refine_task.submit(zarr_path, name, *jobs[name], context, threads, here),
                jobs, "pseudo-masks: episode shards", files)
     mask_paths = dict(zip(index.image_id, index.mask_path, strict=True))
     chosen = evaluated_manifests(manifests)
-    meters = gather([evaluate_task.submit(staging.path, m, manifests[m], mask_paths, len(meta["class_names"]))
-                     for m in chosen.values()])
+    meters = gather([evaluate_task.submit(zarr_path, m, manifests[m], mask_paths, len(meta["class_names"]),
+                                          here) for m in chosen.values()])
     metrics: dict = {f"fold{fold}": quality.figures(fold_meters)
                      for fold, fold_meters in zip(chosen, meters, strict=True)}
     metrics["mean"] = {key: round(sum(m[key] for m in metrics.values()) / len(chosen), 2)

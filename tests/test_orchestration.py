@@ -133,3 +133,37 @@ def test_a_task_the_stop_cancelled_is_not_reported_but_a_cancel_otherwise_is():
         assert not keep.filter(record)
     finally:
         clear_stop()
+
+
+def test_an_unreachable_dask_address_is_one_line_in_seconds():
+    """No scheduler at ``dask_address``: the stage's one line naming the address and the param,
+    within the check's few seconds (before: a minute of retries, 167 lines and 4 tracebacks)."""
+    import socket
+    import time
+
+    from pipeline.core.orchestration import SCHEDULER_TIMEOUT_S, run_flow
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    started = time.monotonic()
+    with pytest.raises(PipelineError) as error:
+        run_flow(lambda: pytest.fail("the flow ran"),
+                 OrchestrationParams(task_runner="dask", dask_address=address))
+    assert time.monotonic() - started < SCHEDULER_TIMEOUT_S + 5
+    line = str(error.value)
+    assert "\n" not in line and line.startswith("orchestration.dask_address: ") and repr(address) in line
+
+
+def test_a_task_reaches_the_stages_relative_paths_from_any_working_directory(tmp_path, monkeypatch):
+    """As the stage gave it where the task runs in the stage's directory (a message names it as the
+    user wrote it); joined to the stage's directory on a cluster's worker, which runs elsewhere."""
+    from pipeline.core.orchestration import on_worker
+
+    stage, worker = tmp_path / "project", tmp_path / "worker"
+    stage.mkdir(), worker.mkdir()
+    monkeypatch.chdir(stage)
+    assert on_worker("data/priors.zarr", str(stage)) == "data/priors.zarr"
+    monkeypatch.chdir(worker)
+    assert on_worker("data/priors.zarr", str(stage)) == str(stage / "data/priors.zarr")
+    assert on_worker(stage / "x.png", str(tmp_path)) == str(stage / "x.png")

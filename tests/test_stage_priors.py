@@ -53,7 +53,9 @@ def test_priors_cover_every_episode_and_round_trip(priors_run, pipeline_run):
 
 def test_priors_resume_after_a_crash_computes_only_missing_shards(priors_run, pipeline_run, tmp_path,
                                                                   monkeypatch):
-    real, calls = priors.extract_image_shard, []
+    from pipeline.priors import tasks
+
+    real, calls = tasks.extract_image_shard, []
 
     def crash_on_second(root, rows, *args):
         calls.append(rows.start)
@@ -61,7 +63,7 @@ def test_priors_resume_after_a_crash_computes_only_missing_shards(priors_run, pi
             raise RuntimeError("simulated crash")
         real(root, rows, *args)
 
-    monkeypatch.setattr(priors, "extract_image_shard", crash_on_second)
+    monkeypatch.setattr(tasks, "extract_image_shard", crash_on_second)
     out = tmp_path / "priors.zarr"
     with pytest.raises(RuntimeError, match="simulated crash"):
         priors.main(priors_args(pipeline_run, out))  # same threads per task as the run it is compared with

@@ -9,6 +9,7 @@ stage that computes on a CUDA device runs one at a time there unless told otherw
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -109,11 +110,43 @@ def _configure_logging(log_level: str) -> None:
                 handler.addFilter(_HideExpectedErrors())
 
 
+def on_worker(path: str | Path, stage_dir: str) -> str:
+    """``path``, given to a stage that runs in ``stage_dir``, as this process (a task's) reaches it:
+    unchanged where this process runs in that directory too (a thread, a pool process, a
+    LocalCluster worker: a message names it as the user gave it), else joined to ``stage_dir`` (a
+    cluster's worker, in a working directory of its own on a file system shared with the stage)."""
+    path = str(path)
+    if os.path.isabs(path) or os.getcwd() == stage_dir:
+        return path
+    return os.path.join(stage_dir, path)
+
+
+SCHEDULER_TIMEOUT_S = 5
+
+
+def check_scheduler(address: str, timeout_s: float = SCHEDULER_TIMEOUT_S) -> None:
+    """Connect to the Dask scheduler at ``address`` (``orchestration.dask_address``) once, within
+    ``timeout_s`` seconds: one line naming the address and the param when none answers there
+    (not the minute of retries and the tracebacks a flow's runner would print)."""
+    from distributed import Client
+
+    try:
+        Client(address, timeout=f"{timeout_s}s", set_as_default=False).close()
+    except Exception as exc:  # noqa: BLE001 - refused, timed out, a bad address, not a Dask scheduler
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise PipelineError(f"orchestration.dask_address: no Dask scheduler answers at {address!r} "
+                            f"({type(exc).__name__}: {reason}); start one (`dask scheduler`) or unset "
+                            "the param for a LocalCluster") from None
+
+
 def run_flow(flow: Any, orchestration: OrchestrationParams, /, on_device: bool = False,
              at_most: int | None = None, **kwargs: Any) -> Any:
     """Run a Prefect flow with the configured task runner and :func:`concurrency` tasks at once
-    (``on_device``: the flow's tasks compute on the accelerator when there is one)."""
+    (``on_device``: the flow's tasks compute on the accelerator when there is one). A configured
+    ``dask_address`` is checked first (:func:`check_scheduler`)."""
     configure_logging(orchestration)
+    if orchestration.task_runner == "dask" and orchestration.dask_address:
+        check_scheduler(orchestration.dask_address)
     ensure_api()
     runner = task_runner(orchestration, concurrency(orchestration, on_device=on_device, at_most=at_most))
     return flow.with_options(task_runner=runner)(**kwargs)
