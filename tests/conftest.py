@@ -81,7 +81,9 @@ def prefect_server():
 REPO = Path(__file__).resolve().parents[1]
 # DataLoader workers forked from a process that has run a Prefect flow (this test session; never a
 # train/evaluate stage process, which runs none) may exit with code 1: tests that decode images in
-# their batches (online features, letterboxed evaluation) read them in the main process.
+# their batches (online features, letterboxed evaluation) read them in the main process, and a test
+# module that builds the session's runs in-process sorts after tests/test_fold_data.py, whose
+# loaders fork (name it tests/test_stage_*.py).
 IN_PROCESS = {"orchestration": {"loader_workers": 0}}
 SMOKE_PARAMS = {
     # images of mixed sizes and aspect ratios, as VOC / COCO: every stage below runs on them

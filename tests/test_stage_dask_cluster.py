@@ -31,8 +31,6 @@ def dask_cluster(root: Path, workers: int = 2) -> Iterator[str]:
     """A scheduler on a free port of 127.0.0.1 and ``workers`` one-thread workers (in
     ``root/worker-i``, the project on their ``PYTHONPATH``); yields the scheduler's address. Every
     process is stopped on the way out, however the block ends (and by the kernel if this one dies)."""
-    from distributed import Client
-
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     scheduler_file = root / "scheduler.json"
     with ExitStack() as stack:
@@ -49,12 +47,22 @@ def dask_cluster(root: Path, workers: int = 2) -> Iterator[str]:
         for i in range(workers):
             start([DASK, "worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1",
                    "--no-dashboard", "--name", f"worker-{i}"], root / f"worker-{i}", f"worker-{i}.log")
-        with Client(scheduler_file=str(scheduler_file), timeout="60s") as client:
-            client.wait_for_workers(workers, timeout=120)
-            address = client.scheduler.address
-            where = sorted(client.run(os.getcwd).values())
-            assert where == [str(root / f"worker-{i}") for i in range(workers)]
+        # asked from a process of its own: a distributed Client in this one leaves threads behind, and
+        # the DataLoader workers later tests fork from it would die (exit code 1)
+        ready = subprocess.run([sys.executable, "-c", READY, str(scheduler_file), str(workers)], env=env,
+                               capture_output=True, text=True, timeout=240, check=True)
+        address, where = json.loads(ready.stdout)
+        assert sorted(where) == [str(root / f"worker-{i}") for i in range(workers)]
         yield address
+
+
+READY = """
+import json, os, sys
+from distributed import Client
+with Client(scheduler_file=sys.argv[1], timeout="60s") as client:
+    client.wait_for_workers(int(sys.argv[2]), timeout=120)
+    print(json.dumps([client.scheduler.address, list(client.run(os.getcwd).values())]))
+"""
 
 
 def run_stage(name: str, cwd: Path, env: dict, *args: str) -> None:
