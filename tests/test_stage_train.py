@@ -19,23 +19,34 @@ from tests.conftest import IN_PROCESS, TRAIN_SMOKE, model_args, write_params
 pytestmark = pytest.mark.slow
 
 
-def test_train_resumes_then_evaluate_reports_model_and_priors(model_inputs, pipeline_run, tmp_path,
-                                                              monkeypatch):
+def crash_in_second_epoch(monkeypatch, args: list[str]) -> list[int]:
+    """``stages.train`` on ``args`` crashing at the first step of its second epoch (50 episodes / 8
+    a step: 7 steps an epoch); the training steps stay counted in the list returned (later runs
+    count on, and never crash)."""
     from pipeline.fewshot import train as train_lib
-    from stages import evaluate, train
+    from stages import train
 
-    real, calls = train_lib.episode_loss, []
+    real, calls, crashed = train_lib.episode_loss, [], []
 
-    def crash_in_second_epoch(*args, **kwargs):
+    def counted(*a, **kw):
         calls.append(1)
-        if len(calls) == 8:  # 50 episodes / 8 per step = 7 steps per epoch
+        if len(calls) == 8 and not crashed:
+            crashed.append(1)
             raise RuntimeError("simulated crash")
-        return real(*args, **kwargs)
+        return real(*a, **kw)
 
-    args = model_args(pipeline_run, model_inputs, tmp_path) + ["--plots", str(tmp_path / "plots")]
-    monkeypatch.setattr(train_lib, "episode_loss", crash_in_second_epoch)
+    monkeypatch.setattr(train_lib, "episode_loss", counted)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train.main(args)
+    return calls
+
+
+def test_train_resumes_then_evaluate_reports_model_and_priors(model_inputs, pipeline_run, tmp_path,
+                                                              monkeypatch):
+    from stages import evaluate, train
+
+    args = model_args(pipeline_run, model_inputs, tmp_path) + ["--plots", str(tmp_path / "plots")]
+    calls = crash_in_second_epoch(monkeypatch, args)
     assert not (tmp_path / "models/fold1").exists()
     checkpoint = torch.load(tmp_path / "models/.fold1.partial/checkpoint.pt", weights_only=True)
     first_epoch = checkpoint["state"]["history"]
@@ -54,7 +65,6 @@ def test_train_resumes_then_evaluate_reports_model_and_priors(model_inputs, pipe
     assert curves.to_dict("records") == [{k: r[k] for k in keys} for r in saved["history"]]
     last = json.loads((tmp_path / "plots/fold1/metrics.json").read_text())  # a DVC metric: few columns
     assert last == {"val_miou": saved["history"][-1]["val_miou"], "step": 2}
-    monkeypatch.setattr(train_lib, "episode_loss", real)
     again = tmp_path / "again"
     assert train.main(model_args(pipeline_run, model_inputs, again) + ["--plots", str(again / "plots")]) == 0
     curve_files = ("plots/fold1/plots/metrics/val_miou.tsv", "plots/fold1/metrics.json")
@@ -96,22 +106,10 @@ def test_a_truncated_resume_checkpoint_is_set_aside_beside_the_output_and_the_fo
     """A checkpoint cut short in ``.fold1.partial`` (a full disk, a crash mid-copy): one line naming
     it, moved beside the output (never into it, nor deleted), and the fold trains from scratch to
     the model an uninterrupted run makes, byte for byte."""
-    from pipeline.fewshot import train as train_lib
     from stages import train
 
-    real, calls = train_lib.episode_loss, []
-
-    def crash_in_second_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 8:  # 7 steps per epoch
-            raise RuntimeError("simulated crash")
-        return real(*args, **kwargs)
-
     args = model_args(pipeline_run, model_inputs, tmp_path) + ["--plots", str(tmp_path / "plots")]
-    monkeypatch.setattr(train_lib, "episode_loss", crash_in_second_epoch)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train.main(args)
-    monkeypatch.setattr(train_lib, "episode_loss", real)
+    crash_in_second_epoch(monkeypatch, args)
     checkpoint = tmp_path / "models/.fold1.partial/checkpoint.pt"
     cut = checkpoint.read_bytes()[:1000]
     checkpoint.write_bytes(cut)
